@@ -1,0 +1,55 @@
+"""pml-plugins: plugin-based losses, miners and retrieval metrics for pytorch-metric-learning."""
+from __future__ import annotations
+
+from .hookspecs import hookimpl
+from .registry import (
+    PLUGIN_API_VERSION,
+    AmbiguousNameError,
+    Entry,
+    PluginError,
+    RegistrationError,
+    UnknownNameError,
+    create_loss,
+    create_metric,
+    create_miner,
+    get_entry,
+    get_loss,
+    get_metric,
+    get_miner,
+    list_losses,
+    list_metrics,
+    list_miners,
+    load_plugins,
+    plugin_info,
+    register_plugin,
+    unregister_plugin,
+)
+from .validation import check_embeddings_and_labels
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "PLUGIN_API_VERSION",
+    "hookimpl",
+    "load_plugins",
+    "register_plugin",
+    "unregister_plugin",
+    "plugin_info",
+    "list_losses",
+    "list_miners",
+    "list_metrics",
+    "get_loss",
+    "get_miner",
+    "get_metric",
+    "get_entry",
+    "create_loss",
+    "create_miner",
+    "create_metric",
+    "Entry",
+    "PluginError",
+    "UnknownNameError",
+    "AmbiguousNameError",
+    "RegistrationError",
+    "check_embeddings_and_labels",
+]

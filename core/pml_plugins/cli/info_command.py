@@ -1,0 +1,59 @@
+"""``pml-plugins info NAME``: class, signature with defaults, summary, paper, training needs."""
+from __future__ import annotations
+
+import argparse
+import inspect
+
+from .. import registry as reg
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="show a loss, miner or metric: signature, summary, paper, needs")
+    p.add_argument("name", help="short name, alias or plugin:name")
+    p.add_argument("--kind", choices=["loss", "miner", "metric"], help="look only in this kind")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    kinds = [args.kind] if args.kind else list(reg.KINDS)
+    found, last_error = [], None
+    for kind in kinds:
+        try:
+            found.append(reg.get_entry(kind, args.name))
+        except reg.UnknownNameError as exc:
+            last_error = last_error or exc
+    if not found:
+        raise last_error  # type: ignore[misc]
+    for entry in found:
+        obj = entry.obj
+        print(f"{entry.kind} {entry.name}  ({entry.qualified_name})")
+        print(f"  object     {obj.__module__}.{obj.__qualname__}")
+        if inspect.isclass(obj):
+            print(f"  signature  {obj.__name__}{reg.describe_signature(obj)}")
+        else:
+            print(f"  signature  {obj.__name__}{inspect.signature(obj)}")
+        print(f"  plugin     {entry.plugin} [{entry.distribution or 'in-process'} {entry.version or ''}]".rstrip())
+        if entry.aliases:
+            print(f"  aliases    {', '.join(entry.aliases)}")
+        for key in ("summary", "paper", "tags"):
+            if key in entry.metadata:
+                value = entry.metadata[key]
+                print(f"  {key:10s} {', '.join(value) if isinstance(value, (tuple, list)) else value}")
+        if entry.kind == "loss":
+            needs = entry.needs()
+            parts = []
+            if needs["sampler"]:
+                parts.append(f"a {needs['sampler'].replace('_', '-')} sampler")
+            if needs["multi_view"]:
+                parts.append("multi-view batches")
+            if needs["database_refresh"]:
+                parts.append("a database refresh during training")
+            if needs["loss_optimizer"]:
+                lr = f" (lr {needs['loss_lr']})" if needs["loss_lr"] else ""
+                parts.append(f"an optimizer for its own parameters{lr}")
+            print(f"  needs      {'; '.join(parts) if parts else 'nothing beyond embeddings and labels'}")
+            print(f"  retrieval  {needs['retrieval_distance']}")
+        extra = {k: v for k, v in entry.metadata.items() if k not in {"summary", "paper", "tags"} | set(entry.needs())}
+        for k, v in extra.items():
+            print(f"  {k:10s} {v}")
+    return 0
