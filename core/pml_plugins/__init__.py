@@ -24,6 +24,7 @@ from .registry import (
     register_plugin,
     unregister_plugin,
 )
+from .training import TrainingContext, TrainingSetup
 from .validation import check_embeddings_and_labels
 
 __version__ = "0.1.0"
@@ -52,4 +53,6 @@ __all__ = [
     "AmbiguousNameError",
     "RegistrationError",
     "check_embeddings_and_labels",
+    "TrainingContext",
+    "TrainingSetup",
 ]
