@@ -1,0 +1,1 @@
+raise RuntimeError("example_broken fails on import on purpose")

@@ -1,0 +1,3 @@
+from .hinge_pair_loss import HingePairLoss
+
+__all__ = ["HingePairLoss"]
