@@ -70,7 +70,9 @@ def test_cli_list_shows_versions_errors_and_ambiguity(example_plugins_site, run_
     result = run_cli("list", pythonpath=example_plugins_site)
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "example_good  [pml-plugins-example-good 1.2.3, plugin API 1]  ok" in out
+    line = next(x for x in out.splitlines() if x.startswith("example_good "))
+    assert line.startswith("example_good  [pml-plugins-example-good 1.2.3, plugin API 1, built for pml-plugins ")
+    assert ">=0.1" in line and "<0.2" in line and line.endswith("]  ok")
     assert "example_broken  [pml-plugins-example-broken 0.0.1]  FAILED" in out
     assert "fails on import on purpose" in out
     assert "hinge_pair (ambiguous: use example_good:hinge_pair)" in out

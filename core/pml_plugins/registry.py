@@ -115,6 +115,8 @@ class PluginRecord:
     version: str | None = None
     module: str | None = None
     api_version: int | None = None
+    #: The core versions the plugin's distribution declares it was built for (its requirement on pml-plugins).
+    requires_core: str | None = None
     errors: list[str] = field(default_factory=list)
     loaded: bool = False
     registered: dict[str, list[str]] = field(default_factory=lambda: {k: [] for k in KINDS})
@@ -126,6 +128,7 @@ class PluginRecord:
             "version": self.version,
             "module": self.module,
             "api_version": self.api_version,
+            "requires_core": self.requires_core,
             "loaded": self.loaded,
             "losses": list(self.registered["loss"]),
             "miners": list(self.registered["miner"]),
@@ -286,7 +289,8 @@ class Registry:
                     plugin_name = f"{name}@{normalize_name(dist_name or 'unknown')}"
                     if plugin_name in self.plugins:
                         continue
-                record = PluginRecord(name=plugin_name, distribution=dist_name, version=dist_version, module=ep.value)
+                record = PluginRecord(name=plugin_name, distribution=dist_name, version=dist_version, module=ep.value,
+                                      requires_core=_core_requirement(dist))
                 try:
                     obj = ep.load()
                 except Exception as exc:  # a broken plugin must not break the host
@@ -495,6 +499,16 @@ def _entry_points() -> list[Any]:
     else:  # Python < 3.10
         selected = list(eps.get(ENTRY_POINT_GROUP, []))
     return sorted(selected, key=lambda ep: (ep.name, ep.value))
+
+
+def _core_requirement(dist: Any) -> str | None:
+    """The version range a plugin distribution requires of pml-plugins, e.g. ``>=0.1,<0.2``."""
+    for requirement in (getattr(dist, "requires", None) or []):
+        spec = requirement.split(";", 1)[0].strip()
+        match = re.match(r"^([A-Za-z0-9._-]+)\s*(\[[^\]]*\])?\s*\(?([^)]*)\)?$", spec)
+        if match and normalize_name(match.group(1)).replace(".", "_") == "pml_plugins":
+            return match.group(3).strip() or "any version"
+    return None
 
 
 def _dist_version(dist: str) -> str | None:

@@ -30,6 +30,8 @@ def run(args: argparse.Namespace) -> int:
         version = plugin["version"] or "-"
         status = "ok" if plugin["loaded"] and not plugin["errors"] else ("errors" if plugin["loaded"] else "FAILED")
         api = f", plugin API {plugin['api_version']}" if plugin.get("api_version") is not None else ""
+        if plugin.get("requires_core"):
+            api += f", built for pml-plugins {plugin['requires_core']}"
         print(f"\n{plugin['name']}  [{dist} {version}{api}]  {status}")
         for kind, key in (("loss", "losses"), ("miner", "miners"), ("metric", "metrics")):
             if args.kind and args.kind != kind:
