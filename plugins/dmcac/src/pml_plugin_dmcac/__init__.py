@@ -1,0 +1,24 @@
+"""pml-plugin-dmcac: DMCAC (divergence minimisation + cross-attention classification) for PML."""
+from .data import MultiViewDataset, TensorViewAugment, dataset_labels, multi_view_collate, split_query_database
+from .database_knn_miner import DatabaseKNNMiner
+from .divergence import frobenius_js_loss, pairwise_js_divergence
+from .dmcac_loss import DMCACLoss
+from .refresh import DatabaseRefresher, make_embed_fn
+from .training import training_setup
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DMCACLoss",
+    "DatabaseKNNMiner",
+    "frobenius_js_loss",
+    "pairwise_js_divergence",
+    "split_query_database",
+    "MultiViewDataset",
+    "TensorViewAugment",
+    "multi_view_collate",
+    "dataset_labels",
+    "DatabaseRefresher",
+    "make_embed_fn",
+    "training_setup",
+]

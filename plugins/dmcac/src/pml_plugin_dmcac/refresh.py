@@ -1,0 +1,102 @@
+"""Re-embed the training database with the current model and hand it to the loss (section 3.4)."""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+
+def make_embed_fn(trunk: torch.nn.Module, embedder: Optional[torch.nn.Module] = None,
+                  device: Optional[torch.device] = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``embed(x)``: trunk (+ embedder) in eval mode, without grad; restores the train flags."""
+
+    def embed(x: torch.Tensor) -> torch.Tensor:
+        modules = [m for m in (trunk, embedder) if m is not None]
+        flags = [m.training for m in modules]
+        try:
+            for m in modules:
+                m.eval()
+            with torch.no_grad():
+                out = trunk(x.to(device) if device is not None else x)
+                return embedder(out) if embedder is not None else out
+        finally:
+            for m, flag in zip(modules, flags):
+                m.train(flag)
+
+    return embed
+
+
+class DatabaseRefresher:
+    """Embeds the database split with the current model every N epochs (or iterations) and calls
+    ``loss.set_database``. Use it as PML trainer ``end_of_epoch_hook`` / ``end_of_iteration_hook``
+    (it returns None, so it never stops training) and call :meth:`refresh` once before training.
+
+    Args:
+        loss: the DMCACLoss (anything with ``set_database(embeddings, labels)``).
+        dataset: the database split: single-view ``(input, label)`` items (no augmentation).
+        embed: ``embed(batch) -> embeddings`` in eval mode without grad (e.g. the main job's
+            ``TrainingContext.embed`` or :func:`make_embed_fn`).
+        every_epochs: refresh at the end of every N-th epoch (None: never at epoch ends).
+        every_iterations: refresh after every N-th iteration (None: never at iteration ends).
+        batch_size, num_workers, device: how the database is batched and where inputs go.
+        modules: models whose train/eval flags are restored after a refresh (belt and braces
+            around an ``embed`` that does not restore them itself).
+        index_factory: optional ``index_factory(embeddings) -> index`` (e.g. a FAISS IVF index)
+            passed to ``set_database`` with the new embeddings.
+        progress: show a tqdm bar.
+    """
+
+    def __init__(self, loss: Any, dataset: torch.utils.data.Dataset, embed: Callable[[torch.Tensor], torch.Tensor],
+                 every_epochs: Optional[int] = 1, every_iterations: Optional[int] = None, batch_size: int = 256,
+                 num_workers: int = 0, device: Optional[torch.device] = None, modules: Iterable[torch.nn.Module] = (),
+                 index_factory: Optional[Callable[[torch.Tensor], Any]] = None, progress: bool = True):
+        for name, value in (("every_epochs", every_epochs), ("every_iterations", every_iterations)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        self.loss, self.dataset, self.embed = loss, dataset, embed
+        self.every_epochs, self.every_iterations = every_epochs, every_iterations
+        self.batch_size, self.num_workers, self.device = int(batch_size), int(num_workers), device
+        self.modules, self.index_factory, self.progress = list(modules), index_factory, progress
+        self.num_refreshes = 0
+        self._epochs = 0
+        self._iterations = 0
+
+    def refresh(self) -> None:
+        """Embed every database item (eval mode, no grad, batched) and call ``set_database``."""
+        flags = [m.training for m in self.modules]
+        loader = torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False,
+                                             num_workers=self.num_workers)
+        chunks, labels = [], []
+        try:
+            with torch.no_grad():
+                for batch in tqdm(loader, desc="DMCAC database refresh", disable=not self.progress, leave=False):
+                    x, y = batch[0], batch[1]
+                    if self.device is not None:
+                        x = x.to(self.device)
+                    chunks.append(self.embed(x).detach())
+                    labels.append(torch.as_tensor(y))
+        finally:
+            for m, flag in zip(self.modules, flags):
+                m.train(flag)
+        embeddings = torch.cat(chunks)
+        index = self.index_factory(embeddings) if self.index_factory is not None else None
+        if index is not None:
+            self.loss.set_database(embeddings, torch.cat(labels).long(), index=index)
+        else:
+            self.loss.set_database(embeddings, torch.cat(labels).long())
+        self.num_refreshes += 1
+
+    def end_of_epoch_hook(self, trainer: Any = None) -> None:
+        """PML ``end_of_epoch_hook``: refresh after every ``every_epochs``-th epoch."""
+        self._epochs += 1
+        if self.every_epochs is not None and self._epochs % self.every_epochs == 0:
+            self.refresh()
+
+    __call__ = end_of_epoch_hook  # the refresher itself works as PML's end_of_epoch_hook
+
+    def end_of_iteration_hook(self, trainer: Any = None) -> None:
+        """PML ``end_of_iteration_hook``: refresh after every ``every_iterations``-th iteration."""
+        self._iterations += 1
+        if self.every_iterations is not None and self._iterations % self.every_iterations == 0:
+            self.refresh()
