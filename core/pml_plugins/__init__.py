@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .hookspecs import hookimpl
+from .knn import knn_search
 from .registry import (
     PLUGIN_API_VERSION,
     AmbiguousNameError,
@@ -55,4 +56,15 @@ __all__ = [
     "check_embeddings_and_labels",
     "TrainingContext",
     "TrainingSetup",
+    "AccuracyCalculator",
+    "knn_search",
 ]
+
+
+def __getattr__(name: str):
+    # AccuracyCalculator is imported lazily: PML's calculator pulls in scikit-learn (seconds)
+    if name == "AccuracyCalculator":
+        from .metrics import AccuracyCalculator
+
+        return AccuracyCalculator
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

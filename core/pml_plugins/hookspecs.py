@@ -61,6 +61,46 @@ def register_miners(register):  # type: ignore[empty-body]
 def register_metrics(register):  # type: ignore[empty-body]
     """Register retrieval metrics for :class:`pml_plugins.AccuracyCalculator`.
 
-    A metric is a callable ``fn(knn_labels, query_labels, **context) -> float``; see
-    :mod:`pml_plugins.metrics` for the context it receives and the metadata it may declare.
+    ``register(fn, name="my_metric", **metadata)``: ``fn`` is a function, or a class whose
+    instances (made with no arguments) are callable. Every
+    ``pml_plugins.AccuracyCalculator()`` then computes it (unless built with
+    ``plugin_metrics=False`` or a list of names) and reports it under its registered name,
+    which works in ``include=`` / ``exclude=`` like PML's metric names. A name taken by a
+    built-in metric (``precision_at_1``, ``ndcg_at_10``, ...) or by another plugin appears
+    as ``plugin:name`` instead.
+
+    The calculator calls ``fn(**context)`` once per evaluation (always accept ``**kwargs``)
+    with PML's keyword arguments -- ``query``, ``reference``, ``query_labels``,
+    ``reference_labels`` (labels keep their integer dtype), ``ref_includes_query``,
+    ``label_comparison_fn``, and when the metric needs the kNN: ``knn_labels``,
+    ``knn_distances``, ``label_counts``, ``lone_query_labels``, ``not_lone_query_mask`` --
+    plus, with the kNN: ``knn_indices`` ``(Q, K)``; ``relevance`` ``(Q, K)`` bool, whether the
+    i-th neighbour is relevant to the query (``label_comparison_fn``); ``num_relevant``
+    ``(Q,)``, the relevant references of each query (the query itself not counted);
+    ``query_label_ids`` ``(Q,)``, each query's row in ``label_counts[0]``; ``k``, the k of
+    PML's metrics; and ``cluster_labels`` when it needs clustering. All tensors are on the
+    calculator's device, the query's own match already removed from the neighbours, and
+    ``K`` is at least the ``k`` the metric declared. Keep it vectorised (no loop over queries).
+
+    ``fn`` returns either the final value (a float, or anything JSON-friendly), or a 1-D
+    tensor of one score per query: the calculator then averages it over the queries that
+    are not lone (with the kNN) and not NaN, per class first with ``avg_of_avgs``, or
+    per class with ``return_per_class``, exactly as it does its own metrics.
+
+    Metadata the calculator reads (besides ``summary``/``paper``/``tags``):
+
+    ``requires_knn`` (bool, default True)
+        Run the kNN search and pass its results.
+    ``requires_clustering`` (bool, default False)
+        Run k-means and pass ``cluster_labels``.
+    ``k`` (int or ``"max_bin_count"``, default: PML's ``k``)
+        How many neighbours the metric needs; the single search uses the largest k needed.
+
+    Example::
+
+        @pml_plugins.hookimpl
+        def register_metrics(register):
+            def precision_at_5(relevance, **kwargs):
+                return relevance[:, :5].sum(1).double() / 5
+            register(precision_at_5, name="precision_at_5", k=5, summary="P@5")
     """

@@ -7,7 +7,7 @@ import sys
 from typing import Sequence
 
 # Subcommand modules under pml_plugins.cli, in the order `--help` shows them.
-COMMANDS = ("list", "info")
+COMMANDS = ("list", "info", "evaluate")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,137 @@
+"""``pml-plugins evaluate``: every retrieval metric from saved embeddings, no training needed."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from ..knn import METRICS
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="compute every retrieval metric (PML's, nDCG@k, Recall@k, plugin metrics) from saved embeddings",
+        description="Compute retrieval metrics with pml_plugins.AccuracyCalculator from .npy (or .pt) files. "
+                    "Without --reference, each query is searched among all the others (leave-one-out).",
+    )
+    p.add_argument("--embeddings", required=True, type=Path, help="query embeddings, (N, D) .npy or .pt")
+    p.add_argument("--labels", required=True, type=Path, help="query labels, (N,) or (N, C) .npy or .pt")
+    p.add_argument("--reference", type=Path, help="reference embeddings (default: the queries themselves)")
+    p.add_argument("--reference-labels", type=Path, help="reference labels (required with --reference)")
+    p.add_argument("--ref-includes-query", action="store_true",
+                   help="the first N reference rows are the queries (their self-matches are skipped)")
+    p.add_argument("--label-column", type=int, help="use this column of 2-D labels (default: compare whole rows)")
+    p.add_argument("--distance", choices=METRICS, default="euclidean",
+                   help="kNN ranking (default: euclidean, as PML's calculator)")
+    p.add_argument("--ndcg-ks", type=int, nargs="*", default=None, metavar="K", help="k of nDCG@k (default 2 4 8 10 100)")
+    p.add_argument("--recall-ks", type=int, nargs="*", default=None, metavar="K", help="k of Recall@k (default 1 2 4 8)")
+    p.add_argument("--k", default=None, help="PML's k: an int, max_bin_count or all (default: max_bin_count)")
+    p.add_argument("--include", nargs="*", default=(), metavar="METRIC", help="only these metrics")
+    p.add_argument("--exclude", nargs="*", default=(), metavar="METRIC", help="skip these metrics (e.g. NMI AMI)")
+    p.add_argument("--avg-of-avgs", action="store_true", help="average per class first")
+    p.add_argument("--no-plugin-metrics", action="store_true", help="skip metrics registered by plugins")
+    p.add_argument("--device", default="cpu", help="torch device for the metrics (default: cpu)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=run)
+
+
+def _load(path: Path, what: str) -> Any:
+    import numpy as np  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    if not path.exists():
+        raise FileNotFoundError(f"{what} file {str(path)!r} does not exist")
+    if path.suffix in (".pt", ".pth"):
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(obj, torch.Tensor):
+            raise ValueError(f"{what} file {str(path)!r} must hold one tensor, got {type(obj).__name__}")
+        return obj
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        raise ValueError(f"cannot read {what} file {str(path)!r} as .npy: {exc}") from exc
+    if isinstance(arr, np.lib.npyio.NpzFile):
+        raise ValueError(f"{what} file {str(path)!r} is an .npz archive; save one array with np.save")
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def _labels(t: Any, column: int | None, what: str) -> Any:
+    if column is not None:
+        if t.ndim != 2 or not 0 <= column < t.shape[1]:
+            raise ValueError(f"--label-column {column} needs 2-D {what} with more than {column} columns, got shape {tuple(t.shape)}")
+        t = t[:, column]
+    if t.is_floating_point() and bool((t == t.round()).all()):
+        t = t.long()  # labels saved as floats: compare them as the integers they are
+    return t
+
+
+def _parse_k(value: str | None) -> int | str | None:
+    if value is None or value in ("max_bin_count", "all"):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"--k must be an int, 'max_bin_count' or 'all', got {value!r}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch  # noqa: PLC0415
+
+    from ..knn import KNN  # noqa: PLC0415
+    from ..metrics import DEFAULT_NDCG_KS, DEFAULT_RECALL_KS, AccuracyCalculator  # noqa: PLC0415
+
+    if (args.reference is None) != (args.reference_labels is None):
+        raise ValueError("--reference and --reference-labels go together")
+    query = _load(args.embeddings, "--embeddings")
+    query_labels = _labels(_load(args.labels, "--labels"), args.label_column, "--labels")
+    if args.reference is not None:
+        reference = _load(args.reference, "--reference")
+        reference_labels = _labels(_load(args.reference_labels, "--reference-labels"), args.label_column, "--reference-labels")
+        ref_includes_query = args.ref_includes_query
+    else:
+        reference, reference_labels, ref_includes_query = None, None, True
+    calculator = AccuracyCalculator(
+        include=tuple(args.include), exclude=tuple(args.exclude), avg_of_avgs=args.avg_of_avgs, k=_parse_k(args.k),
+        device=torch.device(args.device), knn_func=KNN(metric=args.distance),
+        ndcg_ks=DEFAULT_NDCG_KS if args.ndcg_ks is None else args.ndcg_ks,
+        recall_ks=DEFAULT_RECALL_KS if args.recall_ks is None else args.recall_ks,
+        plugin_metrics=not args.no_plugin_metrics,
+    )
+    start = time.perf_counter()
+    results = calculator.get_accuracy(query, query_labels, reference, reference_labels, ref_includes_query)
+    seconds = time.perf_counter() - start
+    num_reference = len(query) if reference is None else len(reference)
+    if args.json:
+        print(json.dumps({
+            "metrics": {k: _jsonable(v) for k, v in results.items()},
+            "num_queries": len(query),
+            "num_references": num_reference,
+            "ref_includes_query": ref_includes_query,
+            "distance": args.distance,
+            "avg_of_avgs": args.avg_of_avgs,
+            "seconds": round(seconds, 3),
+        }, indent=2))
+        return 0
+    print(f"{len(query)} queries, {num_reference} references, {args.distance} distance, {seconds:.2f} s")
+    width = max([len(k) for k in results] + [6])
+    print(f"{'metric':{width}s}  {'value':>8s}  {'x100':>6s}")
+    for name, value in results.items():
+        if isinstance(value, (int, float)):
+            print(f"{name:{width}s}  {value:8.4f}  {100 * value:6.2f}")
+        else:
+            print(f"{name:{width}s}  {value}")
+    return 0
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item"):
+        return _jsonable(value.item())
+    return value
