@@ -7,7 +7,7 @@ import sys
 from typing import Sequence
 
 # Subcommand modules under pml_plugins.cli, in the order `--help` shows them.
-COMMANDS = ("list", "info", "evaluate")
+COMMANDS = ("list", "info", "new-plugin", "evaluate")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pml-plugins {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        module = importlib.import_module(f"{__name__}.{name}_command")
+        module = importlib.import_module(f"{__name__}.{name.replace('-', '_')}_command")
         module.add_parser(sub)
     return parser
 
