@@ -184,7 +184,6 @@ def _faiss_search(faiss: Any, q: torch.Tensor, r: torch.Tensor, k: int, metric: 
         idx = faiss.IndexIVFFlat(quantizer, d, nlist, faiss_metric)
         idx.train(r_np)
         idx.nprobe = min(nprobe, nlist)
-        idx._pml_quantizer = quantizer  # keep the quantizer alive as long as the index
     else:  # hnsw
         m = int(params.pop("M", 32))
         idx = faiss.IndexHNSWFlat(d, m, faiss_metric)
