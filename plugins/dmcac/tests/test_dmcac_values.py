@@ -277,3 +277,20 @@ def test_defaults_follow_the_issue():
     assert loss.ce_W.shape == (5, 8) and loss.query_W.shape == (8, 8) and loss.cac_W.shape == (5, 8)
     assert loss.ce_W.data_ptr() != loss.query_W.data_ptr()
     assert loss.get_logits(torch.randn(3, 8)).shape == (3, 5)
+
+
+def test_build_faiss_index_flat_and_ivf():
+    pytest.importorskip("faiss")
+    from pml_plugin_dmcac import build_faiss_index
+
+    g = torch.Generator().manual_seed(9)
+    db, db_labels = torch.randn(400, 6, generator=g), torch.randint(4, (400,), generator=g)
+    emb, labels = torch.randn(15, 6, generator=g), torch.randint(4, (5,), generator=g).repeat_interleave(3)
+    loss = DMCACLoss(4, 6, num_views=3, k=4)
+    loss.set_database(db, db_labels)
+    exact = loss(emb, labels).item()
+    loss.set_database(db, db_labels, index=build_faiss_index(db, kind="flat"))
+    assert loss(emb, labels).item() == pytest.approx(exact, rel=1e-6)
+    ivf = build_faiss_index(db, kind="ivf", nlist=8, nprobe=8)  # probing every cell: exact again
+    loss.set_database(db, db_labels, index=ivf)
+    assert ivf.nlist == 8 and loss(emb, labels).item() == pytest.approx(exact, rel=1e-6)

@@ -4,6 +4,7 @@ from .database_knn_miner import DatabaseKNNMiner
 from .divergence import frobenius_js_loss, pairwise_js_divergence
 from .dmcac_loss import DMCACLoss
 from .refresh import DatabaseRefresher, make_embed_fn
+from .retrieval import build_faiss_index
 from .training import training_setup
 
 __version__ = "0.1.0"
@@ -21,4 +22,5 @@ __all__ = [
     "DatabaseRefresher",
     "make_embed_fn",
     "training_setup",
+    "build_faiss_index",
 ]

@@ -1,34 +1,11 @@
 """Top-k retrieval over a database and the per-query union of eq. 8, batched with padding."""
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import torch
-
-
-def _core_knn_search():
-    """The core's kNN layer (FAISS when installed, exact torch otherwise), or None if absent."""
-    try:
-        from pml_plugins.knn import knn_search
-    except ImportError:  # older core without the kNN layer: use the local exact search
-        return None
-    return knn_search
-
-
-@torch.no_grad()
-def exact_cosine_topk(query: torch.Tensor, reference: torch.Tensor, k: int, chunk_size: int = 65536):
-    """Exact top-k cosine similarities in torch, chunked over the reference rows (bounded memory)."""
-    q = torch.nn.functional.normalize(query.float(), dim=1)
-    best_s = q.new_full((q.shape[0], 0), float("-inf"))
-    best_i = torch.empty(q.shape[0], 0, dtype=torch.long, device=q.device)
-    for start in range(0, reference.shape[0], chunk_size):
-        r = torch.nn.functional.normalize(reference[start:start + chunk_size].to(q), dim=1)
-        s = q @ r.T
-        kk = min(k, s.shape[1])
-        s, i = s.topk(kk, dim=1)
-        best_s, order = torch.cat([best_s, s], 1).topk(min(k, best_s.shape[1] + kk), dim=1)
-        best_i = torch.cat([best_i, i + start], 1).gather(1, order)
-    return best_s, best_i
+from pml_plugins.knn import knn_search
 
 
 @torch.no_grad()
@@ -37,7 +14,9 @@ def cosine_topk(query: torch.Tensor, reference: torch.Tensor, k: int, index: Opt
 
     ``index``: an optional FAISS-like object with ``search(x: float32 ndarray, k) -> (D, I)``
     built on the (normalised) reference rows (e.g. an IVF index); ``-1`` results are invalid.
-    Otherwise the core's ``pml_plugins.knn.knn_search`` (FAISS or exact torch) is used.
+    Otherwise the core's ``pml_plugins.knn.knn_search`` (FAISS flat or exact torch) is used;
+    it builds its index on every call, which is fine for small databases (see
+    :func:`build_faiss_index` for large ones).
     """
     k = min(int(k), reference.shape[0] if index is None else int(getattr(index, "ntotal", k)))
     if k <= 0 or query.shape[0] == 0:
@@ -48,11 +27,7 @@ def cosine_topk(query: torch.Tensor, reference: torch.Tensor, k: int, index: Opt
         _, idx = index.search(q, k)
         idx = torch.as_tensor(idx, dtype=torch.long, device=query.device)
         return idx.clamp_min(0), idx >= 0
-    knn_search = _core_knn_search()
-    if knn_search is not None:
-        _, idx = knn_search(query.detach().float(), reference.detach().float(), k, metric="cosine")
-    else:
-        _, idx = exact_cosine_topk(query.detach(), reference.detach(), k)
+    _, idx = knn_search(query.detach().float(), reference.detach().float(), k, metric="cosine")
     idx = idx.to(device=query.device, dtype=torch.long)
     return idx.clamp_min(0), idx >= 0
 
@@ -107,3 +82,33 @@ def union_from_indices_tuple(indices_tuple: tuple, num_views: int, num_rows: int
     if refs.numel() and (int(refs.min()) < 0 or int(refs.max()) >= num_ref):
         raise ValueError(f"indices_tuple reference indices must index the {num_ref} ref_emb rows")
     return union_per_query(anchors // num_views, refs, num_rows // num_views, num_ref)
+
+
+def build_faiss_index(embeddings: torch.Tensor, kind: str = "ivf", nlist: Optional[int] = None, nprobe: int = 16,
+                      train_size: Optional[int] = 100_000, seed: int = 0) -> Any:
+    """A FAISS inner-product index over the L2-normalised rows, for ``set_database(..., index=)``.
+
+    Built once per database refresh, so a training step only searches it. ``kind="flat"`` is
+    exact; ``kind="ivf"`` is ``IndexIVFFlat`` with ``nlist`` cells (default ``4 sqrt(D)``),
+    trained on at most ``train_size`` random rows, searched with ``nprobe`` cells.
+    Needs ``faiss`` (``pip install faiss-cpu``).
+    """
+    import faiss  # optional dependency: only needed for prebuilt indexes
+    import numpy as np
+
+    if kind not in ("flat", "ivf"):
+        raise ValueError(f"kind must be 'flat' or 'ivf', got {kind!r}")
+    x = np.ascontiguousarray(torch.nn.functional.normalize(embeddings.detach().float(), dim=1).cpu().numpy())
+    n, d = x.shape
+    if kind == "flat":
+        index = faiss.IndexFlatIP(d)
+    else:
+        nlist = int(nlist or max(1, min(n // 39, int(4 * math.sqrt(n)))))  # FAISS wants >= 39 points per cell
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        sample = x
+        if train_size is not None and n > train_size:
+            sample = x[np.random.default_rng(seed).choice(n, train_size, replace=False)]
+        index.train(sample)
+        index.nprobe = min(int(nprobe), nlist)
+    index.add(x)
+    return index

@@ -7,6 +7,7 @@ from pml_plugins import TrainingContext, TrainingSetup
 
 from .data import MultiViewDataset, dataset_labels, multi_view_collate, split_query_database
 from .refresh import DatabaseRefresher, make_embed_fn
+from .retrieval import build_faiss_index
 
 #: ``TrainingContext.options`` this setup reads, with their defaults.
 OPTION_DEFAULTS = {
@@ -15,6 +16,7 @@ OPTION_DEFAULTS = {
     "refresh_every_iterations": None,  # or refresh every N iterations instead
     "refresh_batch_size": 256,
     "view_transform": None,  # callable for views 1..A-1 (default RandAugment / TensorViewAugment)
+    "index": None,  # None: the core's kNN layer per step; "flat" / "ivf": a FAISS index built per refresh
     "progress": True,
 }
 
@@ -44,12 +46,17 @@ def training_setup(loss: Any, context: TrainingContext) -> TrainingSetup:
     database = torch.utils.data.Subset(context.train_dataset, database_idx.tolist())
     embed = context.embed or make_embed_fn(context.trunk, context.embedder, context.device)
     every_iterations = options["refresh_every_iterations"]
+    kind = options["index"]
+    if kind not in (None, "flat", "ivf"):
+        raise ValueError(f"option index must be None, 'flat' or 'ivf', got {kind!r}")
+    index_factory = None if kind is None else (lambda emb: build_faiss_index(emb, kind=kind))
     refresher = DatabaseRefresher(
         loss, database, embed,
         every_epochs=None if every_iterations else options["refresh_every"],
         every_iterations=every_iterations,
         batch_size=int(options["refresh_batch_size"]), num_workers=context.num_workers, device=context.device,
-        modules=[m for m in (context.trunk, context.embedder) if m is not None], progress=bool(options["progress"]),
+        modules=[m for m in (context.trunk, context.embedder) if m is not None], index_factory=index_factory,
+        progress=bool(options["progress"]),
     )
     queries = MultiViewDataset(context.train_dataset, num_views, indices=query_idx,
                                view_transform=options["view_transform"])
