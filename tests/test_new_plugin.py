@@ -1,15 +1,19 @@
 """``pml-plugins new-plugin``: the generated package installs with pip, passes its own tests and is listed."""
 from __future__ import annotations
 
+import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from pml_plugins.cli import main
 from pml_plugins.cli.new_plugin_command import plugin_names
+from pml_plugins.testing import check_loss
 
 EXPECTED_FILES = (
     "pyproject.toml",
@@ -103,3 +107,28 @@ def test_generated_sources_compile(tmp_path, capsys, fresh_registry):
     for path in (tmp_path / "compiles_ok").rglob("*.py"):
         compile(path.read_text(), str(path), "exec")
     assert "${" not in "".join(p.read_text() for p in (tmp_path / "compiles_ok").rglob("*") if p.is_file())
+
+
+def _python_blocks(markdown: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", markdown, flags=re.S)
+
+
+def test_the_guides_loss_passes_its_tests_and_the_kit(tmp_path, capsys, fresh_registry):
+    """docs/writing-a-plugin.md turns the template into CosFace: its code and tests stay correct."""
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "writing-a-plugin.md").read_text(encoding="utf-8")
+    blocks = _python_blocks(guide)
+    loss_class = next(b for b in blocks if b.startswith("class CosMarginLoss("))
+    tests = [b for b in blocks if "def test_value_by_hand" in b or "def test_matches_pml_cosface" in b]
+    assert len(tests) == 2
+    assert main(["new-plugin", "cos_margin", "--dir", str(tmp_path)]) == 0
+    generated = (tmp_path / "cos_margin/src/pml_plugin_cos_margin/cos_margin_loss.py").read_text()
+    header = generated[: generated.index("class CosMarginLoss(")]  # the template's imports
+    namespace: dict = {"__name__": "guide_cos_margin"}
+    exec(compile(header + loss_class, "writing-a-plugin.md", "exec"), namespace)
+    cls = namespace["CosMarginLoss"]
+    test_namespace = {"CosMarginLoss": cls, "math": math, "pytest": pytest, "torch": torch}
+    for block in tests:
+        exec(compile(block, "writing-a-plugin.md", "exec"), test_namespace)
+    test_namespace["test_value_by_hand"]()
+    test_namespace["test_matches_pml_cosface"]()
+    check_loss(lambda: cls(num_classes=10, embedding_size=8), embedding_size=8, num_classes=10, max_examples=5)
