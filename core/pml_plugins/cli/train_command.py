@@ -1,0 +1,134 @@
+"""``pml-plugins train``: train one loss with PML's MetricLossOnly, evaluate, write the results."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+_EPILOG = """examples:
+  pml-plugins train --loss proxy_anchor                       # the digits default, a few seconds
+  pml-plugins train --loss soft_triple --loss-arg centers_per_class=4 --epochs 20 --out runs/st
+  pml-plugins train --loss contrastive --miner multi_similarity --sampler m-per-class --m 8
+  pml-plugins train --config examples/configs/mpa.toml         # a paper recipe (needs the data)
+  pml-plugins train --config runs/st/config.json              # rerun a finished run
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train one loss, evaluate it, write metrics/config/checkpoint/plot",
+                       description="Train an embedding model with any registered loss (PML's MetricLossOnly "
+                                   "trainer), evaluate it on the unseen test classes, and write metrics.json, "
+                                   "config.json, checkpoint.pt and metrics.png under --out.",
+                       epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--loss", help="loss name (pml-plugins list), alias or plugin:name (default proxy_anchor)")
+    add_common_arguments(p)
+    p.set_defaults(func=run)
+
+
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    """Options shared by train and compare. Every default is None: a config file fills the rest."""
+    p.add_argument("--config", metavar="FILE", help="TOML, YAML or JSON file with the same options (flags override it)")
+    p.add_argument("--loss-arg", action="append", metavar="KEY=VALUE",
+                   help="loss constructor argument, a Python literal (repeatable); compare: LOSS.KEY=VALUE")
+    p.add_argument("--loss-option", action="append", metavar="KEY=VALUE",
+                   help="option for a loss's training_setup (e.g. views=6 for multi-view losses)")
+    p.add_argument("--miner", help="miner name (pml-plugins list --kind miner)")
+    p.add_argument("--miner-arg", action="append", metavar="KEY=VALUE", help="miner constructor argument")
+    g = p.add_argument_group("data and model")
+    g.add_argument("--dataset", help="digits (default) | digits:raw | imagefolder:PATH | cub:PATH | cars:PATH | "
+                                     "sop:PATH | embeddings:PATH.npz")
+    g.add_argument("--backbone", help="auto (default) | cnn | mlp | identity | timm:NAME")
+    g.add_argument("--embedding-size", type=int, help="embedding dimension (default 64)")
+    g.add_argument("--pooling", choices=["avg", "gem"], help="feature-map pooling in the head (default avg)")
+    g.add_argument("--head-norm", choices=["none", "l2", "layernorm", "layernorm+l2"], help="after the head's linear layer")
+    g.add_argument("--pretrained", nargs="?", const="cache", metavar="PATH",
+                   help="timm: local weights file, or no value for already-cached weights (never downloads)")
+    g.add_argument("--image-size", type=int, help="input size for image datasets (default: the backbone's)")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, help="epochs (default 8; 0 evaluates the untrained model)")
+    g.add_argument("--batch-size", type=int, help="samples per batch (default 64)")
+    g.add_argument("--iterations-per-epoch", type=int, help="default: one pass over the training split")
+    g.add_argument("--sampler", choices=["auto", "random", "m-per-class"], help="auto: what the loss declares")
+    g.add_argument("--m", type=int, help="samples per class for the m-per-class sampler")
+    g.add_argument("--optimizer", choices=["adam", "adamw", "sgd", "rmsprop"], help="default adam")
+    g.add_argument("--lr", type=float, help="trunk and head learning rate (default 1e-3)")
+    g.add_argument("--loss-lr", type=float, help="learning rate of the loss's own parameters "
+                                                 "(default: the loss's registered loss_lr)")
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--lr-step", type=int, metavar="EPOCHS", help="multiply learning rates by --lr-gamma every EPOCHS")
+    g.add_argument("--lr-gamma", type=float)
+    g.add_argument("--seed", type=int, help="default 0; same seed on CPU gives the same metrics")
+    g.add_argument("--device", help="auto (default) | cpu | cuda[:N]")
+    g.add_argument("--amp", choices=["auto", "on", "off"], help="mixed precision (auto: on for CUDA)")
+    g.add_argument("--threads", type=int, help="torch CPU threads (default 1 for the built-in backbones)")
+    g.add_argument("--num-workers", type=int, help="data-loader worker processes (default 0)")
+    g = p.add_argument_group("evaluation and output")
+    g.add_argument("--retrieval-distance", choices=["cosine", "euclidean"], help="default: what the loss declares")
+    g.add_argument("--ks", help="k values for Recall@k / nDCG@k (default 1,2,4,8)")
+    g.add_argument("--eval-batch-size", type=int)
+    g.add_argument("--out", metavar="DIR", help="output folder")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+_FLAG_FIELDS = ("miner", "dataset", "backbone", "embedding_size", "pooling", "head_norm", "pretrained", "image_size",
+                "epochs", "batch_size", "iterations_per_epoch", "sampler", "m", "optimizer", "lr", "loss_lr",
+                "weight_decay", "lr_step", "lr_gamma", "seed", "device", "amp", "threads", "num_workers",
+                "retrieval_distance", "eval_batch_size", "out")
+
+
+def flag_values(args: argparse.Namespace) -> dict[str, Any]:
+    from ..pipeline.config import parse_key_values
+
+    values = {k: getattr(args, k) for k in _FLAG_FIELDS}
+    values["loss_args"] = parse_key_values(args.loss_arg, "--loss-arg") if args.loss_arg else None
+    values["loss_options"] = parse_key_values(args.loss_option, "--loss-option") if args.loss_option else None
+    values["miner_args"] = parse_key_values(args.miner_arg, "--miner-arg") if args.miner_arg else None
+    if args.ks:
+        try:
+            values["ks"] = [int(k) for k in args.ks.split(",") if k.strip()]
+        except ValueError:
+            raise ValueError(f"--ks must be comma-separated integers, got {args.ks!r}") from None
+    return values
+
+
+def file_values(args: argparse.Namespace, extra_keys: tuple = ()) -> dict[str, Any]:
+    from ..pipeline.config import check_keys, config_fields, load_config_file
+
+    if not args.config:
+        return {}
+    data = load_config_file(args.config)
+    check_keys(data, [*config_fields(), *extra_keys], args.config)
+    return data
+
+
+def print_metrics(metrics: dict, ks) -> None:
+    parts = [f"R@{k} {100 * metrics[f'recall_at_{k}']:.1f}" for k in ks if f"recall_at_{k}" in metrics]
+    parts.append(f"MAP@R {100 * metrics['map_at_r']:.1f}")
+    parts += [f"nDCG@{k} {100 * metrics[f'ndcg_at_{k}']:.1f}" for k in ks if f"ndcg_at_{k}" in metrics]
+    print("  ".join(parts))
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..pipeline.config import build_config
+    from ..pipeline.train import run_training
+
+    fvals = file_values(args)
+    flags = flag_values(args)
+    flags["loss"] = args.loss
+    cfg = build_config(fvals, flags)
+    if cfg.out is None:
+        cfg.out = f"pml-plugins-runs/{(cfg.loss or 'untrained').replace(':', '_')}"
+    progress = not args.no_progress and sys.stderr.isatty() or (not args.no_progress and _force_progress())
+    result = run_training(cfg, progress=progress, log=lambda msg: print(msg, flush=True))
+    print(f"{result.name}: trained {cfg.epochs} epochs"
+          + (f", {result.seconds_per_epoch:.2f} s/epoch" if result.seconds_per_epoch else ""))
+    print_metrics(result.metrics, cfg.ks)
+    print(f"wrote {cfg.out}/metrics.json, config.json, checkpoint.pt, metrics.png")
+    return 0
+
+
+def _force_progress() -> bool:
+    import os
+
+    return os.environ.get("PML_PLUGINS_PROGRESS", "") not in ("", "0")

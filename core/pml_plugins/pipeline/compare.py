@@ -1,0 +1,208 @@
+"""Compare losses: same data, backbone, seed and budget for each; one table, CSV, Markdown, plot.
+
+A loss that fails (bad arguments, NaN, a bug in a plugin) gets an error row and the comparison
+goes on. Files are rewritten after every run, so an interrupted comparison keeps every
+completed run (each under ``OUT/runs/<loss>/``) and the table of those runs.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import os
+import re
+import time
+import traceback
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+import tqdm
+
+from .. import registry as reg
+from .config import TrainConfig
+from .train import RunResult, metrics_record, run_training, write_json
+
+#: PML's own losses every default comparison includes as references
+REFERENCE_LOSSES = ("proxy_anchor", "soft_triple", "normalized_softmax", "contrastive")
+FLOOR = "untrained (floor)"
+
+
+def default_losses() -> list[str]:
+    """Every installed plugin loss (not PML's built-ins) plus the PML reference losses."""
+    names, seen = [], set()
+    counts: dict[str, int] = {}
+    entries = reg.registry.entries("loss")
+    for e in entries:
+        counts[e.name] = counts.get(e.name, 0) + 1
+    for e in sorted(entries, key=lambda e: (e.plugin, e.name)):
+        if e.plugin == reg.BUILTIN_PLUGIN or e.qualified_name in seen:
+            continue
+        seen.add(e.qualified_name)
+        names.append(e.qualified_name if counts[e.name] > 1 else e.name)
+    return names + [n for n in REFERENCE_LOSSES if n not in names]
+
+
+def resolve_losses(names: Sequence[str]) -> list[str]:
+    """Check every name up front (unknown names fail before any training) and drop duplicates."""
+    out, seen = [], set()
+    for name in names:
+        entry = reg.get_entry("loss", name)
+        if entry.qualified_name not in seen:
+            seen.add(entry.qualified_name)
+            out.append(name)
+    if not out:
+        raise ValueError("no losses to compare")
+    return out
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "run"
+
+
+def run_compare(base: TrainConfig, losses: Sequence[str], out: Path, *, per_loss_args: Optional[dict] = None,
+                progress: bool = True, log: Callable[[str], None] = print) -> list[RunResult]:
+    """Train every loss in ``losses`` with ``base``'s settings; write ``OUT/results.{csv,md}``,
+    ``OUT/comparison.png`` and ``OUT/runs/<loss>/``; return the rows (the floor first)."""
+    losses = resolve_losses(losses)
+    per_loss_args = per_loss_args or {}
+    unknown = [k for k in per_loss_args if k not in losses]
+    if unknown:
+        raise ValueError(f"loss arguments given for {unknown}, which are not compared (losses: {', '.join(losses)})")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[RunResult] = []
+    say = (lambda msg: tqdm.tqdm.write(msg)) if progress else log
+    runs = [(FLOOR, None)] + [(name, name) for name in losses]
+    try:
+        for i, (label, loss) in enumerate(runs):
+            cfg = dataclasses.replace(base, loss=loss, loss_args=dict(per_loss_args.get(loss, {})) if loss else {},
+                                      epochs=base.epochs if loss else 0, miner=base.miner if loss else None,
+                                      out=str(out / "runs" / _safe("untrained" if loss is None else loss)))
+            start = time.perf_counter()
+            try:
+                result = run_training(cfg, progress=progress, name=label, write_checkpoint=loss is not None)
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:  # one failing loss must not end the comparison
+                message = f"{type(exc).__name__}: {exc}".strip()
+                result = RunResult(name=label, error=message, config=cfg.to_dict())
+                Path(cfg.out).mkdir(parents=True, exist_ok=True)
+                (Path(cfg.out) / "error.txt").write_text(traceback.format_exc())
+                say(f"[{i + 1}/{len(runs)}] {label}: FAILED ({message.splitlines()[0][:160]})")
+            else:
+                m = result.metrics
+                say(f"[{i + 1}/{len(runs)}] {label}: R@1 {100 * m.get('recall_at_1', float('nan')):.1f}  "
+                    f"MAP@R {100 * m.get('map_at_r', float('nan')):.1f}  ({time.perf_counter() - start:.1f} s)")
+            rows.append(result)
+            write_results(rows, out, base)
+    except KeyboardInterrupt:
+        if rows:
+            write_results(rows, out, base)
+            log(f"interrupted: the {len(rows)} completed run(s) are in {out}")
+        raise
+    return rows
+
+
+# -- tables --------------------------------------------------------------------------------------
+def columns(ks: Iterable[int]) -> list[tuple[str, str]]:
+    ks = list(ks)
+    cols = [(f"recall_at_{k}", f"R@{k}") for k in ks] + [("map_at_r", "MAP@R")]
+    cols += [(f"ndcg_at_{k}", f"nDCG@{k}") for k in ks if k > 1]
+    return cols
+
+
+def table_rows(rows: Sequence[RunResult], ks: Iterable[int]) -> tuple[list[str], list[list[str]]]:
+    cols = columns(ks)
+    header = ["loss", *[c[1] for c in cols], "s/epoch", "peak MB", "status"]
+    body = []
+    for r in rows:
+        if r.error:
+            cells = ["-"] * len(cols) + ["-", "-", "error: " + r.error.splitlines()[0]]
+        else:
+            cells = [f"{100 * r.metrics[k]:.1f}" if k in r.metrics else "-" for k, _ in cols]
+            cells += [f"{r.seconds_per_epoch:.2f}" if r.seconds_per_epoch is not None else "-",
+                      f"{r.peak_memory_mb:.0f}" if r.peak_memory_mb is not None else "-",
+                      "floor" if r.name == FLOOR else "ok"]
+        body.append([r.name, *cells])
+    return header, body
+
+
+def format_table(rows: Sequence[RunResult], ks: Iterable[int], max_status: int = 60) -> str:
+    header, body = table_rows(rows, ks)
+    body = [row[:-1] + [row[-1] if len(row[-1]) <= max_status else row[-1][: max_status - 3] + "..."] for row in body]
+    widths = [max(len(str(x[i])) for x in [header, *body]) for i in range(len(header))]
+    lines = []
+    for j, row in enumerate([header, *body]):
+        cells = [str(c).ljust(widths[i]) if i in (0, len(row) - 1) else str(c).rjust(widths[i]) for i, c in enumerate(row)]
+        lines.append("  ".join(cells).rstrip())
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_markdown(rows: Sequence[RunResult], ks: Iterable[int], base: TrainConfig) -> str:
+    header, body = table_rows(rows, ks)
+    esc = lambda s: str(s).replace("|", "\\|")
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([" --- "] + [" ---: "] * (len(header) - 2) + [" --- "]) + "|"]
+    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in body]
+    setting = (f"dataset `{base.dataset}`, backbone `{base.backbone}`, embedding size {base.embedding_size}, "
+               f"{base.epochs} epochs, batch {base.batch_size}, {base.optimizer} lr {base.lr:g}, seed {base.seed}")
+    return ("# Loss comparison\n\n" + setting + ". Metrics in % on the test split (unseen classes), queried "
+            "against itself. The floor is the same model untrained.\n\n" + "\n".join(lines) + "\n")
+
+
+def write_results(rows: Sequence[RunResult], out: Path, base: TrainConfig) -> None:
+    """``results.csv`` (every metric, full errors), ``results.md``, ``results.json``, ``comparison.png``."""
+    metric_keys = sorted({k for r in rows for k in r.metrics})
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["loss", "status", *metric_keys, "seconds_per_epoch", "train_seconds", "peak_memory_mb",
+                     "memory_kind", "error"])
+    for r in rows:
+        status = "error" if r.error else ("floor" if r.name == FLOOR else "ok")
+        writer.writerow([r.name, status, *[f"{r.metrics[k]:.6f}" if k in r.metrics else "" for k in metric_keys],
+                         "" if r.seconds_per_epoch is None else f"{r.seconds_per_epoch:.4f}", f"{r.train_seconds:.3f}",
+                         "" if r.peak_memory_mb is None else f"{r.peak_memory_mb:.1f}", r.memory_kind, r.error or ""])
+    _atomic_write(out / "results.csv", buf.getvalue())
+    _atomic_write(out / "results.md", format_markdown(rows, base.ks, base))
+    write_json(out / "results.json", {"setting": base.to_dict(),
+                                      "runs": [{**metrics_record(r), "error": r.error} for r in rows]})
+    plot_comparison(rows, out / "comparison.png", base.ks)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def plot_comparison(rows: Sequence[RunResult], path: Path, ks: Iterable[int]) -> None:
+    """Recall@k and nDCG@k against k, one line per loss; the floor dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    ks = list(ks)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
+    for ax, prefix, title in ((axes[0], "recall_at_", "Recall@k"), (axes[1], "ndcg_at_", "nDCG@k")):
+        for r in rows:
+            if r.error:
+                continue
+            ys = [100 * r.metrics.get(f"{prefix}{k}", float("nan")) for k in ks]
+            style = dict(color="black", linestyle="--", marker="x") if r.name == FLOOR else dict(marker="o")
+            ax.plot(ks, ys, label=r.name, **style)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ks)
+        ax.set_xticklabels([str(k) for k in ks])
+        ax.set_xlabel("k")
+        ax.set_ylabel("%")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 0.8, 1))
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)

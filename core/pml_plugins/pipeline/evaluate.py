@@ -1,0 +1,139 @@
+"""Evaluation: PML's ``GlobalEmbeddingSpaceTester`` with the project's ``AccuracyCalculator``.
+
+The test split is queried against itself (each query excluded from its own neighbours), the
+standard deep-metric-learning protocol. ``retrieval_distance`` (from the loss's registry entry)
+picks the geometry: ``"cosine"`` L2-normalises the embeddings before the kNN; ``"euclidean"``
+(losses such as Class Anchor Margin that shape an unnormalised space) searches with L2 distance
+on the raw embeddings.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Sequence
+
+import torch
+import tqdm
+from pytorch_metric_learning.testers import GlobalEmbeddingSpaceTester
+from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator as PMLAccuracyCalculator
+
+DEFAULT_KS = (1, 2, 4, 8)
+RETRIEVAL_DISTANCES = ("cosine", "euclidean")
+
+
+def make_accuracy_calculator(ks: Sequence[int] = DEFAULT_KS, retrieval_distance: str = "cosine",
+                             device: torch.device | None = None) -> Any:
+    """The one place that chooses the accuracy calculator (Recall@k, nDCG@k, MAP@R, P@1)."""
+    if retrieval_distance not in RETRIEVAL_DISTANCES:
+        raise ValueError(f"retrieval_distance must be one of {RETRIEVAL_DISTANCES}, got {retrieval_distance!r}")
+    include = ("precision_at_1", "mean_average_precision_at_r", "r_precision",
+               *[f"recall_at_{k}" for k in ks], *[f"ndcg_at_{k}" for k in ks])
+    try:
+        from ..knn import KNN
+        from ..metrics import AccuracyCalculator
+    except ImportError:  # a core without the metrics module: PML's calculator + local Recall/nDCG
+        return _RecallNDCGCalculator(ks=ks, k="max_bin_count", device=device, knn_func=_exact_knn(retrieval_distance),
+                                     include=include)
+    # cosine: the tester L2-normalises first, so both rankings are exact L2 / cosine kNN
+    return AccuracyCalculator(include=include, k="max_bin_count", device=device, knn_func=KNN(metric=retrieval_distance),
+                              ndcg_ks=tuple(ks), recall_ks=tuple(ks), plugin_metrics=False)
+
+
+def _exact_knn(retrieval_distance: str):
+    """Exact kNN in torch (deterministic; no FAISS needed). Embeddings arrive normalised for cosine."""
+    from pytorch_metric_learning.distances import LpDistance
+    from pytorch_metric_learning.utils.inference import CustomKNN
+
+    if retrieval_distance not in RETRIEVAL_DISTANCES:
+        raise ValueError(f"retrieval_distance must be one of {RETRIEVAL_DISTANCES}, got {retrieval_distance!r}")
+    return CustomKNN(LpDistance(normalize_embeddings=False), batch_size=1024)
+
+
+class _RecallNDCGCalculator(PMLAccuracyCalculator):
+    """PML's AccuracyCalculator plus Recall@k and nDCG@k (stand-in for ``pml_plugins.AccuracyCalculator``)."""
+
+    def __init__(self, ks: Iterable[int] = DEFAULT_KS, **kwargs: Any):
+        self._ks = tuple(int(k) for k in ks)
+        for k in self._ks:  # PML discovers metrics by their calculate_<name> methods
+            setattr(self, f"calculate_recall_at_{k}", self._recall_fn(k))
+            setattr(self, f"calculate_ndcg_at_{k}", self._ndcg_fn(k))
+        super().__init__(**kwargs)
+
+    def requires_knn(self):
+        return super().requires_knn() + [f"{m}_at_{k}" for k in self._ks for m in ("recall", "ndcg")]
+
+    @staticmethod
+    def _hits(knn_labels, query_labels, not_lone_query_mask, k):
+        knn_labels, query_labels = knn_labels[not_lone_query_mask], query_labels[not_lone_query_mask]
+        return (knn_labels[:, :k] == query_labels[:, None]).float()
+
+    def _recall_fn(self, k):
+        def fn(knn_labels, query_labels, not_lone_query_mask, **kwargs):
+            hits = self._hits(knn_labels, query_labels, not_lone_query_mask, k)
+            return float(hits.max(dim=1).values.mean()) if len(hits) else math.nan
+        return fn
+
+    def _ndcg_fn(self, k):
+        def fn(knn_labels, query_labels, not_lone_query_mask, label_counts, ref_includes_query, **kwargs):
+            # nDCG@k with binary relevance (MPA paper, Eq. 19-20): DCG / DCG of the ideal ranking
+            hits = self._hits(knn_labels, query_labels, not_lone_query_mask, k)
+            if not len(hits):
+                return math.nan
+            kk = hits.shape[1]
+            discounts = 1.0 / torch.log2(torch.arange(2, kk + 2, device=hits.device, dtype=torch.float))
+            dcg = (hits * discounts).sum(dim=1)
+            labels, counts = label_counts
+            q = query_labels[not_lone_query_mask]
+            relevant = counts[torch.searchsorted(labels, q)] - int(ref_includes_query)
+            ideal = torch.cumsum(discounts, 0)[(relevant.clamp(min=1, max=kk) - 1).long()]
+            return float((dcg / ideal).mean())
+        return fn
+
+
+class _QuietTester(GlobalEmbeddingSpaceTester):
+    """PML's tester with a tqdm bar that can be hidden and does not stay on screen."""
+
+    def __init__(self, *args: Any, progress: bool = True, desc: str = "embedding test split", **kwargs: Any):
+        self._progress, self._desc = progress, desc
+        super().__init__(*args, **kwargs)
+
+    def compute_all_embeddings(self, dataloader, trunk_model, embedder_model):
+        original = tqdm.tqdm
+        bar = lambda it, *a, **k: original(it, desc=self._desc, leave=False, disable=not self._progress, dynamic_ncols=True)
+        tqdm.tqdm = bar  # PML's base tester calls tqdm.tqdm(dataloader) directly
+        try:
+            return super().compute_all_embeddings(dataloader, trunk_model, embedder_model)
+        finally:
+            tqdm.tqdm = original
+
+
+_NAMES = {"mean_average_precision_at_r": "map_at_r", "mean_average_precision": "map"}
+
+
+def standard_metric_name(name: str) -> str:
+    """``recall_at_1_level0`` -> ``recall_at_1``; ``mean_average_precision_at_r`` -> ``map_at_r``."""
+    if name.endswith("_level0"):
+        name = name[: -len("_level0")]
+    return _NAMES.get(name, name)
+
+
+def evaluate(trunk: torch.nn.Module, embedder: torch.nn.Module, dataset: torch.utils.data.Dataset, *,
+             device: torch.device, retrieval_distance: str = "cosine", ks: Sequence[int] = DEFAULT_KS,
+             batch_size: int = 256, progress: bool = True, dtype: torch.dtype | None = None) -> dict[str, float]:
+    """Embed ``dataset`` and return retrieval metrics, test split queried against itself."""
+    if retrieval_distance not in RETRIEVAL_DISTANCES:
+        raise ValueError(f"retrieval_distance must be one of {RETRIEVAL_DISTANCES}, got {retrieval_distance!r}")
+    calculator = make_accuracy_calculator(ks, retrieval_distance, device=device)
+    tester = _QuietTester(normalize_embeddings=retrieval_distance == "cosine", batch_size=batch_size,
+                          dataloader_num_workers=0, data_device=device, dtype=dtype,
+                          accuracy_calculator=calculator, end_of_testing_hook=lambda tester: None,
+                          progress=progress)
+    accuracies = tester.test({"test": dataset}, 0, trunk, embedder, splits_to_eval=[("test", ["test"])])
+    out = {}
+    for key, value in accuracies["test"].items():
+        if key == "epoch":
+            continue
+        out[standard_metric_name(key)] = float(value)
+    return out
+
+
+__all__ = ["evaluate", "make_accuracy_calculator", "standard_metric_name", "DEFAULT_KS", "RETRIEVAL_DISTANCES"]
