@@ -34,6 +34,18 @@ Known metadata keys, all optional:
     The learning rate the paper uses for those parameters.
 ``retrieval_distance`` (``"cosine"`` or ``"euclidean"``)
     Which geometry retrieval should use for embeddings trained with this loss.
+``supports_ref_emb`` (bool)
+    Set False when the loss rejects ``ref_emb`` (the drop-in ``CrossBatchMemory`` /
+    ``SelfSupervisedLoss`` of :mod:`pml_plugins.wrappers` then refuse it up front).
+``training_setup`` (callable)
+    ``training_setup(loss, context) -> TrainingSetup`` for losses that need data handling
+    in the main job (see :mod:`pml_plugins.training`).
+``conformance`` (dict)
+    Options for :func:`pml_plugins.testing.check_loss` when the kit runs on the installed
+    plugin (e.g. ``{"num_views": 2}``, ``{"samples_per_class": 2}``).
+``conformance_factory`` (callable)
+    ``conformance_factory(num_classes, embedding_size) -> loss``: a small ready-to-use instance
+    for the kit, for losses that need more than constructor arguments (e.g. a database).
 
 Anything else is stored as-is and shown by ``pml-plugins info``.
 """
