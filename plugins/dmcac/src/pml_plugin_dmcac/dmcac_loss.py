@@ -232,13 +232,16 @@ class DMCACLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         ce_W = c_f.to_dtype(self.ce_W, dtype=cdtype)
         ce = F.cross_entropy(F.linear(z, ce_W), labels, reduction="none").view(B, A).sum(1)
 
-        # eq. 16-17: cross-attention of each view over Z_S, scaled by sqrt(F)
+        # eq. 16-17: cross-attention of each view over Z_S, scaled by sqrt(F). Reassociated:
+        # Q K^T = (Q W_k) Z_S^T and softmax(.) V = (softmax(.) Z_S) W_v^T, so the F x F
+        # projections act on the A views instead of the T >= A gathered rows (same values)
         Wq, Wk, Wv, Wc = (c_f.to_dtype(w, dtype=cdtype) for w in (self.query_W, self.key_W, self.value_W, self.cac_W))
-        Q, K, V = F.linear(Z, Wq), F.linear(R, Wk), F.linear(R, Wv)
-        att = torch.einsum("baf,nf->ban", Q, K) if shared else torch.einsum("baf,btf->bat", Q, K)
+        QWk = F.linear(Z, Wq) @ Wk  # rows are Q W_k, so (Q W_k) z_s = Q . (W_k z_s)
+        att = torch.einsum("baf,nf->ban", QWk, R) if shared else torch.einsum("baf,btf->bat", QWk, R)
         att = torch.softmax((att / math.sqrt(self.embedding_size)).masked_fill(~col_mask, very_negative), dim=-1)
         att = att * col_mask  # a query without database rows attends to nothing: z' = 0
-        z_att = torch.einsum("ban,nf->baf", att, V) if shared else torch.einsum("bat,btf->baf", att, V)
+        mixed = torch.einsum("ban,nf->baf", att, R) if shared else torch.einsum("bat,btf->baf", att, R)
+        z_att = F.linear(mixed, Wv)  # sum_s a_s (W_v z_s) = W_v (sum_s a_s z_s)
         # eq. 18-19: W_c on z', CE with the query's label, summed over views
         cac = F.cross_entropy(F.linear(z_att, Wc).reshape(B * A, -1), labels, reduction="none").view(B, A).sum(1)
 
