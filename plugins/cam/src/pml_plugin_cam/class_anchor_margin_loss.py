@@ -13,7 +13,7 @@ from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 import pml_plugins
 
-from .functional import DEFAULT_BLOCK_ELEMENTS, attractor_losses, min_norm_loss, negative_distances, repeller_loss
+from .functional import attractor_losses, min_norm_loss, negative_distances, repeller_loss
 
 
 class ScaledNormalInit:
@@ -45,7 +45,8 @@ class ClassAnchorMarginLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         min_norm: p of eq. 3, the minimum anchor norm (paper: 1).
         repeller_weight: weight of L_R (paper: 1).
         min_norm_weight: weight of L_N (paper: 1).
-        block_elements: elements per block of the chunked t x t repeller (memory bound).
+        block_elements: elements per (rows x t) block of the chunked repeller, its memory bound;
+            None picks 2**22 on CPU and 2**23 on GPUs.
         **kwargs: PML's ``reducer``, ``weight_init_func``, ``weight_regularizer``,
             ``weight_reg_weight``, ``embedding_regularizer``, ... The ``distance`` may only be
             ``LpDistance(normalize_embeddings=False, p=2, power=1)`` (the default).
@@ -53,9 +54,9 @@ class ClassAnchorMarginLoss(WeightRegularizerMixin, BaseMetricLossFunction):
 
     def __init__(self, num_classes: int, embedding_size: int, margin: float = 2.0, min_norm: float = 1.0,
                  repeller_weight: float = 1.0, min_norm_weight: float = 1.0,
-                 block_elements: int = DEFAULT_BLOCK_ELEMENTS, **kwargs: Any) -> None:
+                 block_elements: Optional[int] = None, **kwargs: Any) -> None:
         for name, value in (("num_classes", num_classes), ("embedding_size", embedding_size),
-                            ("block_elements", block_elements)):
+                            ("block_elements", 1 if block_elements is None else block_elements)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not margin > 0:

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-#: Elements of one (rows x t) block of the repeller; bounds its working memory.
+#: Elements of one (rows x t) block of the repeller on CPU (2x on GPUs); bounds working memory.
 DEFAULT_BLOCK_ELEMENTS = 1 << 22
 #: Pairs with ||a_i - a_j||^2 <= NEAR_RATIO * (||a_i||^2 + ||a_j||^2) (centred anchors) lose
 #: precision in the Gram-matrix formula (cancellation); they are recomputed from differences.
@@ -53,43 +53,52 @@ def _near_pairs(anchors: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, t
     return total
 
 
+def default_block_elements(device: torch.device) -> int:
+    """Block size for the repeller: cache-sized on CPU, larger on GPUs (fewer kernel launches)."""
+    return DEFAULT_BLOCK_ELEMENTS if device.type == "cpu" else 2 * DEFAULT_BLOCK_ELEMENTS
+
+
 def repeller_sum(anchors: torch.Tensor, margin: float, need_grad: bool,
-                 block_elements: int = DEFAULT_BLOCK_ELEMENTS) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                 block_elements: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """sum_{i<j} max(0, 2m - ||c_i - c_j||)^2 and, if ``need_grad``, its gradient w.r.t. ``anchors``.
 
     This equals eq. 2 (1/2 times the sum over ordered pairs). Far pairs use the Gram-matrix
     formula on centred anchors (distances are translation invariant, so centring changes
     nothing but reduces cancellation); near pairs are recomputed from exact differences.
+    Working memory: about three (rows x t) blocks of ``block_elements`` elements.
     """
     t = anchors.shape[0]
     two_m = 2.0 * float(margin)
+    block_elements = block_elements or default_block_elements(anchors.device)
     grad = torch.zeros_like(anchors) if need_grad else None
     total = _accumulator(anchors)
     if t < 2:
         return total.to(anchors.dtype), grad
     centred = anchors - anchors.mean(dim=0, keepdim=True)
     sq = (centred * centred).sum(1)
+    tiny = torch.finfo(anchors.dtype).tiny
     rows_per_block = max(1, min(t, block_elements // t))
     max_pairs = max(1, block_elements // max(1, anchors.shape[1]))
-    arange = torch.arange(t, device=anchors.device)
     for start in range(0, t, rows_per_block):  # blocks of rows: bounded memory, O(t^2 n) total
         stop = min(start + rows_per_block, t)
-        a_rows, a_cols = centred[start:stop], centred[start:]
-        sq_sum = sq[start:stop, None] + sq[None, start:]
-        d2 = (sq_sum - 2.0 * (a_rows @ a_cols.T)).clamp_min(0)
-        upper = arange[None, start:] > arange[start:stop, None]  # each unordered pair once
-        near = upper & (d2 <= NEAR_RATIO * sq_sum)
-        far = upper & ~near
-        dist = torch.where(far, d2, torch.ones_like(d2)).sqrt()  # far pairs have d2 > 0
-        hinge = torch.where(far, (two_m - dist).clamp_min(0), torch.zeros_like(d2))
+        k = stop - start
+        a_rows, a_cols = centred[start:stop], centred[start:]  # columns j >= start: upper triangle
+        sq_rows, sq_cols = sq[start:stop, None], sq[None, start:]
+        d2 = torch.addmm(sq_cols, a_rows, a_cols.T, alpha=-2.0).add_(sq_rows)  # ||a_i - a_j||^2
+        # cancellation-prone pairs (close relative to their norms) go to the exact path
+        near = (d2 - NEAR_RATIO * sq_rows) <= NEAR_RATIO * sq_cols
+        near[:, :k].triu_(1)  # each unordered pair once, no self pairs
+        dist = d2.clamp_min_(tiny).sqrt_()
+        hinge = (two_m - dist).clamp_min_(0).masked_fill_(near, 0)
+        hinge[:, :k].triu_(1)
         total += (hinge * hinge).sum(dtype=total.dtype)
         if grad is not None:
-            w = hinge / dist  # h_ij / d_ij; zero outside the far pairs
+            w = hinge.div_(dist)  # h_ij / d_ij, zero outside the far upper-triangle pairs
             # sum_j w_ij (c_i - c_j) for rows, and the mirrored term for columns
             grad[start:stop] -= 2.0 * (w.sum(1)[:, None] * a_rows - w @ a_cols)
             grad[start:] -= 2.0 * (w.sum(0)[:, None] * a_cols - w.T @ a_rows)
-        if bool(near.any()):
-            r, c = near.nonzero(as_tuple=True)
+        r, c = near.nonzero(as_tuple=True)
+        if r.numel():
             total += _near_pairs(anchors, r + start, c + start, two_m, grad, max_pairs)
     return total.to(anchors.dtype), grad
 
@@ -98,7 +107,7 @@ class _Repeller(torch.autograd.Function):
     """Eq. 2 with a gradient formed during forward block by block (once differentiable)."""
 
     @staticmethod
-    def forward(ctx, anchors: torch.Tensor, margin: float, block_elements: int) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, anchors: torch.Tensor, margin: float, block_elements: Optional[int]) -> torch.Tensor:  # type: ignore[override]
         value, grad = repeller_sum(anchors, margin, need_grad=True, block_elements=block_elements)
         ctx.save_for_backward(grad)
         return value
@@ -110,7 +119,7 @@ class _Repeller(torch.autograd.Function):
         return grad_output * grad, None, None
 
 
-def repeller_loss(anchors: torch.Tensor, margin: float, block_elements: int = DEFAULT_BLOCK_ELEMENTS) -> torch.Tensor:
+def repeller_loss(anchors: torch.Tensor, margin: float, block_elements: Optional[int] = None) -> torch.Tensor:
     """L_R(C) = 1/2 sum_{y != y'} max(0, 2m - ||c_y - c_y'||)^2 (eq. 2), a 0-dim tensor.
 
     Computed in ``anchors``' dtype with autocast disabled (the Gram matrix must not drop to
@@ -118,7 +127,7 @@ def repeller_loss(anchors: torch.Tensor, margin: float, block_elements: int = DE
     """
     with torch.autocast(device_type=anchors.device.type, enabled=False):
         if anchors.requires_grad and torch.is_grad_enabled():
-            return _Repeller.apply(anchors, float(margin), int(block_elements))
+            return _Repeller.apply(anchors, float(margin), block_elements)
         with torch.no_grad():
             return repeller_sum(anchors, margin, need_grad=False, block_elements=block_elements)[0]
 
