@@ -151,17 +151,17 @@ def _torch_search(q: torch.Tensor, r: torch.Tensor, k: int, metric: str, chunk_s
     scores = torch.empty(len(q), k, dtype=torch.float32, device=q.device)
     indices = torch.empty(len(q), k, dtype=torch.int64, device=q.device)
     euclidean = metric == "euclidean"
-    r_sq = (r * r).sum(1) if euclidean else None
+    minus_r_sq = -(r * r).sum(1)[None, :] if euclidean else None
     for start in range(0, len(q), chunk_size):  # loop over query blocks: bounds memory
         block = q[start:start + chunk_size]
-        sim = block @ r.T
         if euclidean:
-            # ||q - r||^2 = |q|^2 - 2 q.r + |r|^2; rank on the squared distance, sqrt only the k kept
-            dist = r_sq[None, :] - 2 * sim + (block * block).sum(1, keepdim=True)
-            values, idx = torch.topk(dist, k, dim=1, largest=False)
-            values = values.clamp_min_(0).sqrt_()
+            # ||q - r||^2 = |q|^2 - (2 q.r - |r|^2): rank on the bracket, built inside the GEMM
+            # (one pass over the block), and form distances only for the k kept
+            score = torch.addmm(minus_r_sq, block, r.T, alpha=2)
+            values, idx = torch.topk(score, k, dim=1, largest=True)
+            values = ((block * block).sum(1, keepdim=True) - values).clamp_min_(0).sqrt_()
         else:
-            values, idx = torch.topk(sim, k, dim=1, largest=True)
+            values, idx = torch.topk(block @ r.T, k, dim=1, largest=True)
         scores[start:start + len(block)] = values
         indices[start:start + len(block)] = idx
     return scores, indices
