@@ -86,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(cmp.format_table(rows, base.ks))
     failed = [r.name for r in rows if r.error]
-    print(f"\n{len(rows) - 1 - len(failed)} trained, {len(failed)} failed"
+    trained = [r for r in rows if not r.error and not cmp._is_floor(r)]
+    print(f"\n{len(trained)} trained, {len(failed)} failed"
           + (f" ({', '.join(failed)}; see {out}/runs/*/error.txt)" if failed else "")
           + f"; {time.perf_counter() - start:.0f} s. Wrote {out}/results.csv, results.md, comparison.png")
     return 0

@@ -55,6 +55,10 @@ def resolve_losses(names: Sequence[str]) -> list[str]:
     return out
 
 
+def _is_floor(r: RunResult) -> bool:
+    return r.name.startswith(FLOOR[:-1])
+
+
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "run"
 
@@ -72,12 +76,18 @@ def run_compare(base: TrainConfig, losses: Sequence[str], out: Path, *, per_loss
     out.mkdir(parents=True, exist_ok=True)
     rows: list[RunResult] = []
     say = (lambda msg: tqdm.tqdm.write(msg)) if progress else log
-    runs = [(FLOOR, None)] + [(name, name) for name in losses]
+    # The floor in every geometry the compared losses are evaluated in (L2 losses such as CAM
+    # are compared against an L2 floor); a --retrieval-distance flag applies to all.
+    distances = [base.retrieval_distance] if base.retrieval_distance else sorted(
+        {reg.get_entry("loss", n).needs()["retrieval_distance"] or "cosine" for n in losses} | {"cosine"})
+    floors = [(FLOOR if d == "cosine" else f"{FLOOR[:-1]}, {d})", None, d) for d in distances]
+    runs = floors + [(name, name, base.retrieval_distance) for name in losses]
     try:
-        for i, (label, loss) in enumerate(runs):
+        for i, (label, loss, distance) in enumerate(runs):
+            run_dir = _safe(loss) if loss else ("untrained" if distance in (None, "cosine") else f"untrained_{distance}")
             cfg = dataclasses.replace(base, loss=loss, loss_args=dict(per_loss_args.get(loss, {})) if loss else {},
                                       epochs=base.epochs if loss else 0, miner=base.miner if loss else None,
-                                      out=str(out / "runs" / _safe("untrained" if loss is None else loss)))
+                                      retrieval_distance=distance, out=str(out / "runs" / run_dir))
             start = time.perf_counter()
             try:
                 result = run_training(cfg, progress=progress, name=label, write_checkpoint=loss is not None)
@@ -122,7 +132,7 @@ def table_rows(rows: Sequence[RunResult], ks: Iterable[int]) -> tuple[list[str],
             cells = [f"{100 * r.metrics[k]:.1f}" if k in r.metrics else "-" for k, _ in cols]
             cells += [f"{r.seconds_per_epoch:.2f}" if r.seconds_per_epoch is not None else "-",
                       f"{r.peak_memory_mb:.0f}" if r.peak_memory_mb is not None else "-",
-                      "floor" if r.name == FLOOR else "ok"]
+                      "floor" if _is_floor(r) else "ok"]
         body.append([r.name, *cells])
     return header, body
 
@@ -159,7 +169,7 @@ def write_results(rows: Sequence[RunResult], out: Path, base: TrainConfig) -> No
     writer.writerow(["loss", "status", *metric_keys, "seconds_per_epoch", "train_seconds", "peak_memory_mb",
                      "memory_kind", "error"])
     for r in rows:
-        status = "error" if r.error else ("floor" if r.name == FLOOR else "ok")
+        status = "error" if r.error else ("floor" if _is_floor(r) else "ok")
         writer.writerow([r.name, status, *[f"{r.metrics[k]:.6f}" if k in r.metrics else "" for k in metric_keys],
                          "" if r.seconds_per_epoch is None else f"{r.seconds_per_epoch:.4f}", f"{r.train_seconds:.3f}",
                          "" if r.peak_memory_mb is None else f"{r.peak_memory_mb:.1f}", r.memory_kind, r.error or ""])
@@ -184,14 +194,17 @@ def plot_comparison(rows: Sequence[RunResult], path: Path, ks: Iterable[int]) ->
     import matplotlib.pyplot as plt
 
     ks = list(ks)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), dpi=100)
+    ok = [r for r in rows if not r.error]
+    colors = {}
     for ax, prefix, title in ((axes[0], "recall_at_", "Recall@k"), (axes[1], "ndcg_at_", "nDCG@k")):
         for r in rows:
             if r.error:
                 continue
             ys = [100 * r.metrics.get(f"{prefix}{k}", float("nan")) for k in ks]
-            style = dict(color="black", linestyle="--", marker="x") if r.name == FLOOR else dict(marker="o")
-            ax.plot(ks, ys, label=r.name, **style)
+            style = dict(color="black", linestyle="--" if r.name == FLOOR else ":", marker="x") if _is_floor(r) else dict(marker="o")
+            line, = ax.plot(ks, ys, label=r.name, **style)
+            colors[r.name] = line.get_color()
         ax.set_xscale("log", base=2)
         ax.set_xticks(ks)
         ax.set_xticklabels([str(k) for k in ks])
@@ -199,9 +212,16 @@ def plot_comparison(rows: Sequence[RunResult], path: Path, ks: Iterable[int]) ->
         ax.set_ylabel("%")
         ax.set_title(title)
         ax.grid(alpha=0.3)
+    ax = axes[2]
+    ax.barh([r.name for r in ok][::-1], [100 * r.metrics.get("map_at_r", float("nan")) for r in ok][::-1],
+            color=[colors.get(r.name, "grey") for r in ok][::-1])
+    ax.set_xlabel("%")
+    ax.set_title("MAP@R")
+    ax.tick_params(axis="y", labelsize=8)
+    ax.grid(alpha=0.3, axis="x")
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center right", fontsize=8)
-    fig.tight_layout(rect=(0, 0, 0.8, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     tmp = path.with_name(path.name + ".tmp")
     fig.savefig(tmp, format="png")
     plt.close(fig)
