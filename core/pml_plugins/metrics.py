@@ -253,7 +253,7 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
             raise ValueError("query_labels and reference_labels must have the same number of label columns")
         if ref_includes_query and not (
             len(reference) >= len(query)
-            and torch.allclose(query, reference[: len(query)])
+            and _same_or_close(query, reference[: len(query)])
             and torch.equal(query_labels, reference_labels[: len(query)].to(query_labels.dtype))
         ):
             raise ValueError(
@@ -412,6 +412,13 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
         return value
 
 
+def _same_or_close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """PML's ``torch.allclose`` check, skipped when both views are the same memory (leave-one-out)."""
+    if a.shape == b.shape and a.data_ptr() == b.data_ptr() and a.stride() == b.stride():
+        return True
+    return torch.equal(a, b) or torch.allclose(a, b)
+
+
 # -- label statistics ----------------------------------------------------------------------------
 def _unique(x: torch.Tensor, **kw: Any):
     return torch.unique(x, dim=0, **kw) if x.ndim > 1 else torch.unique(x, **kw)
@@ -431,7 +438,10 @@ def _label_stats(query_labels: torch.Tensor, reference_labels: torch.Tensor, ref
         uniq, inverse = _unique(both, return_inverse=True)
         query_ids, reference_ids = inverse[:num_query], inverse[num_query:]
         reference_counts = torch.bincount(reference_ids, minlength=len(uniq))
-        unique_query_ids, query_label_ids = torch.unique(query_ids, return_inverse=True)
+        # the query labels among the sorted unique labels, in O(N) (no second sort)
+        present = torch.bincount(query_ids, minlength=len(uniq)) > 0
+        unique_query_ids = torch.nonzero(present).flatten()
+        query_label_ids = (torch.cumsum(present, 0) - 1)[query_ids]
         unique_query_labels = uniq[unique_query_ids]
         match_counts = reference_counts[unique_query_ids]
         lone = match_counts - self_count <= 0  # a label always equals itself
