@@ -107,6 +107,21 @@ def test_multi_view_dataset_on_image_folder_uses_randaugment(tmp_path):
     x, y = multi_view_collate([ds[0], ds[3]])
     assert x.shape == (6, 3, 16, 16) and y.tolist() == [0, 0, 0, 1, 1, 1]
 
+    class PathImages(torch.utils.data.Dataset):  # the main job's image splits: paths, labels, transform
+        def __init__(self):
+            self.paths = [p for p, _ in folder.samples]
+            self.labels = [7 + c for _, c in folder.samples]
+            self.transform = folder.transform
+
+        def __len__(self):
+            return len(self.paths)
+
+        def __getitem__(self, i):
+            raise AssertionError("MultiViewDataset should load the raw image itself")
+
+    views, label = MultiViewDataset(PathImages(), num_views=2)[3]
+    assert views.shape == (2, 3, 16, 16) and int(label) == 8 and torch.equal(views[0], folder[3][0])
+
 
 # ---------------------------------------------------------------- refresher
 

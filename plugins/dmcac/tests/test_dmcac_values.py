@@ -294,3 +294,23 @@ def test_build_faiss_index_flat_and_ivf():
     ivf = build_faiss_index(db, kind="ivf", nlist=8, nprobe=8)  # probing every cell: exact again
     loss.set_database(db, db_labels, index=ivf)
     assert ivf.nlist == 8 and loss(emb, labels).item() == pytest.approx(exact, rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_under_autocast(dtype):
+    # the main job may train with autocast: masked logits must not overflow in half precision
+    emb_model = torch.nn.Linear(8, 6)
+    x, labels = torch.randn(12, 8), torch.randint(4, (4,)).repeat_interleave(3)
+    for with_db in (False, True):
+        loss = DMCACLoss(4, 6, num_views=3, k=4)
+        if with_db:
+            loss.set_database(torch.randn(30, 6), torch.randint(4, (30,)))
+        try:
+            with torch.autocast("cpu", dtype=dtype):
+                value = loss(emb_model(x), labels)
+        except RuntimeError as exc:  # an op without a CPU kernel for this dtype in this torch
+            if "not implemented" not in str(exc):
+                raise
+            pytest.skip(str(exc))
+        value.backward()
+        assert torch.isfinite(value) and torch.isfinite(emb_model.weight.grad).all()

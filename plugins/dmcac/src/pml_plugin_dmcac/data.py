@@ -112,8 +112,9 @@ class MultiViewDataset(torch.utils.data.Dataset):
 
     Two ways to build the views:
 
-    * torchvision folder datasets (``ImageFolder`` / ``DatasetFolder``: ``loader``, ``samples``,
-      ``transform``): the raw image goes through ``view_transform`` (RandAugment by default)
+    * image datasets that expose their files — torchvision folders (``loader``, ``samples``,
+      ``transform``) or datasets with ``paths``, ``labels`` and ``transform`` (the main job's
+      image splits): the raw RGB image goes through ``view_transform`` (RandAugment by default)
       and then the dataset's own ``transform`` (resize, crop, ToTensor, normalise), so every view
       is shaped exactly as the original;
     * any other dataset of ``(tensor, label)`` items: ``view_transform`` is applied to the item's
@@ -133,6 +134,8 @@ class MultiViewDataset(torch.utils.data.Dataset):
         self.dataset, self.num_views = dataset, int(num_views)
         self.indices = torch.arange(len(dataset)) if indices is None else torch.as_tensor(indices, dtype=torch.long)
         self.is_folder = all(hasattr(dataset, a) for a in ("loader", "samples", "transform"))
+        self.has_paths = not self.is_folder and all(hasattr(dataset, a) for a in ("paths", "labels", "transform"))
+        self.is_folder = self.is_folder or self.has_paths
         if view_transform is None:
             view_transform = rand_augment() if self.is_folder else None
         self.view_transform = view_transform
@@ -159,8 +162,15 @@ class MultiViewDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         j = int(self.indices[i])
         if self.is_folder:
-            path, label = self.dataset.samples[j]
-            raw = self.dataset.loader(path)
+            if self.has_paths:
+                from PIL import Image
+
+                with Image.open(self.dataset.paths[j]) as img:
+                    raw = img.convert("RGB")
+                label = int(self.dataset.labels[j])
+            else:
+                path, label = self.dataset.samples[j]
+                raw = self.dataset.loader(path)
             own = self.dataset.transform or (lambda x: x)
             views = [own(raw)] + [own(self._augment(raw)) for _ in range(self.num_views - 1)]
             if getattr(self.dataset, "target_transform", None) is not None:

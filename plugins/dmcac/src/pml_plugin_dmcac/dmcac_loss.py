@@ -224,6 +224,7 @@ class DMCACLoss(WeightRegularizerMixin, BaseMetricLossFunction):
 
         # eq. 9-10: P' = row-softmax(Z_A Z_S^T / temperature), masked to the query's union
         sims = torch.einsum("baf,nf->ban", Z, R) if shared else torch.einsum("baf,btf->bat", Z, R)
+        sims = sims.to(cdtype)  # autocast may hand back float16, where the mask value overflows
         log_p = torch.log_softmax((sims / self.temperature).masked_fill(~col_mask, very_negative), dim=-1)
         # eq. 11-13: L_frob = sqrt(sum_{i>j} JS(P'_i, P'_j)^2 + eps)
         frob = frobenius_from_js(pairwise_js_divergence_from_log(log_p, col_mask))
@@ -238,7 +239,8 @@ class DMCACLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         Wq, Wk, Wv, Wc = (c_f.to_dtype(w, dtype=cdtype) for w in (self.query_W, self.key_W, self.value_W, self.cac_W))
         QWk = F.linear(Z, Wq) @ Wk  # rows are Q W_k, so (Q W_k) z_s = Q . (W_k z_s)
         att = torch.einsum("baf,nf->ban", QWk, R) if shared else torch.einsum("baf,btf->bat", QWk, R)
-        att = torch.softmax((att / math.sqrt(self.embedding_size)).masked_fill(~col_mask, very_negative), dim=-1)
+        att = (att.to(cdtype) / math.sqrt(self.embedding_size)).masked_fill(~col_mask, very_negative)
+        att = torch.softmax(att, dim=-1)
         att = att * col_mask  # a query without database rows attends to nothing: z' = 0
         mixed = torch.einsum("ban,nf->baf", att, R) if shared else torch.einsum("bat,btf->baf", att, R)
         z_att = F.linear(mixed, Wv)  # sum_s a_s (W_v z_s) = W_v (sum_s a_s z_s)
