@@ -255,3 +255,27 @@ def test_example_script_runs():
     with one_thread():
         result = runpy.run_path(str(REPO / "examples" / "dmcac_trainer.py"), run_name="__main__")
     assert result["recall_after"] > result["recall_before"]
+
+
+def test_training_setup_options():
+    x, y = digits()
+    dataset = torch.utils.data.TensorDataset(x[:200], y[:200])
+    model = torch.nn.Linear(64, 8)
+    loss = DMCACLoss(10, 8, num_views=3, k=4)
+
+    def context(**options):
+        return TrainingContext(trunk=model, embedder=torch.nn.Identity(), train_dataset=dataset, batch_size=8,
+                               epochs=1, device=torch.device("cpu"), seed=1, options={"progress": False, **options})
+
+    with pytest.raises(ValueError, match="unknown DMCAC training options"):
+        training_setup(loss, context(refresh=2))
+    with pytest.raises(ValueError, match="num_views=3"):
+        training_setup(loss, context(views=6))
+    setup = training_setup(loss, context(views=3, database_fraction=0.5, refresh_every_iterations=2))
+    assert setup.end_of_epoch_hook is None and setup.end_of_iteration_hook is not None
+    assert 90 <= 200 - len(setup.train_dataset) <= 110  # half of each class in the database
+    pytest.importorskip("faiss")
+    setup = training_setup(loss, context(index="ivf"))
+    setup.before_training()  # no context.embed: the trunk + embedder are used in eval mode
+    assert loss.db_index is not None and loss.db_index.ntotal == loss.db_embeddings.shape[0]
+    assert torch.isfinite(loss(torch.randn(6, 8), torch.tensor([1, 1, 1, 2, 2, 2])))

@@ -70,7 +70,7 @@ class DatabaseRefresher:
         chunks, labels = [], []
         try:
             with torch.no_grad():
-                for batch in tqdm(loader, desc="DMCAC database refresh", disable=not self.progress, leave=False):
+                for batch in tqdm(loader, desc="DMCAC database refresh", disable=None if self.progress else True, leave=False):
                     x, y = batch[0], batch[1]
                     if self.device is not None:
                         x = x.to(self.device)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from pml_plugins import TrainingContext, TrainingSetup
 
 from .data import MultiViewDataset, dataset_labels, multi_view_collate, split_query_database
@@ -34,15 +35,18 @@ def training_setup(loss: Any, context: TrainingContext) -> TrainingSetup:
 
     ``context.options`` may override :data:`OPTION_DEFAULTS`.
     """
-    unknown = set(context.options) - set(OPTION_DEFAULTS)
-    options = {**OPTION_DEFAULTS, **{k: v for k, v in context.options.items() if k in OPTION_DEFAULTS}}
+    num_views = int(getattr(loss, "num_views", 1))
+    given = dict(context.options)
+    if "views" in given:  # the main job's generic name; A is the loss's own num_views argument
+        if int(given.pop("views")) != num_views:
+            raise ValueError(f"DMCAC takes its number of views from the loss: num_views={num_views} "
+                             f"(set it as a loss constructor argument, e.g. --loss-arg num_views=6)")
+    unknown = set(given) - set(OPTION_DEFAULTS)
+    options = {**OPTION_DEFAULTS, **{k: v for k, v in given.items() if k in OPTION_DEFAULTS}}
     if unknown:
         raise ValueError(f"unknown DMCAC training options {sorted(unknown)}; known: {sorted(OPTION_DEFAULTS)}")
-    num_views = int(getattr(loss, "num_views", 1))
     labels = dataset_labels(context.train_dataset)
     query_idx, database_idx = split_query_database(labels, options["database_fraction"], seed=context.seed)
-    import torch
-
     database = torch.utils.data.Subset(context.train_dataset, database_idx.tolist())
     embed = context.embed or make_embed_fn(context.trunk, context.embedder, context.device)
     every_iterations = options["refresh_every_iterations"]
