@@ -6,7 +6,7 @@ import pytest
 import torch
 from pytorch_metric_learning.reducers import DoNothingReducer
 
-from pml_plugin_dmcac import DatabaseKNNMiner, DMCACLoss, frobenius_js_loss, pairwise_js_divergence
+from pml_plugin_dmcac import DatabaseKNNMiner, DMCACLoss, frobenius_js_loss, js_divergence, pairwise_js_divergence
 
 # ---------------------------------------------------------------- JS / L_frob (eq. 11-13)
 
@@ -22,6 +22,9 @@ def test_issue_check_value():
     assert torch.equal(L, L.T) and torch.all(L.diagonal() == 0)
     assert frobenius_js_loss(P).item() == pytest.approx(0.305133, abs=1e-5)
     assert frobenius_js_loss(P.float()).item() == pytest.approx(0.305133, abs=1e-5)
+    assert js_divergence(P[0], P[1]).item() == pytest.approx(0.215762, abs=1e-6)
+    assert js_divergence(P[1], P[0]).item() == pytest.approx(0.215762, abs=1e-6)
+    assert js_divergence(P, P[1]).tolist() == pytest.approx([0.215762, 0.0, 0.215762], abs=1e-6)
 
 
 def test_hand_values_disjoint_supports():

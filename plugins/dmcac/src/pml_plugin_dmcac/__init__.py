@@ -1,7 +1,7 @@
 """pml-plugin-dmcac: DMCAC (divergence minimisation + cross-attention classification) for PML."""
 from .data import MultiViewDataset, TensorViewAugment, dataset_labels, multi_view_collate, split_query_database
 from .database_knn_miner import DatabaseKNNMiner
-from .divergence import frobenius_js_loss, pairwise_js_divergence
+from .divergence import frobenius_js_loss, js_divergence, pairwise_js_divergence
 from .dmcac_loss import DMCACLoss
 from .refresh import DatabaseRefresher, make_embed_fn
 from .retrieval import build_faiss_index
@@ -14,6 +14,7 @@ __all__ = [
     "DatabaseKNNMiner",
     "frobenius_js_loss",
     "pairwise_js_divergence",
+    "js_divergence",
     "split_query_database",
     "MultiViewDataset",
     "TensorViewAugment",

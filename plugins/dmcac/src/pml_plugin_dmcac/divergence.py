@@ -54,6 +54,16 @@ def _log_from_probs(probs: torch.Tensor) -> torch.Tensor:
     return torch.where(probs > 0, probs.clamp_min(tiny).log(), torch.full_like(probs, math.log(tiny)))
 
 
+def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """JS(P, Q) of eq. 11-12 over the last dimension (natural log, 0 log 0 = 0).
+
+    ``js_divergence(torch.tensor([0.5, 0.5]), torch.tensor([1.0, 0.0]))`` is 0.215762.
+    """
+    _check_probs("p", p.unsqueeze(-2))
+    pair = torch.stack(torch.broadcast_tensors(q, p), dim=-2)  # rows (q, p): the one pair i=1 > j=0
+    return pairwise_js_divergence_from_log(_log_from_probs(pair))[..., 0]
+
+
 def pairwise_js_divergence(probs: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The symmetric JS divergence matrix ``L`` of eq. 11 (natural log, 0 log 0 = 0).
 
