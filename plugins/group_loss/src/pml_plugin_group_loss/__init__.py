@@ -5,6 +5,7 @@ from __future__ import annotations
 from .functional import (
     LOG_EPS,
     anchor_mask,
+    class_ranks,
     group_nll,
     initial_assignment,
     pearson_similarity,
@@ -20,6 +21,7 @@ __all__ = [
     "GroupLossBatchWarning",
     "LOG_EPS",
     "anchor_mask",
+    "class_ranks",
     "group_nll",
     "initial_assignment",
     "pearson_similarity",

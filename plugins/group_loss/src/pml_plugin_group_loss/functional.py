@@ -43,21 +43,26 @@ def pearson_similarity(embeddings: torch.Tensor, zero_diagonal: bool = False, ep
     return w.masked_fill(eye, 0.0 if zero_diagonal else 1.0)
 
 
-def anchor_mask(labels: torch.Tensor, num_anchors: int) -> torch.Tensor:
-    """Boolean mask of the anchors: per class, its first ``num_anchors`` samples in batch order
-    (section 3.2; the sampler's shuffle makes them random). Vectorised: rank within class via a
-    stable sort."""
+def class_ranks(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rank, counts)``: each sample's position among the samples of its class in batch order
+    (0 for the first), and the number of samples of each class present in the batch.
+    Vectorised with a stable sort (no loop over samples or classes)."""
     n = labels.shape[0]
-    if n == 0 or num_anchors <= 0:
-        return torch.zeros(n, dtype=torch.bool, device=labels.device)
     sorted_labels, order = torch.sort(labels, stable=True)
     _, counts = torch.unique_consecutive(sorted_labels, return_counts=True)
     starts = torch.cumsum(counts, 0) - counts
-    position = torch.arange(n, device=labels.device)
-    rank_sorted = position - torch.repeat_interleave(starts, counts)
+    rank_sorted = torch.arange(n, device=labels.device) - torch.repeat_interleave(starts, counts)
     rank = torch.empty_like(rank_sorted)
-    rank[order] = rank_sorted  # rank of each sample among its class, in batch order
-    return rank < num_anchors
+    rank[order] = rank_sorted
+    return rank, counts
+
+
+def anchor_mask(labels: torch.Tensor, num_anchors: int) -> torch.Tensor:
+    """Boolean mask of the anchors: per class, its first ``num_anchors`` samples in batch order
+    (section 3.2; the sampler's shuffle makes them random)."""
+    if labels.shape[0] == 0 or num_anchors <= 0:
+        return torch.zeros(labels.shape[0], dtype=torch.bool, device=labels.device)
+    return class_ranks(labels)[0] < num_anchors
 
 
 def initial_assignment(prior: torch.Tensor, labels: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:

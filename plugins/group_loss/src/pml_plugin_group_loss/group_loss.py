@@ -11,7 +11,7 @@ from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
 from pytorch_metric_learning.utils import common_functions as c_f
 
-from .functional import anchor_mask, group_nll, initial_assignment, pearson_similarity, replicator_dynamics
+from .functional import class_ranks, group_nll, initial_assignment, pearson_similarity, replicator_dynamics
 
 
 class GroupLossBatchWarning(UserWarning):
@@ -109,10 +109,8 @@ class GroupLoss(WeightRegularizerMixin, BaseMetricLossFunction):
     ):
         """PML's forward, plus optional precomputed ``logits`` or ``prior`` (see the class docstring)."""
         self.reset_stats()
-        pml_plugins.check_embeddings_and_labels(
-            embeddings, labels, num_classes=self.num_classes, embedding_size=self.embedding_size
-        )
-        labels = c_f.to_device(labels, embeddings)
+        if isinstance(labels, torch.Tensor) and isinstance(embeddings, torch.Tensor):
+            labels = c_f.to_device(labels, embeddings)
         ref_emb, ref_labels = c_f.set_ref_emb(embeddings, labels, ref_emb, ref_labels)
         loss_dict = self.compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels, logits=logits, prior=prior)
         self.add_embedding_regularization_to_loss_dict(loss_dict, embeddings)
@@ -130,7 +128,8 @@ class GroupLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         n = embeddings.shape[0]
         if n == 0:
             return self.zero_losses()
-        self._warn_about_batch(labels)
+        rank, counts = class_ranks(labels)
+        self._warn_about_batch(counts)
         # half precision: compute in float32 (exp, products of probabilities), cast the losses back
         dtype = torch.float32 if embeddings.dtype in (torch.float16, torch.bfloat16) else embeddings.dtype
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
@@ -141,8 +140,7 @@ class GroupLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             else:
                 logits = self.get_logits(emb) if logits is None else self._checked_matrix(logits, "logits", n).to(dtype)
                 x0 = torch.softmax(logits / self.temperature, dim=1)  # appendix C, eq. (9)
-            anchors = anchor_mask(labels, self.num_anchors)
-            x0 = initial_assignment(x0, labels, anchors)  # section 3.2
+            x0 = initial_assignment(x0, labels, rank < self.num_anchors)  # section 3.2
             W = pearson_similarity(emb, zero_diagonal=self.zero_diagonal)  # eq. (1), appendix G
             refined = replicator_dynamics(x0, W, self.num_iterations)  # eq. (2)-(6)
             nll = group_nll(refined, labels)  # section 3.4
@@ -176,8 +174,9 @@ class GroupLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         if not torch.allclose(sums, torch.ones_like(sums), atol=1e-3, rtol=0):
             raise ValueError(f"prior rows must sum to 1, got row sums in [{float(sums.min()):.6g}, {float(sums.max()):.6g}]")
 
-    def _warn_about_batch(self, labels: torch.Tensor) -> None:
-        _, counts = torch.unique(labels, return_counts=True)
+    def _warn_about_batch(self, counts: torch.Tensor) -> None:
+        # one host sync for both flags
+        has_single, all_anchors = torch.stack([(counts == 1).any(), (counts <= self.num_anchors).all()]).tolist()
         if counts.numel() == 1:
             warnings.warn(
                 "GroupLoss got a batch with a single class: every sample has the same label, so label "
@@ -186,14 +185,14 @@ class GroupLoss(WeightRegularizerMixin, BaseMetricLossFunction):
                 GroupLossBatchWarning,
                 stacklevel=6,
             )
-        if bool((counts == 1).any()):
+        if has_single:
             warnings.warn(
                 "GroupLoss got a batch with a class that has a single sample: it has no same-class "
                 "neighbour to propagate from. Use m-per-class batches (MPerClassSampler, m > num_anchors).",
                 GroupLossBatchWarning,
                 stacklevel=6,
             )
-        elif self.num_anchors > 0 and bool((counts <= self.num_anchors).all()):
+        elif self.num_anchors > 0 and all_anchors:
             warnings.warn(
                 f"GroupLoss: every sample of the batch is an anchor (num_anchors={self.num_anchors} >= samples "
                 "per class), so the group term is 0 and only the cross-entropy term trains. Use more samples "
