@@ -166,3 +166,24 @@ def test_single_class_and_single_sample_warn_and_stay_finite():
     with warnings.catch_warnings():  # a proper m-per-class batch (m = 3 > num_anchors = 2) is silent
         warnings.simplefilter("error")
         loss(torch.randn(6, 4), torch.tensor([0, 0, 0, 1, 1, 1]))
+
+
+def test_prior_anchor_rows_are_overwritten_and_bad_priors_rejected():
+    # anchor rows may hold anything non-negative: they become one-hot
+    p = PRIOR.clone()
+    p[0], p[2] = torch.tensor([0.0, 0.0]), torch.tensor([0.9, 0.1])
+    loss = _loss()
+    assert loss(EMB, LABELS, prior=p).item() == pytest.approx(math.log(2) / 3, abs=1e-9)
+    assert loss.compute_from_prior(EMB, LABELS, PRIOR).item() == pytest.approx(math.log(2) / 3, abs=1e-9)
+    with pytest.raises(ValueError, match="non-negative"):
+        loss(EMB, LABELS, prior=-PRIOR)
+    with pytest.raises(ValueError, match="shape"):
+        loss(EMB, LABELS, prior=PRIOR[:, :1])
+    with pytest.raises(ValueError, match="at most one"):
+        loss(EMB, LABELS, prior=PRIOR, logits=PRIOR.log())
+    with pytest.raises(ValueError, match="NaN"):
+        loss(EMB, LABELS, logits=torch.full((3, 2), float("nan"), dtype=torch.float64))
+    with pytest.raises(ValueError):
+        GroupLoss(2, 3, temperature=0.0)
+    with pytest.raises(TypeError):
+        GroupLoss(2, 3, num_anchors=1.5)
