@@ -1,0 +1,29 @@
+"""Registers the adaptive additive margin softmax with pml-plugins (entry point ``adaptive_margin``)."""
+from __future__ import annotations
+
+import pml_plugins
+
+from .adaptive_margin_softmax_loss import AdaptiveMarginSoftmaxLoss
+
+pml_plugins_api_version = 1
+
+PAPER = (
+    "Fehervari, I. and Macedo, I. Adaptive additive classification-based loss for deep metric learning. "
+    "arXiv:2006.14693, 2020, section 2, eq. 1-3"
+)
+
+
+@pml_plugins.hookimpl
+def register_losses(register):
+    register(
+        AdaptiveMarginSoftmaxLoss,
+        name="adaptive_margin_softmax",
+        aliases=("adaptive_margin", "aams"),
+        summary="Normalized softmax over proxies, margin m on the target, margins (1-cos) d_yz from another "
+                "modality's class distances on the others",
+        paper=PAPER,
+        tags=("proxy", "classification", "softmax", "cosine", "margin", "multimodal"),
+        loss_optimizer=True,
+        loss_lr=1e-2,  # the paper trains everything with SGD, lr 0.01 (section 3.2)
+        retrieval_distance="cosine",
+    )
