@@ -216,7 +216,8 @@ def class_distances_from_text(texts: Union[PathLike, Sequence[str]], model: Any 
     texts = load_class_texts(texts)
     if not texts:
         raise ValueError("class_texts is empty: give one description per class")
-    encoder = model if hasattr(model, "encode") else _sentence_transformer(_model_path(model), device or "cpu")
+    loaded = hasattr(model, "encode") and not isinstance(model, (str, bytes, os.PathLike))  # str has .encode too
+    encoder = model if loaded else _sentence_transformer(_model_path(model), device or "cpu")
     with torch.no_grad():
         emb = encoder.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
     return class_distances_from_embeddings(np.asarray(emb, dtype=np.float64), metric=metric, normalize=normalize)
