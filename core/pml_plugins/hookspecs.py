@@ -37,6 +37,26 @@ Known metadata keys, all optional:
 ``supports_ref_emb`` (bool)
     Set False when the loss rejects ``ref_emb`` (the drop-in ``CrossBatchMemory`` /
     ``SelfSupervisedLoss`` of :mod:`pml_plugins.wrappers` then refuse it up front).
+``distributed`` (str)
+    What happens under DDP (``pml-plugins train --distributed``, see
+    :mod:`pml_plugins.distributed`), a test proves it for every plugin loss of this repository:
+
+    * ``"gradient_equivalent"``: with the core's rank-ordered ``DistributedLossWrapper``
+      (``efficient=False``) and :func:`pml_plugins.distributed.average_loss_gradients`, the
+      gradients on every rank (model after DDP's averaging, the loss's own parameters) equal
+      the single-process gradients on the gathered global batch; ranks stay identical.
+    * ``"batch_dependent"``: runs distributed and ranks stay in sync, but the value differs from
+      a single process on the global batch; ``distributed_note`` must say how.
+    * ``"unsupported"``: the trainer refuses the loss with an error naming it (give the reason
+      in ``distributed_note``).
+
+    Absent: the loss still runs, reported as "not declared".
+``distributed_note`` (str)
+    One or two sentences on the loss's distributed semantics (shown by ``pml-plugins info``).
+``distributed_efficient`` (bool, default False)
+    The loss supports PML's efficient mode (``DistributedLossWrapper(efficient=True)``: local
+    embeddings as queries, the gathered batch as ``ref_emb``). Without it,
+    ``--distributed-efficient`` is refused with an error naming the loss.
 ``training_setup`` (callable)
     ``training_setup(loss, context) -> TrainingSetup`` for losses that need data handling
     in the main job (see :mod:`pml_plugins.training`).

@@ -14,6 +14,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+_DISTRIBUTED_KEYS = ("distributed", "distributed_note", "distributed_efficient")
+
+
+def _print_distributed(entry: reg.Entry) -> None:
+    """The loss's DDP semantics (``distributed`` metadata; see docs/distributed-training.md)."""
+    from ..distributed import DISTRIBUTED_SEMANTICS
+
+    value = entry.metadata.get("distributed")
+    if value is None:
+        print("  distributed not declared (runs under --distributed; gradient equivalence not verified)")
+    else:
+        print(f"  distributed {value}: {DISTRIBUTED_SEMANTICS.get(value, 'unknown value')}")
+    if entry.metadata.get("distributed_note"):
+        print(f"             {entry.metadata['distributed_note']}")
+    efficient = "supported" if entry.metadata.get("distributed_efficient") else "not supported"
+    print(f"             PML efficient mode (--distributed-efficient): {efficient}")
+
+
 def run(args: argparse.Namespace) -> int:
     kinds = [args.kind] if args.kind else list(reg.KINDS)
     found, last_error = [], None
@@ -53,7 +71,9 @@ def run(args: argparse.Namespace) -> int:
                 parts.append(f"an optimizer for its own parameters{lr}")
             print(f"  needs      {'; '.join(parts) if parts else 'nothing beyond embeddings and labels'}")
             print(f"  retrieval  {needs['retrieval_distance']}")
-        extra = {k: v for k, v in entry.metadata.items() if k not in {"summary", "paper", "tags"} | set(entry.needs())}
+            _print_distributed(entry)
+        shown = {"summary", "paper", "tags", *_DISTRIBUTED_KEYS} | set(entry.needs())
+        extra = {k: v for k, v in entry.metadata.items() if k not in shown}
         for k, v in extra.items():
             print(f"  {k:10s} {v}")
     return 0

@@ -12,6 +12,7 @@ _EPILOG = """examples:
   pml-plugins train --loss contrastive --miner multi_similarity --sampler m-per-class --m 8
   pml-plugins train --config examples/configs/mpa.toml         # a paper recipe (needs the data)
   pml-plugins train --config runs/st/config.json              # rerun a finished run
+  torchrun --nproc-per-node 2 -m pml_plugins train --loss cam --distributed   # DDP, 2 processes
 """
 
 
@@ -23,6 +24,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--loss", help="loss name (pml-plugins list), alias or plugin:name (default proxy_anchor)")
     add_common_arguments(p)
+    g = p.add_argument_group("distributed (under torchrun; see docs/distributed-training.md)")
+    g.add_argument("--distributed", action="store_true", default=None,
+                   help="DDP over the torchrun processes (gloo on CPU, nccl on CUDA); --batch-size is the global batch")
+    g.add_argument("--distributed-efficient", action="store_true", default=None,
+                   help="PML's efficient mode (only for losses whose registration allows it)")
     p.set_defaults(func=run)
 
 
@@ -116,11 +122,14 @@ def run(args: argparse.Namespace) -> int:
     fvals = file_values(args)
     flags = flag_values(args)
     flags["loss"] = args.loss
+    flags["distributed"], flags["distributed_efficient"] = args.distributed, args.distributed_efficient
     cfg = build_config(fvals, flags)
     if cfg.out is None:
         cfg.out = f"pml-plugins-runs/{(cfg.loss or 'untrained').replace(':', '_')}"
     progress = not args.no_progress and sys.stderr.isatty() or (not args.no_progress and _force_progress())
     result = run_training(cfg, progress=progress, log=lambda msg: print(msg, flush=True))
+    if result.config.get("resolved", {}).get("distributed", {}).get("rank", 0) != 0:
+        return 0  # only rank 0 evaluates and writes
     print(f"{result.name}: trained {cfg.epochs} epochs"
           + (f", {result.seconds_per_epoch:.2f} s/epoch" if result.seconds_per_epoch else ""))
     print_metrics(result.metrics, cfg.ks)

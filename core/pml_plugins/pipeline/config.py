@@ -56,6 +56,10 @@ class TrainConfig:
     eval_batch_size: int = 256
     ks: list = field(default_factory=lambda: [1, 2, 4, 8])
     out: Optional[str] = None
+    #: DDP under torchrun (batch_size is then the global batch over all processes)
+    distributed: bool = False
+    #: PML's efficient distributed mode (only for losses that declare distributed_efficient=True)
+    distributed_efficient: bool = False
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -180,6 +184,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise ValueError(f"{name.replace('_', '-')} must be a number >= 0, got {value!r}")
     if cfg.device not in ("auto", "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
         raise ValueError(f"device must be auto, cpu or cuda[:N], got {cfg.device!r}")
+    for name in ("distributed", "distributed_efficient"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise ValueError(f"{name.replace('_', '-')} must be true or false, got {getattr(cfg, name)!r}")
+    if cfg.distributed_efficient and not cfg.distributed:
+        raise ValueError("distributed-efficient needs distributed (PML's efficient mode is a DDP option)")
     if cfg.amp not in ("auto", "on", "off"):
         raise ValueError(f"amp must be auto, on or off, got {cfg.amp!r}")
     if cfg.retrieval_distance not in (None, "cosine", "euclidean"):

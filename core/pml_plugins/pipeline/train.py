@@ -32,9 +32,11 @@ from pytorch_metric_learning.samplers import MPerClassSampler
 from pytorch_metric_learning.trainers import MetricLossOnly
 from pytorch_metric_learning.utils import common_functions as c_f
 
+from .. import distributed as dist_mod
 from .. import registry as reg
 from ..training import TrainingContext, TrainingSetup
 from . import data as data_mod
+from . import distributed as ddp_mod
 from . import models as models_mod
 from .config import TrainConfig
 from .evaluate import evaluate
@@ -340,8 +342,10 @@ class _Trainer(MetricLossOnly):
     timing, and mixed precision for the trunk on CUDA."""
 
     def __init__(self, *args: Any, progress: bool = True, desc: str = "", amp_dtype: Optional[torch.dtype] = None,
-                 **kwargs: Any):
+                 after_backward: Optional[Callable[[], None]] = None, loss_scale: float = 1.0, **kwargs: Any):
         self._progress, self._desc, self._amp_dtype = progress, desc, amp_dtype
+        #: distributed: fixes the loss parameters' gradients; PML's wrapper returns W x the loss
+        self._after_backward, self._loss_scale = after_backward, loss_scale
         self._scaler = torch.amp.GradScaler("cuda") if amp_dtype is torch.float16 else None
         self.epoch_seconds: list[float] = []
         self.last_loss = math.nan
@@ -357,7 +361,7 @@ class _Trainer(MetricLossOnly):
             total = 0.0
             for self.iteration in pbar:
                 self.forward_and_backward()
-                loss = float(torch.as_tensor(self.losses["total_loss"]).detach())
+                loss = float(torch.as_tensor(self.losses["total_loss"]).detach()) * self._loss_scale
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"the loss became {loss} at epoch {self.epoch}, iteration "
                                              f"{self.iteration + 1} (try a lower --lr / --loss-lr)")
@@ -380,8 +384,11 @@ class _Trainer(MetricLossOnly):
 
     def backward(self) -> None:
         if self._scaler is None:
-            return super().backward()
-        self._scaler.scale(self.losses["total_loss"]).backward()
+            super().backward()
+        else:
+            self._scaler.scale(self.losses["total_loss"]).backward()
+        if self._after_backward is not None:
+            self._after_backward()
 
     def step_optimizers(self) -> None:
         if self._scaler is None:
@@ -442,14 +449,22 @@ def run_training(cfg: TrainConfig, *, progress: bool = True, log: Optional[Calla
     if threads:
         torch.set_num_threads(int(threads))
     try:
-        return _run(cfg, name, progress=progress, log=log, write_checkpoint=write_checkpoint)
+        if not cfg.distributed:
+            return _run(cfg, name, progress=progress, log=log, write_checkpoint=write_checkpoint)
+        env = dist_mod.env_from_torchrun()
+        device = ddp_mod.local_device(resolve_device(cfg.device), env)
+        with ddp_mod.process_group(env, device):
+            lead = env.rank == 0  # only rank 0 logs, evaluates and writes
+            return _run(cfg, name, progress=progress and lead, log=log if lead else None,
+                        write_checkpoint=write_checkpoint, env=env, device=device)
     finally:
         torch.set_num_threads(previous)
 
 
 def _run(cfg: TrainConfig, name: str, *, progress: bool, log: Optional[Callable[[str], None]],
-         write_checkpoint: bool) -> RunResult:
-    device = resolve_device(cfg.device)
+         write_checkpoint: bool, env: Optional[dist_mod.DistributedEnv] = None,
+         device: Optional[torch.device] = None) -> RunResult:
+    device = device if device is not None else resolve_device(cfg.device)
     amp_dtype = None
     if device.type == "cuda" and cfg.amp in ("auto", "on"):
         amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -477,6 +492,9 @@ def _run(cfg: TrainConfig, name: str, *, progress: bool, log: Optional[Callable[
     resolved: dict = {"name": name, "device": str(device), "amp": str(amp_dtype) if amp_dtype else "off",
                       "backbone": backbone, "model": model.description, "data": splits.describe(),
                       "num_train_classes": splits.num_train_classes, "threads": torch.get_num_threads(), "versions": _versions(), "command": sys.argv}
+    if env is not None:
+        resolved["distributed"] = {"world_size": env.world_size, "rank": env.rank,
+                                   "backend": torch.distributed.get_backend()}
     retrieval = cfg.retrieval_distance or "cosine"
     trainer = None
     epoch_seconds: list[float] = []
@@ -486,6 +504,10 @@ def _run(cfg: TrainConfig, name: str, *, progress: bool, log: Optional[Callable[
                                                      embedding_size=cfg.embedding_size, loss_args=cfg.loss_args,
                                                      loss_options=cfg.loss_options)
         loss = loss.to(device)
+        semantics = None
+        if env is not None:  # refuse a loss that cannot run distributed before touching the data
+            semantics = dist_mod.check_distributed_support(entry, efficient=cfg.distributed_efficient)
+            dist_mod.broadcast_module(loss)
         needs = entry.needs()
         retrieval = cfg.retrieval_distance or needs["retrieval_distance"] or "cosine"
         miner = build_miner(cfg.miner, cfg.miner_args)[0] if cfg.miner else None
@@ -536,6 +558,15 @@ def _run(cfg: TrainConfig, name: str, *, progress: bool, log: Optional[Callable[
         resolved["sampler"] = (type(setup.sampler).__name__ if setup.sampler is not None
                                else ("MPerClassSampler" if m else "random"))
         resolved["m"] = m
+        local_batch = cfg.batch_size
+        if env is not None:  # each rank takes its slice of the same global batches
+            base = sampler if sampler is not None else ddp_mod.GlobalRandomSampler(len(train_dataset), cfg.seed)
+            sampler = ddp_mod.RankSliceSampler(base, cfg.batch_size, env.rank, env.world_size)
+            local_batch = sampler.local_batch_size
+            resolved["distributed"].update({
+                "global_batch_size": cfg.batch_size, "local_batch_size": local_batch,
+                "efficient": cfg.distributed_efficient, "loss_semantics": semantics or "not declared",
+                "loss_parameter_gradients": f"all-reduced sum / {env.world_size if cfg.distributed_efficient else env.world_size ** 2}"})
 
         optimizers, models = {}, {"trunk": trunk, "embedder": embedder}
         for key, module in models.items():
@@ -560,16 +591,31 @@ def _run(cfg: TrainConfig, name: str, *, progress: bool, log: Optional[Callable[
             schedulers = {k.replace("_optimizer", "_scheduler_by_epoch"):
                           torch.optim.lr_scheduler.StepLR(o, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
                           for k, o in optimizers.items()}
+        metric_loss, after_backward, loss_scale = loss, None, 1.0
+        if env is not None:
+            models = {k: ddp_mod.wrap_model(v, device) for k, v in models.items()}
+            metric_loss = dist_mod.wrap_loss(loss, entry, efficient=cfg.distributed_efficient)
+            miner = dist_mod.wrap_miner(miner, efficient=cfg.distributed_efficient) if miner is not None else None
+            if loss_params:
+                def after_backward() -> None:
+                    dist_mod.average_loss_gradients(loss, efficient=cfg.distributed_efficient)
+            loss_scale = 1.0 / env.world_size
+            if log is not None:
+                log(f"distributed: {env.world_size} processes ({resolved['distributed']['backend']}), global batch "
+                    f"{cfg.batch_size} = {env.world_size} x {local_batch}; {name} semantics: "
+                    f"{semantics or 'not declared'}")
+            torch.manual_seed(cfg.seed + env.rank)  # distinct augmentation streams; samplers are shared
         with _quiet_pml_logger():
-            trainer = _Trainer(models=models, optimizers=optimizers, batch_size=cfg.batch_size,
-                               loss_funcs={"metric_loss": loss}, dataset=train_dataset,
+            trainer = _Trainer(models=models, optimizers=optimizers, batch_size=local_batch,
+                               loss_funcs={"metric_loss": metric_loss}, dataset=train_dataset,
                                mining_funcs={"tuple_miner": miner} if miner is not None else {},
                                iterations_per_epoch=cfg.iterations_per_epoch, data_device=device, sampler=sampler,
                                collate_fn=setup.collate_fn, lr_schedulers=schedulers,
                                dataloader_num_workers=cfg.num_workers,
                                end_of_iteration_hook=_chain(setup.end_of_iteration_hook),
                                end_of_epoch_hook=_chain(setup.end_of_epoch_hook),
-                               progress=progress, desc=name, amp_dtype=amp_dtype)
+                               progress=progress, desc=name, amp_dtype=amp_dtype,
+                               after_backward=after_backward, loss_scale=loss_scale)
         with mem:
             if setup.before_training is not None:
                 setup.before_training()
@@ -579,8 +625,11 @@ def _run(cfg: TrainConfig, name: str, *, progress: bool, log: Optional[Callable[
             raise ValueError(f"no full batch of {cfg.batch_size} fits in the training split")
     resolved["retrieval_distance"] = retrieval
 
-    metrics = evaluate(trunk, embedder, splits.test, device=device, retrieval_distance=retrieval, ks=cfg.ks,
-                       batch_size=cfg.eval_batch_size, progress=progress)
+    lead = env is None or env.rank == 0
+    metrics = {}
+    if lead:
+        metrics = evaluate(trunk, embedder, splits.test, device=device, retrieval_distance=retrieval, ks=cfg.ks,
+                           batch_size=cfg.eval_batch_size, progress=progress)
     result = RunResult(name=name, metrics=metrics, out=cfg.out,
                        seconds_per_epoch=(sum(epoch_seconds) / len(epoch_seconds)) if epoch_seconds else None,
                        train_seconds=sum(epoch_seconds), peak_memory_mb=mem.peak_mb if train else None,
@@ -589,7 +638,7 @@ def _run(cfg: TrainConfig, name: str, *, progress: bool, log: Optional[Callable[
     if trainer is not None:
         result.extra = {"final_epoch_loss": trainer.last_loss, "epochs_run": len(epoch_seconds),
                                 "iterations_per_epoch": trainer.iterations_per_epoch}
-    if cfg.out:
+    if cfg.out and lead:
         _write_outputs(Path(cfg.out), result, trunk, embedder, trainer, write_checkpoint)
     return result
 
@@ -603,8 +652,11 @@ def metrics_record(result: RunResult) -> dict:
 def _write_outputs(out: Path, result: RunResult, trunk, embedder, trainer, write_checkpoint: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if write_checkpoint:
+        loss = trainer.loss_funcs["metric_loss"] if trainer is not None else None
+        if isinstance(loss, dist_mod.DistributedLossWrapper):
+            loss = loss.loss
         state = {"trunk": trunk.state_dict(), "embedder": embedder.state_dict(),
-                 "loss": trainer.loss_funcs["metric_loss"].state_dict() if trainer is not None else None}
+                 "loss": loss.state_dict() if loss is not None else None}
         tmp = out / "checkpoint.pt.tmp"
         torch.save(state, tmp)
         os.replace(tmp, out / "checkpoint.pt")

@@ -26,4 +26,7 @@ def register_losses(register):
         loss_optimizer=True,
         loss_lr=1e-2,  # the paper trains everything with SGD, lr 0.01 (section 3.2)
         retrieval_distance="cosine",
+        distributed="gradient_equivalent",
+        distributed_note="each rank computes the softmax over the gathered global batch; proxy gradients are "
+                         "all-reduced and rescaled; class_distances is a buffer, identical on every rank",
     )

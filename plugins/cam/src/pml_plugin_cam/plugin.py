@@ -29,4 +29,8 @@ def register_losses(register):
         loss_lr_note="no separate anchor lr in the paper; 1e-3 is its Adam lr for the ResNets (1e-4 for Swin-T)",
         loss_optimizer_type="Adam",
         retrieval_distance="euclidean",
+        # per-sample attraction + anchor-only repulsion and norm terms: nothing depends on batch order
+        distributed="gradient_equivalent",
+        distributed_note="each rank computes the loss on the gathered global batch; anchors' gradients are "
+                         "all-reduced and rescaled, so training equals one process with the global batch",
     )

@@ -29,4 +29,10 @@ def register_losses(register):
         retrieval_distance="cosine",  # appendix B: features are L2-normalised at inference
         supports_ref_emb=False,
         conformance={"samples_per_class": 4},
+        # the value depends on the whole batch and its order (anchors are the first samples of each
+        # class); the core's wrapper gathers in rank order, so every rank sees the single-process batch
+        distributed="gradient_equivalent",
+        distributed_note="every rank runs the replicator dynamics over the gathered global batch in global "
+                         "order (rank 0's rows first), so anchors, W and the refined probabilities are those of "
+                         "one process with the global batch; the classifier's gradients are all-reduced",
     )

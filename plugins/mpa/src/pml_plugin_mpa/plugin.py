@@ -18,6 +18,9 @@ _COMMON = dict(
     loss_optimizer=True,
     loss_lr=1e-2,  # the paper's proxy lr (1e-4 for the backbone)
     retrieval_distance="cosine",
+    distributed="gradient_equivalent",
+    distributed_note="each rank computes the loss on the gathered global batch (proxy terms aggregate over "
+                     "the whole batch); proxy gradients are all-reduced and rescaled",
 )
 
 
