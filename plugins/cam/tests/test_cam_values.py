@@ -286,6 +286,6 @@ def test_registration_and_metadata():
     assert pml_plugins.get_loss("cam") is ClassAnchorMarginLoss
     meta = entry.metadata
     assert meta["loss_optimizer"] is True and meta["retrieval_distance"] == "euclidean"
-    assert meta["loss_lr"] == pytest.approx(1e-3) and meta["summary"] and meta["paper"] and meta["tags"]
+    assert meta["loss_lr"] == pytest.approx(1e-4) and meta["summary"] and meta["paper"] and meta["tags"]
     loss = pml_plugins.create_loss("cam", num_classes=4, embedding_size=3)
     assert (loss.margin, loss.min_norm) == (2.0, 1.0)
