@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..knn import METRICS
+from ..knn import INDEX_PARAMS, INDEXES, METRICS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -34,6 +34,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exclude", nargs="*", default=(), metavar="METRIC", help="skip these metrics (e.g. NMI AMI)")
     p.add_argument("--avg-of-avgs", action="store_true", help="average per class first")
     p.add_argument("--no-plugin-metrics", action="store_true", help="skip metrics registered by plugins")
+    p.add_argument("--knn-index", choices=INDEXES, default="flat",
+                   help="kNN index: flat (exact, default), or FAISS's approximate ivf / hnsw")
+    p.add_argument("--knn-param", action="append", default=[], metavar="NAME=VALUE",
+                   help="approximate-index parameter, repeatable: ivf " + ", ".join(INDEX_PARAMS["ivf"])
+                        + "; hnsw " + ", ".join(INDEX_PARAMS["hnsw"]) + " (e.g. --knn-param nlist=4096 --knn-param nprobe=32)")
+    p.add_argument("--knn-device", default=None,
+                   help="where the kNN search runs (default: --device); cuda puts FAISS on the GPU(s) when it has GPU support")
+    p.add_argument("--knn-shard", choices=("auto", "yes", "no"), default="auto",
+                   help="with several GPUs, split the FAISS index over them (auto: yes)")
     p.add_argument("--device", default="cpu", help="torch device for the metrics (default: cpu)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
@@ -69,6 +78,16 @@ def _labels(t: Any, column: int | None, what: str) -> Any:
     return t
 
 
+def _knn_params(index: str, items: list[str]) -> dict[str, Any]:
+    """``--knn-param NAME=VALUE`` items, checked against ``--knn-index`` (errors name the option)."""
+    from ..knn import check_index_params, parse_index_params  # noqa: PLC0415
+
+    try:
+        return check_index_params(index, parse_index_params(items))
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"--knn-param: {exc}") from None
+
+
 def _parse_k(value: str | None) -> int | str | None:
     if value is None or value in ("max_bin_count", "all"):
         return value
@@ -86,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
 
     if (args.reference is None) != (args.reference_labels is None):
         raise ValueError("--reference and --reference-labels go together")
+    knn_func = KNN(metric=args.distance, index=args.knn_index, index_params=_knn_params(args.knn_index, args.knn_param),
+                   device=args.knn_device or args.device, shard={"auto": None, "yes": True, "no": False}[args.knn_shard])
     query = _load(args.embeddings, "--embeddings")
     query_labels = _labels(_load(args.labels, "--labels"), args.label_column, "--labels")
     if args.reference is not None:
@@ -96,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         reference, reference_labels, ref_includes_query = None, None, True
     calculator = AccuracyCalculator(
         include=tuple(args.include), exclude=tuple(args.exclude), avg_of_avgs=args.avg_of_avgs, k=_parse_k(args.k),
-        device=torch.device(args.device), knn_func=KNN(metric=args.distance),
+        device=torch.device(args.device), knn_func=knn_func,
         ndcg_ks=DEFAULT_NDCG_KS if args.ndcg_ks is None else args.ndcg_ks,
         recall_ks=DEFAULT_RECALL_KS if args.recall_ks is None else args.recall_ks,
         plugin_metrics=not args.no_plugin_metrics,
@@ -105,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
     results = calculator.get_accuracy(query, query_labels, reference, reference_labels, ref_includes_query)
     seconds = time.perf_counter() - start
     num_reference = len(query) if reference is None else len(reference)
+    knn = {"index": args.knn_index, **knn_func.index_params}
     if args.json:
         print(json.dumps({
             "metrics": {k: _jsonable(v) for k, v in results.items()},
@@ -112,11 +134,13 @@ def run(args: argparse.Namespace) -> int:
             "num_references": num_reference,
             "ref_includes_query": ref_includes_query,
             "distance": args.distance,
+            "knn": knn,
             "avg_of_avgs": args.avg_of_avgs,
             "seconds": round(seconds, 3),
         }, indent=2))
         return 0
-    print(f"{len(query)} queries, {num_reference} references, {args.distance} distance, {seconds:.2f} s")
+    knn_text = " ".join(f"{k}={v}" for k, v in knn.items())
+    print(f"{len(query)} queries, {num_reference} references, {args.distance} distance, kNN {knn_text}, {seconds:.2f} s")
     width = max([len(k) for k in results] + [6])
     print(f"{'metric':{width}s}  {'value':>8s}  {'x100':>6s}")
     for name, value in results.items():

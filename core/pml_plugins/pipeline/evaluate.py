@@ -8,13 +8,11 @@ on the raw embeddings.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Iterable, Sequence
 
 import torch
 import tqdm
 from pytorch_metric_learning.testers import GlobalEmbeddingSpaceTester
-from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator as PMLAccuracyCalculator
 
 DEFAULT_KS = (1, 2, 4, 8)
 RETRIEVAL_DISTANCES = ("cosine", "euclidean")
@@ -27,66 +25,13 @@ def make_accuracy_calculator(ks: Sequence[int] = DEFAULT_KS, retrieval_distance:
         raise ValueError(f"retrieval_distance must be one of {RETRIEVAL_DISTANCES}, got {retrieval_distance!r}")
     include = ("precision_at_1", "mean_average_precision_at_r", "r_precision",
                *[f"recall_at_{k}" for k in ks], *[f"ndcg_at_{k}" for k in ks])
-    try:
-        from ..knn import KNN
-        from ..metrics import AccuracyCalculator
-    except ImportError:  # a core without the metrics module: PML's calculator + local Recall/nDCG
-        return _RecallNDCGCalculator(ks=ks, k="max_bin_count", device=device, knn_func=_exact_knn(retrieval_distance),
-                                     include=include)
-    # cosine: the tester L2-normalises first, so both rankings are exact L2 / cosine kNN
+    from ..knn import KNN  # noqa: PLC0415
+    from ..metrics import AccuracyCalculator  # noqa: PLC0415
+
+    # one kNN layer for the whole toolkit (pml_plugins.knn); cosine: the tester L2-normalises
+    # first, so both rankings are exact L2 / cosine kNN
     return AccuracyCalculator(include=include, k="max_bin_count", device=device, knn_func=KNN(metric=retrieval_distance),
                               ndcg_ks=tuple(ks), recall_ks=tuple(ks), plugin_metrics=False)
-
-
-def _exact_knn(retrieval_distance: str):
-    """Exact kNN in torch (deterministic; no FAISS needed). Embeddings arrive normalised for cosine."""
-    from pytorch_metric_learning.distances import LpDistance
-    from pytorch_metric_learning.utils.inference import CustomKNN
-
-    if retrieval_distance not in RETRIEVAL_DISTANCES:
-        raise ValueError(f"retrieval_distance must be one of {RETRIEVAL_DISTANCES}, got {retrieval_distance!r}")
-    return CustomKNN(LpDistance(normalize_embeddings=False), batch_size=1024)
-
-
-class _RecallNDCGCalculator(PMLAccuracyCalculator):
-    """PML's AccuracyCalculator plus Recall@k and nDCG@k (stand-in for ``pml_plugins.AccuracyCalculator``)."""
-
-    def __init__(self, ks: Iterable[int] = DEFAULT_KS, **kwargs: Any):
-        self._ks = tuple(int(k) for k in ks)
-        for k in self._ks:  # PML discovers metrics by their calculate_<name> methods
-            setattr(self, f"calculate_recall_at_{k}", self._recall_fn(k))
-            setattr(self, f"calculate_ndcg_at_{k}", self._ndcg_fn(k))
-        super().__init__(**kwargs)
-
-    def requires_knn(self):
-        return super().requires_knn() + [f"{m}_at_{k}" for k in self._ks for m in ("recall", "ndcg")]
-
-    @staticmethod
-    def _hits(knn_labels, query_labels, not_lone_query_mask, k):
-        knn_labels, query_labels = knn_labels[not_lone_query_mask], query_labels[not_lone_query_mask]
-        return (knn_labels[:, :k] == query_labels[:, None]).float()
-
-    def _recall_fn(self, k):
-        def fn(knn_labels, query_labels, not_lone_query_mask, **kwargs):
-            hits = self._hits(knn_labels, query_labels, not_lone_query_mask, k)
-            return float(hits.max(dim=1).values.mean()) if len(hits) else math.nan
-        return fn
-
-    def _ndcg_fn(self, k):
-        def fn(knn_labels, query_labels, not_lone_query_mask, label_counts, ref_includes_query, **kwargs):
-            # nDCG@k with binary relevance (MPA paper, Eq. 19-20): DCG / DCG of the ideal ranking
-            hits = self._hits(knn_labels, query_labels, not_lone_query_mask, k)
-            if not len(hits):
-                return math.nan
-            kk = hits.shape[1]
-            discounts = 1.0 / torch.log2(torch.arange(2, kk + 2, device=hits.device, dtype=torch.float))
-            dcg = (hits * discounts).sum(dim=1)
-            labels, counts = label_counts
-            q = query_labels[not_lone_query_mask]
-            relevant = counts[torch.searchsorted(labels, q)] - int(ref_includes_query)
-            ideal = torch.cumsum(discounts, 0)[(relevant.clamp(min=1, max=kk) - 1).long()]
-            return float((dcg / ideal).mean())
-        return fn
 
 
 class _QuietTester(GlobalEmbeddingSpaceTester):
