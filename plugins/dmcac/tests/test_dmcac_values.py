@@ -296,7 +296,7 @@ def test_build_faiss_index_flat_and_ivf():
     assert loss(emb, labels).item() == pytest.approx(exact, rel=1e-6)
     ivf = build_faiss_index(db, kind="ivf", nlist=8, nprobe=8)  # probing every cell: exact again
     loss.set_database(db, db_labels, index=ivf)
-    assert ivf.nlist == 8 and loss(emb, labels).item() == pytest.approx(exact, rel=1e-6)
+    assert ivf.params["nlist"] == 8 and loss(emb, labels).item() == pytest.approx(exact, rel=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

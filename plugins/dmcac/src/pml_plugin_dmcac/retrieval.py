@@ -5,29 +5,32 @@ import math
 from typing import Any, Optional
 
 import torch
-from pml_plugins.knn import knn_search
+from pml_plugins.knn import KNNIndex, knn_search
 
 
 @torch.no_grad()
 def cosine_topk(query: torch.Tensor, reference: torch.Tensor, k: int, index: Optional[Any] = None):
     """Indices ``(Q, k')`` of the top ``k' = min(k, N)`` reference rows by cosine, and a validity mask.
 
-    ``index``: an optional FAISS-like object with ``search(x: float32 ndarray, k) -> (D, I)``
-    built on the (normalised) reference rows (e.g. an IVF index); ``-1`` results are invalid.
-    Otherwise the core's ``pml_plugins.knn.knn_search`` (FAISS flat or exact torch) is used;
-    it builds its index on every call, which is fine for small databases (see
-    :func:`build_faiss_index` for large ones).
+    ``index``: an optional prebuilt index over the (normalised) reference rows: the core's
+    :class:`pml_plugins.knn.KNNIndex` (what :func:`build_faiss_index` returns: exact, IVF or
+    HNSW, CPU or GPU), or any FAISS-like object with ``search(x: float32 ndarray, k) -> (D, I)``;
+    ``-1`` results are invalid. Otherwise the core's ``pml_plugins.knn.knn_search`` (FAISS flat
+    or exact torch) is used; it builds its index on every call, which is fine for small
+    databases (see :func:`build_faiss_index` for large ones).
     """
     k = min(int(k), reference.shape[0] if index is None else int(getattr(index, "ntotal", k)))
     if k <= 0 or query.shape[0] == 0:
         empty = torch.empty(query.shape[0], 0, dtype=torch.long, device=query.device)
         return empty, empty.bool()
-    if index is not None:
+    if isinstance(index, KNNIndex):  # the core's kNN layer, index built once per database refresh
+        _, idx = index.search(query.detach().float(), k, progress=False)
+    elif index is not None:
         q = torch.nn.functional.normalize(query.detach().float(), dim=1).cpu().numpy()
         _, idx = index.search(q, k)
-        idx = torch.as_tensor(idx, dtype=torch.long, device=query.device)
-        return idx.clamp_min(0), idx >= 0
-    _, idx = knn_search(query.detach().float(), reference.detach().float(), k, metric="cosine")
+        idx = torch.as_tensor(idx, dtype=torch.long)
+    else:
+        _, idx = knn_search(query.detach().float(), reference.detach().float(), k, metric="cosine", progress=False)
     idx = idx.to(device=query.device, dtype=torch.long)
     return idx.clamp_min(0), idx >= 0
 
@@ -85,30 +88,24 @@ def union_from_indices_tuple(indices_tuple: tuple, num_views: int, num_rows: int
 
 
 def build_faiss_index(embeddings: torch.Tensor, kind: str = "ivf", nlist: Optional[int] = None, nprobe: int = 16,
-                      train_size: Optional[int] = 100_000, seed: int = 0) -> Any:
-    """A FAISS inner-product index over the L2-normalised rows, for ``set_database(..., index=)``.
+                      train_size: Optional[int] = 100_000, seed: int = 0, **index_params: Any) -> KNNIndex:
+    """A cosine index over the rows, for ``set_database(..., index=)``: the core's :class:`pml_plugins.knn.KNNIndex`.
 
     Built once per database refresh, so a training step only searches it. ``kind="flat"`` is
-    exact; ``kind="ivf"`` is ``IndexIVFFlat`` with ``nlist`` cells (default ``4 sqrt(D)``),
-    trained on at most ``train_size`` random rows, searched with ``nprobe`` cells.
-    Needs ``faiss`` (``pip install faiss-cpu``).
+    exact; ``kind="ivf"`` is FAISS's ``IndexIVFFlat`` with ``nlist`` cells (default
+    ``4 sqrt(N)``), trained on at most ``train_size`` random rows (None: the core's default,
+    ``min(N, 64 nlist)``), searched with ``nprobe`` cells; ``kind="hnsw"`` is ``IndexHNSWFlat``
+    (``index_params``: ``M``, ``ef_search``, ``ef_construction``). CUDA embeddings put the
+    index on the GPU(s) when FAISS has GPU support (sharded over several). Needs ``faiss``
+    (``pip install faiss-cpu``).
     """
-    import faiss  # optional dependency: only needed for prebuilt indexes
-    import numpy as np
-
-    if kind not in ("flat", "ivf"):
-        raise ValueError(f"kind must be 'flat' or 'ivf', got {kind!r}")
-    x = np.ascontiguousarray(torch.nn.functional.normalize(embeddings.detach().float(), dim=1).cpu().numpy())
-    n, d = x.shape
-    if kind == "flat":
-        index = faiss.IndexFlatIP(d)
-    else:
+    if kind not in ("flat", "ivf", "hnsw"):
+        raise ValueError(f"kind must be 'flat', 'ivf' or 'hnsw', got {kind!r}")
+    params: dict = dict(index_params)
+    if kind == "ivf":
+        n = embeddings.shape[0]
         nlist = int(nlist or max(1, min(n // 39, int(4 * math.sqrt(n)))))  # FAISS wants >= 39 points per cell
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-        sample = x
-        if train_size is not None and n > train_size:
-            sample = x[np.random.default_rng(seed).choice(n, train_size, replace=False)]
-        index.train(sample)
-        index.nprobe = min(int(nprobe), nlist)
-    index.add(x)
-    return index
+        params.update(nlist=nlist, nprobe=int(nprobe), seed=int(seed))
+        if train_size is not None:
+            params["train_size"] = max(nlist, min(int(train_size), n))
+    return KNNIndex(embeddings.detach(), metric="cosine", index=kind, backend="faiss", index_params=params, progress=False)

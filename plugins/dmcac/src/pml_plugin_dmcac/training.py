@@ -17,7 +17,7 @@ OPTION_DEFAULTS = {
     "refresh_every_iterations": None,  # or refresh every N iterations instead
     "refresh_batch_size": 256,
     "view_transform": None,  # callable for views 1..A-1 (default RandAugment / TensorViewAugment)
-    "index": None,  # None: the core's kNN layer per step; "flat" / "ivf": a FAISS index built per refresh
+    "index": None,  # None: the core's kNN layer per step; "flat" / "ivf" / "hnsw": a core KNNIndex built per refresh
     "progress": True,
 }
 
@@ -51,8 +51,8 @@ def training_setup(loss: Any, context: TrainingContext) -> TrainingSetup:
     embed = context.embed or make_embed_fn(context.trunk, context.embedder, context.device)
     every_iterations = options["refresh_every_iterations"]
     kind = options["index"]
-    if kind not in (None, "flat", "ivf"):
-        raise ValueError(f"option index must be None, 'flat' or 'ivf', got {kind!r}")
+    if kind not in (None, "flat", "ivf", "hnsw"):
+        raise ValueError(f"option index must be None, 'flat', 'ivf' or 'hnsw', got {kind!r}")
     index_factory = None if kind is None else (lambda emb: build_faiss_index(emb, kind=kind))
     refresher = DatabaseRefresher(
         loss, database, embed,
