@@ -98,8 +98,15 @@ def local_device(device: torch.device, env: DistributedEnv) -> torch.device:
 
 
 def wrap_model(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """DDP around a module with trainable parameters (a parameter-free module stays as is)."""
+    """DDP around a module with trainable parameters (a parameter-free module stays as is).
+
+    On CUDA, BatchNorm layers become ``SyncBatchNorm`` (in place, same parameters), so batch
+    statistics are those of the global batch. On CPU torch has no SyncBatchNorm: each rank
+    normalises with its local batch's statistics, and DDP copies rank 0's running statistics.
+    """
     if not any(p.requires_grad for p in module.parameters()):
         return module
+    if device.type == "cuda":
+        module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
     ids: Optional[list] = [device.index] if device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
