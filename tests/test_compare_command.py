@@ -119,3 +119,43 @@ def test_compare_config_file_as_a_subprocess(tmp_path):
     assert st["loss_args"] == {"centers_per_class": 3} and st["embedding_size"] == 16
     weights = torch.load(tmp_path / "o" / "runs" / "soft_triple" / "checkpoint.pt", weights_only=True)["loss"]
     assert weights["fc"].shape == (16, 5 * 3)  # embedding 16 x (5 training classes x 3 centers)
+
+
+class ArgRecordingLoss(pml_losses.ContrastiveLoss):
+    """A PML loss with one extra argument, so a test can see which arguments compare passed."""
+
+    def __init__(self, demo_flag: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.demo_flag = demo_flag
+
+
+class _DemoPlugin:
+    @pml_plugins.hookimpl
+    def register_losses(self, register):
+        register(ArgRecordingLoss, name="demo_args_test_loss", summary="records demo_flag",
+                 demo_loss_args={"demo_flag": 0.0})
+
+
+@pytest.fixture
+def demo_plugin():
+    name = pml_plugins.register_plugin(_DemoPlugin(), name="demo_args_test_plugin")
+    yield
+    pml_plugins.unregister_plugin(name)
+
+
+def test_demo_loss_args_apply_on_digits_only_and_user_args_replace_them(demo_plugin):
+    losses = ["demo_args_test_loss", "contrastive"]
+    assert cmp.demo_loss_args("digits", losses, {}) == {"demo_args_test_loss": {"demo_flag": 0.0}}
+    assert cmp.demo_loss_args("digits:raw", losses, {}) == {"demo_args_test_loss": {"demo_flag": 0.0}}
+    assert cmp.demo_loss_args("imagefolder:/data", losses, {}) == {}
+    assert cmp.demo_loss_args("digits", losses, {"demo_args_test_loss": {"pos_margin": 0.1}}) == {}
+
+
+def test_compare_runs_demo_args_and_names_the_row(demo_plugin, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--losses", "demo_args_test_loss", "--out", str(out), *TINY]) == 0
+    assert "demo_args_test_loss (demo_flag=0.0)" in capsys.readouterr().out
+    config = json.loads((out / "runs" / "demo_args_test_loss" / "config.json").read_text())
+    assert config["loss_args"] == {"demo_flag": 0.0}
+    rows = _csv(out / "results.csv")
+    assert [r for r in rows if r["loss"] == "demo_args_test_loss (demo_flag=0.0)"]

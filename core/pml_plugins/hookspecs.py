@@ -57,6 +57,11 @@ Known metadata keys, all optional:
     The loss supports PML's efficient mode (``DistributedLossWrapper(efficient=True)``: local
     embeddings as queries, the gathered batch as ``ref_emb``). Without it,
     ``--distributed-efficient`` is refused with an error naming the loss.
+``demo_loss_args`` (dict)
+    Loss arguments ``pml-plugins compare`` uses on its bundled digits data (``digits``,
+    ``digits:raw``: five training classes) when the user gives none for this loss, for a loss
+    whose defaults are meant for 100+ training classes and overfit five. The row is named with
+    them (``group_loss (ce_weight=0)``); ``--loss-arg``/per-loss arguments replace them.
 ``training_setup`` (callable)
     ``training_setup(loss, context) -> TrainingSetup`` for losses that need data handling
     in the main job (see :mod:`pml_plugins.training`).

@@ -55,6 +55,25 @@ def resolve_losses(names: Sequence[str]) -> list[str]:
     return out
 
 
+def demo_loss_args(dataset: str, losses: Sequence[str], per_loss_args: dict) -> dict[str, dict]:
+    """The registered ``demo_loss_args`` of each loss on the bundled digits data, unless the
+    user gave that loss arguments of their own (they replace the demo's, not merge with them)."""
+    if dataset.split(":")[0] != "digits":
+        return {}
+    out = {}
+    for name in losses:
+        args = reg.get_entry("loss", name).metadata.get("demo_loss_args")
+        if args and name not in per_loss_args:
+            if not isinstance(args, dict):
+                raise TypeError(f"{name}: registration metadata demo_loss_args must be a dict, got {type(args).__name__}")
+            out[name] = dict(args)
+    return out
+
+
+def _label(name: str, args: Optional[dict]) -> str:
+    return f"{name} ({', '.join(f'{k}={v}' for k, v in args.items())})" if args else name
+
+
 def _is_floor(r: RunResult) -> bool:
     return r.name.startswith(FLOOR[:-1])
 
@@ -81,11 +100,13 @@ def run_compare(base: TrainConfig, losses: Sequence[str], out: Path, *, per_loss
     distances = [base.retrieval_distance] if base.retrieval_distance else sorted(
         {reg.get_entry("loss", n).needs()["retrieval_distance"] or "cosine" for n in losses} | {"cosine"})
     floors = [(FLOOR if d == "cosine" else f"{FLOOR[:-1]}, {d})", None, d) for d in distances]
-    runs = floors + [(name, name, base.retrieval_distance) for name in losses]
+    demo_args = demo_loss_args(base.dataset, losses, per_loss_args)
+    runs = floors + [(_label(name, demo_args.get(name)), name, base.retrieval_distance) for name in losses]
     try:
         for i, (label, loss, distance) in enumerate(runs):
             run_dir = _safe(loss) if loss else ("untrained" if distance in (None, "cosine") else f"untrained_{distance}")
-            cfg = dataclasses.replace(base, loss=loss, loss_args=dict(per_loss_args.get(loss, {})) if loss else {},
+            loss_args = dict(per_loss_args.get(loss, demo_args.get(loss, {}))) if loss else {}
+            cfg = dataclasses.replace(base, loss=loss, loss_args=loss_args,
                                       epochs=base.epochs if loss else 0, miner=base.miner if loss else None,
                                       retrieval_distance=distance, out=str(out / "runs" / run_dir))
             start = time.perf_counter()
