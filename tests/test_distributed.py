@@ -37,11 +37,14 @@ def _plugin_losses() -> list:
 
 PLUGIN_LOSSES = _plugin_losses()
 MINER_CASE = ("contrastive", "multi_similarity")
+#: losses that hold a database (DMCAC trains with one): checked with a fixed database as well
+DATABASE_CASES = [n for n in PLUGIN_LOSSES if n.endswith(":dmcac")]
 
 
 @pytest.fixture(scope="module")
 def report() -> dict:
-    return distributed_report(PLUGIN_LOSSES, miner_cases=[MINER_CASE], world_size=2, steps=3)
+    return distributed_report(PLUGIN_LOSSES, miner_cases=[MINER_CASE], database_cases=DATABASE_CASES, world_size=2,
+                              steps=3)
 
 
 def test_plugins_are_installed_and_declare_their_semantics():
@@ -85,6 +88,14 @@ def test_group_loss_needs_the_rank_ordered_gather(report):
         pytest.skip("pml-plugin-group-loss is not installed")
     assert report[name]["pml_order_value_err"] > 1e-4
     assert report[name]["value_err"] < TOL
+
+
+@pytest.mark.parametrize("name", DATABASE_CASES)
+def test_loss_with_a_database_under_ddp(report, name):
+    r = report[f"{name}+database"]
+    assert "error" not in r, r.get("error")
+    assert r["value_err"] < TOL and r["model_grad_err"] < TOL and r["loss_grad_err"] < TOL * max(1.0, r["loss_grad_scale"])
+    assert r["train_vs_single"] < TOL and r["rank_param_diff"] == 0.0
 
 
 def test_miner_wrapper_mines_the_same_batch_as_the_loss(report):

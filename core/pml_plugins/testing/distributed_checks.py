@@ -48,12 +48,15 @@ def _batch(step: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(len(LABELS), IN_FEATURES, generator=g, dtype=dtype), LABELS.clone()
 
 
-def _fresh(entry: Any, dtype: torch.dtype, miner_name: Optional[str]) -> tuple:
+def _fresh(entry: Any, dtype: torch.dtype, miner_name: Optional[str], database: bool = False) -> tuple:
     from .. import registry as reg
 
     torch.manual_seed(0)
     model = torch.nn.Linear(IN_FEATURES, EMBEDDING_SIZE).to(dtype)
     loss = make_check_loss(entry).to(dtype)
+    if database:  # a loss that holds a database of embeddings (``set_database``, e.g. DMCAC's)
+        g = torch.Generator().manual_seed(99)
+        loss.set_database(torch.randn(24, EMBEDDING_SIZE, generator=g), torch.arange(24) % NUM_CLASSES)
     miner = reg.create_miner(miner_name) if miner_name else None
     return model, loss, miner
 
@@ -79,7 +82,8 @@ def _flat(*modules: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for m in modules for p in m.parameters()] or [torch.zeros(0)])
 
 
-def _check_one(entry: Any, rank: int, world: int, dtype: torch.dtype, miner_name: Optional[str], steps: int) -> dict:
+def _check_one(entry: Any, rank: int, world: int, dtype: torch.dtype, miner_name: Optional[str], steps: int,
+               database: bool = False) -> dict:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
     from pytorch_metric_learning.utils import distributed as pml_dist
@@ -99,12 +103,12 @@ def _check_one(entry: Any, rank: int, world: int, dtype: torch.dtype, miner_name
     sl = slice(rank * n, (rank + 1) * n)
     x, y = _batch(0, dtype)
 
-    model, loss, miner = _fresh(entry, dtype, miner_name)  # one process, whole batch
+    model, loss, miner = _fresh(entry, dtype, miner_name, database)  # one process, whole batch
     single = _forward(model, loss, miner, x, y)
     single.backward()
     ref_model, ref_loss = _grads(model), _grads(loss)
 
-    model, loss, miner = _fresh(entry, dtype, miner_name)  # this rank's slice, core wrappers
+    model, loss, miner = _fresh(entry, dtype, miner_name, database)  # this rank's slice, core wrappers
     ddp = DDP(model)
     value = _forward(ddp, loss, miner, x[sl], y[sl], pd.wrap_loss(loss, entry),
                      pd.wrap_miner(miner) if miner is not None else None)
@@ -120,7 +124,7 @@ def _check_one(entry: Any, rank: int, world: int, dtype: torch.dtype, miner_name
         num = sum(float((r * g).sum()) for r, g in zip(raw, ref_loss))
         out["raw_loss_grad_factor"] = num / sum(float((g * g).sum()) for g in ref_loss)
 
-    model, loss, miner = _fresh(entry, dtype, miner_name)  # PML's own wrappers, for the record
+    model, loss, miner = _fresh(entry, dtype, miner_name, database)  # PML's own wrappers, for the record
     ddp = DDP(model)
     pml_value = _forward(ddp, loss, miner, x[sl], y[sl], pml_dist.DistributedLossWrapper(loss),
                          pml_dist.DistributedMinerWrapper(miner) if miner is not None else None)
@@ -128,7 +132,7 @@ def _check_one(entry: Any, rank: int, world: int, dtype: torch.dtype, miner_name
 
     finals = []
     for distributed in (False, True):  # a few SGD steps, model and loss parameters
-        model, loss, miner = _fresh(entry, dtype, miner_name)
+        model, loss, miner = _fresh(entry, dtype, miner_name, database)
         params = [p for m in (model, loss) for p in m.parameters() if p.requires_grad]
         opt = torch.optim.SGD(params, lr=0.05)
         net = DDP(model) if distributed else model
@@ -163,10 +167,11 @@ def _worker(rank: int, world: int, init_file: str, cases: list, out_dir: str, dt
     dtype = getattr(torch, dtype_name)
     results = {}
     try:
-        for name, miner_name in cases:
-            key = f"{name}+{miner_name}" if miner_name else name
+        for name, miner_name, database in cases:
+            key = f"{name}+{miner_name}" if miner_name else (f"{name}+database" if database else name)
             try:
-                results[key] = _check_one(reg.get_entry("loss", name), rank, world, dtype, miner_name, steps)
+                results[key] = _check_one(reg.get_entry("loss", name), rank, world, dtype, miner_name, steps,
+                                          database)
             except Exception:  # recorded: the caller's assertion shows it
                 results[key] = {"error": traceback.format_exc()}
     finally:
@@ -189,17 +194,29 @@ def _merge(per_rank: list[dict]) -> dict:
     return report
 
 
-def distributed_report(names: Sequence[str], *, miner_cases: Sequence[tuple[str, str]] = (), world_size: int = 2,
-                       dtype: torch.dtype = torch.float64, steps: int = 3) -> dict[str, dict]:
-    """Run the checks for the losses ``names`` (and ``(loss, miner)`` pairs) in ``world_size``
-    spawned gloo processes; returns ``{name: measurements}`` (maxima over ranks)."""
+def distributed_report(names: Sequence[str], *, miner_cases: Sequence[tuple[str, str]] = (),
+                       database_cases: Sequence[str] = (), world_size: int = 2, dtype: torch.dtype = torch.float64,
+                       steps: int = 3) -> dict[str, dict]:
+    """Run the checks in ``world_size`` spawned gloo processes; returns ``{key: measurements}``
+    (maxima over ranks; a failure is recorded under ``"error"`` with its traceback).
+
+    Args:
+        names: loss names; key = the name.
+        miner_cases: ``(loss, miner)`` pairs, the miner wrapped too; key ``"loss+miner"``.
+        database_cases: losses with a ``set_database(embeddings, labels)`` method, checked with
+            the same fixed database on every rank; key ``"loss+database"``.
+        world_size: processes (>= 2, dividing the 16-row check batch).
+        dtype: of the model, loss and batch (float64 makes differences ~1e-15).
+        steps: SGD steps of the training comparison.
+    """
     if world_size < 2:
         raise ValueError(f"world_size must be >= 2 to check anything distributed, got {world_size}")
     if len(LABELS) % world_size:
         raise ValueError(f"the check batch of {len(LABELS)} rows does not split over {world_size} processes")
     import torch.multiprocessing as mp
 
-    cases = [(n, None) for n in names] + [tuple(c) for c in miner_cases]
+    cases = ([(n, None, False) for n in names] + [(loss, miner, False) for loss, miner in miner_cases]
+             + [(n, None, True) for n in database_cases])
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_worker, args=(world_size, os.path.join(tmp, "store"), cases, tmp, str(dtype).split(".")[-1], steps),
                  nprocs=world_size, join=True)
