@@ -57,6 +57,13 @@ def test_plugins_are_installed_and_declare_their_semantics():
             assert entry.metadata.get("distributed_note"), f"{name}: {value} needs a distributed_note"
 
 
+def test_info_shows_the_distributed_semantics(capsys):
+    assert cli_main(["info", "group_loss"]) == 0
+    out = capsys.readouterr().out
+    assert "distributed gradient_equivalent" in out and "replicator dynamics over the gathered" in out
+    assert "efficient mode (--distributed-efficient): not supported" in out
+
+
 @pytest.mark.parametrize("name", PLUGIN_LOSSES)
 def test_loss_under_ddp_matches_one_process(report, name):
     r = report[name]
