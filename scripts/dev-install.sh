@@ -5,6 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 args=(-e ".[dev,cpu]")
 for pyproject in plugins/*/pyproject.toml; do
-  [ -e "$pyproject" ] && args+=(-e "$(dirname "$pyproject")")
+  [ -e "$pyproject" ] || continue
+  # each plugin with its optional extras (e.g. adaptive_margin[text]) so their tests run too;
+  # extras named gpu/cuda are left out (no GPU wheels on CPU machines)
+  extras=$(python -c 'import sys, tomllib; d = tomllib.load(open(sys.argv[1], "rb")); print(",".join(k for k in d["project"].get("optional-dependencies", {}) if k not in ("gpu", "cuda")))' "$pyproject")
+  args+=(-e "$(dirname "$pyproject")${extras:+[$extras]}")
 done
 python -m pip install --quiet "${args[@]}"

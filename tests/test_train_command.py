@@ -252,3 +252,46 @@ def test_paper_recipes_parse_and_fit_the_installed_losses():
         if cfg.loss in pml_plugins.list_losses():  # plugins written concurrently may be absent
             loss_args = {k: v for k, v in cfg.loss_args.items()}
             build_loss(cfg.loss, num_classes=10, embedding_size=16, loss_args=loss_args)
+
+
+class _SignCodes(torch.nn.Module):
+    """An independent route to the 'bits' codes: +1 above the row mean, -1 elsewhere."""
+
+    def __init__(self, embedder: torch.nn.Module):
+        super().__init__()
+        self.embedder = embedder
+
+    def forward(self, x):
+        e = self.embedder(x)
+        return torch.where(e > e.mean(dim=1, keepdim=True), 1.0, -1.0)
+
+
+def test_binarized_evaluation_equals_evaluating_sign_codes():
+    from pml_plugins.pipeline.evaluate import evaluate
+    from pml_plugins.pipeline.models import build_model
+
+    torch.manual_seed(0)
+    splits = data_mod.load_data("digits")
+    model = build_model("mlp", embedding_size=32, input_shape=data_mod.feature_shape("digits"))
+    trunk, embedder = model.trunk, model.embedder
+    kw = dict(device=torch.device("cpu"), ks=[1, 2, 4], progress=False)
+    bits = evaluate(trunk, embedder, splits.test, binarize=True, **kw)
+    reference = evaluate(trunk, _SignCodes(embedder), splits.test, **kw)
+    plain = evaluate(trunk, embedder, splits.test, **kw)
+    assert set(bits) == set(reference)
+    for key in reference:
+        assert bits[key] == pytest.approx(reference[key], abs=1e-9), key
+    assert any(abs(bits[k] - plain[k]) > 1e-3 for k in plain)  # codes are not the float embeddings
+    with pytest.raises(ValueError, match="retrieval_distance must be 'cosine'"):
+        evaluate(trunk, embedder, splits.test, binarize=True, retrieval_distance="euclidean", **kw)
+
+
+def test_train_and_compare_with_eval_binarize(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--loss", "normalized_softmax", "--eval-binarize", "--out", str(out), *TINY]) == 0
+    assert "bits: R@1" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert {f"bits_{k}" for k in METRIC_KEYS} <= set(metrics)
+    assert json.loads((out / "config.json").read_text())["eval_binarize"] is True
+    assert main(["compare", "--losses", "normalized_softmax", "--eval-binarize", "--out", str(tmp_path / "cmp"), *TINY]) == 0
+    assert "bits R@1" in capsys.readouterr().out

@@ -1,6 +1,7 @@
 """pml-plugins: plugin-based losses, miners and retrieval metrics for pytorch-metric-learning."""
 from __future__ import annotations
 
+from .binarize import binarize_embeddings
 from .hookspecs import hookimpl
 from .knn import knn_search
 from .registry import (
@@ -58,6 +59,7 @@ __all__ = [
     "TrainingSetup",
     "AccuracyCalculator",
     "knn_search",
+    "binarize_embeddings",
 ]
 
 

@@ -73,6 +73,9 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--retrieval-distance", choices=["cosine", "euclidean"], help="default: what the loss declares")
     g.add_argument("--ks", help="k values for Recall@k / nDCG@k (default 1,2,4,8)")
     g.add_argument("--eval-batch-size", type=int)
+    g.add_argument("--eval-binarize", action="store_true", default=None,
+                   help="also evaluate binarised embeddings (LayerNorm + sign, ranked by Hamming distance): "
+                        "bits_* metrics, the 'bits' rows of the adaptive-margin paper")
     g.add_argument("--out", metavar="DIR", help="output folder")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -80,7 +83,7 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
 _FLAG_FIELDS = ("miner", "dataset", "backbone", "embedding_size", "pooling", "head_norm", "pretrained", "image_size",
                 "epochs", "batch_size", "iterations_per_epoch", "sampler", "m", "optimizer", "lr", "loss_lr",
                 "weight_decay", "lr_step", "lr_gamma", "seed", "device", "amp", "threads", "num_workers",
-                "retrieval_distance", "eval_batch_size", "out")
+                "retrieval_distance", "eval_batch_size", "eval_binarize", "out")
 
 
 def flag_values(args: argparse.Namespace) -> dict[str, Any]:
@@ -113,6 +116,9 @@ def print_metrics(metrics: dict, ks) -> None:
     parts.append(f"MAP@R {100 * metrics['map_at_r']:.1f}")
     parts += [f"nDCG@{k} {100 * metrics[f'ndcg_at_{k}']:.1f}" for k in ks if f"ndcg_at_{k}" in metrics]
     print("  ".join(parts))
+    if "bits_map_at_r" in metrics:
+        bits = [f"R@{k} {100 * metrics[f'bits_recall_at_{k}']:.1f}" for k in ks if f"bits_recall_at_{k}" in metrics]
+        print("bits: " + "  ".join([*bits, f"MAP@R {100 * metrics['bits_map_at_r']:.1f}"]))
 
 
 def run(args: argparse.Namespace) -> int:

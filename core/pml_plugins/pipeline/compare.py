@@ -144,6 +144,8 @@ def columns(ks: Iterable[int]) -> list[tuple[str, str]]:
 
 def table_rows(rows: Sequence[RunResult], ks: Iterable[int]) -> tuple[list[str], list[list[str]]]:
     cols = columns(ks)
+    if any("bits_recall_at_1" in r.metrics for r in rows if not r.error):  # --eval-binarize
+        cols += [("bits_recall_at_1", "bits R@1"), ("bits_map_at_r", "bits MAP@R")]
     header = ["loss", *[c[1] for c in cols], "s/epoch", "peak MB", "status"]
     body = []
     for r in rows:

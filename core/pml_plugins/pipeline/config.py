@@ -54,6 +54,9 @@ class TrainConfig:
     #: they give on tiny models, and a fixed count keeps CPU results reproducible), else torch's default
     threads: Optional[int] = None
     eval_batch_size: int = 256
+    #: also evaluate binarised embeddings (LayerNorm + sign, pml_plugins.binarize_embeddings):
+    #: metrics.json then holds bits_<metric> next to every metric
+    eval_binarize: bool = False
     ks: list = field(default_factory=lambda: [1, 2, 4, 8])
     out: Optional[str] = None
     #: DDP under torchrun (batch_size is then the global batch over all processes)

@@ -37,18 +37,25 @@ def make_accuracy_calculator(ks: Sequence[int] = DEFAULT_KS, retrieval_distance:
 class _QuietTester(GlobalEmbeddingSpaceTester):
     """PML's tester with a tqdm bar that can be hidden and does not stay on screen."""
 
-    def __init__(self, *args: Any, progress: bool = True, desc: str = "embedding test split", **kwargs: Any):
-        self._progress, self._desc = progress, desc
+    def __init__(self, *args: Any, progress: bool = True, desc: str = "embedding test split", binarize: bool = False,
+                 **kwargs: Any):
+        self._progress, self._desc, self._binarize = progress, desc, binarize
         super().__init__(*args, **kwargs)
+
 
     def compute_all_embeddings(self, dataloader, trunk_model, embedder_model):
         original = tqdm.tqdm
         bar = lambda it, *a, **k: original(it, desc=self._desc, leave=False, disable=not self._progress, dynamic_ncols=True)
         tqdm.tqdm = bar  # PML's base tester calls tqdm.tqdm(dataloader) directly
         try:
-            return super().compute_all_embeddings(dataloader, trunk_model, embedder_model)
+            embeddings, labels = super().compute_all_embeddings(dataloader, trunk_model, embedder_model)
         finally:
             tqdm.tqdm = original
+        if self._binarize:  # before the tester's L2 normalisation; codes of norm sqrt(D) become 1/sqrt(D)
+            from ..binarize import binarize_embeddings  # noqa: PLC0415
+
+            embeddings = binarize_embeddings(embeddings)
+        return embeddings, labels
 
 
 _NAMES = {"mean_average_precision_at_r": "map_at_r", "mean_average_precision": "map"}
@@ -63,15 +70,24 @@ def standard_metric_name(name: str) -> str:
 
 def evaluate(trunk: torch.nn.Module, embedder: torch.nn.Module, dataset: torch.utils.data.Dataset, *,
              device: torch.device, retrieval_distance: str = "cosine", ks: Sequence[int] = DEFAULT_KS,
-             batch_size: int = 256, progress: bool = True, dtype: torch.dtype | None = None) -> dict[str, float]:
-    """Embed ``dataset`` and return retrieval metrics, test split queried against itself."""
+             batch_size: int = 256, progress: bool = True, dtype: torch.dtype | None = None,
+             binarize: bool = False) -> dict[str, float]:
+    """Embed ``dataset`` and return retrieval metrics, test split queried against itself.
+
+    ``binarize=True`` evaluates the ±1 codes of :func:`pml_plugins.binarize_embeddings`
+    instead (cosine of codes = 1 - 2 Hamming / D, so the ranking is by Hamming distance; needs
+    ``retrieval_distance="cosine"``).
+    """
     if retrieval_distance not in RETRIEVAL_DISTANCES:
         raise ValueError(f"retrieval_distance must be one of {RETRIEVAL_DISTANCES}, got {retrieval_distance!r}")
+    if binarize and retrieval_distance != "cosine":
+        raise ValueError(f"binarize=True ranks codes by Hamming distance: retrieval_distance must be 'cosine', "
+                         f"got {retrieval_distance!r}")
     calculator = make_accuracy_calculator(ks, retrieval_distance, device=device)
     tester = _QuietTester(normalize_embeddings=retrieval_distance == "cosine", batch_size=batch_size,
                           dataloader_num_workers=0, data_device=device, dtype=dtype,
                           accuracy_calculator=calculator, end_of_testing_hook=lambda tester: None,
-                          progress=progress)
+                          progress=progress, binarize=binarize, desc="embedding test split" + (" (bits)" if binarize else ""))
     accuracies = tester.test({"test": dataset}, 0, trunk, embedder, splits_to_eval=[("test", ["test"])])
     out = {}
     for key, value in accuracies["test"].items():
