@@ -156,16 +156,22 @@ def average_loss_gradients(module: torch.nn.Module, *, efficient: bool = False) 
     size = dist.get_world_size()
     if size == 1:
         return
-    grads = [p.grad for p in loss_parameters(module) if p.grad is not None]
-    if not grads:
+    params = loss_parameters(module)
+    if not params:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    # every parameter takes part (zeros for a missing gradient), so the collective has the same
+    # size on every rank even when a parameter got no gradient on some rank
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat /= size if efficient else size * size
     offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+    for p in params:
+        part = flat[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+        if p.grad is not None:
+            p.grad.copy_(part)
+        elif bool(part.any()):  # another rank had a gradient: the result is the same everywhere
+            p.grad = part.clone()
 
 
 @torch.no_grad()
