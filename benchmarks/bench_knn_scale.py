@@ -75,6 +75,17 @@ def recall(approx_s, approx_i, exact_s, exact_i):
     return float(top1.float().mean()), float(in10.float().mean()), float(overlap.mean())
 
 
+class Capture:
+    """Wraps a knn_func and keeps what it returned (the neighbours the calculator used)."""
+
+    def __init__(self, knn_func):
+        self.knn_func, self.result = knn_func, None
+
+    def __call__(self, query, k, reference=None, ref_includes_query=False):
+        self.result = self.knn_func(query, k, reference, ref_includes_query)
+        return self.result
+
+
 class Precomputed:
     """A knn_func returning a search done beforehand (to run the calculator on exact neighbours)."""
 
@@ -100,11 +111,14 @@ def main() -> None:
     p.add_argument("--items-per-class", type=int, default=100, help="references per cluster on average")
     p.add_argument("--noise", type=float, default=1.5, help="norm of the Gaussian noise around a unit centre")
     p.add_argument("--nlist", type=int, default=None, help="IVF cells (default 4 sqrt(N))")
-    p.add_argument("--nprobe", type=int, nargs="+", default=[8, 16, 32, 64])
+    p.add_argument("--nprobe", type=int, nargs="*", default=[8, 16, 32, 64], help="IVF sweep (none: no IVF)")
     p.add_argument("--ef-search", type=int, nargs="+", default=[32, 64, 128])
     p.add_argument("--hnsw-max-n", type=int, default=100_000, help="largest N for HNSW (its build is slow on 2 cores)")
     p.add_argument("--pml-max-n", type=int, default=100_000, help="largest N for PML's FaissKNN (exact, same cost as ours)")
-    p.add_argument("--e2e-nprobe", type=int, default=None, help="nprobe of the end-to-end run (default: smallest with R@1 >= 0.95)")
+    p.add_argument("--e2e-index", choices=("ivf", "hnsw"), default="ivf", help="approximate index of the end-to-end run")
+    p.add_argument("--e2e-nprobe", type=int, default=None, help="IVF nprobe of the end-to-end run (default: smallest with R@1 >= 0.95)")
+    p.add_argument("--e2e-ef-search", type=int, default=None,
+                   help="HNSW ef_search of the end-to-end run (default: smallest with R@1 >= 0.95)")
     p.add_argument("--threads", type=int, default=None, help="FAISS / torch threads (default: all cores)")
     p.add_argument("--quick", action="store_true", help="N = 20k, 100k; 10k queries; 2k exact")
     p.add_argument("--seed", type=int, default=0)
@@ -147,11 +161,11 @@ def main() -> None:
             rows.append(dict(n=n, method="exact PML FaissKNN", params="IndexFlatIP", build=float("nan"),
                              search=pml_s / sub * args.queries, note=f"measured on {sub} queries",
                              r1=float((pml_i[:, 0] == ex_i[:, 0]).float().mean()), in10=float("nan"), r10=float("nan")))
-        ivf_r1 = {}
-        ivf_base, ivf_build = timed(lambda: KNNIndex(ref, metric="cosine", index="ivf",
+        ivf_r1, hnsw_r1 = {}, {}
+        ivf_base, ivf_build = (None, 0.0) if not args.nprobe else timed(lambda: KNNIndex(ref, metric="cosine", index="ivf",
                                                      index_params={"nlist": args.nlist} if args.nlist else None))
-        nlist, train_size = ivf_base.params["nlist"], ivf_base.params["train_size"]
-        for nprobe in args.nprobe:
+        nlist, train_size = (0, 0) if ivf_base is None else (ivf_base.params["nlist"], ivf_base.params["train_size"])
+        for nprobe in args.nprobe if ivf_base is not None else ():
             ivf_base.faiss_index.nprobe = min(nprobe, nlist)
             (a_s, a_i), s = timed(lambda: ivf_base.search(query, 10, progress=None))
             r1, in10, r10 = recall(a_s[:sub], a_i[:sub], ex_s, ex_i)
@@ -166,28 +180,37 @@ def main() -> None:
                 hnsw.params["ef_search"] = ef
                 (a_s, a_i), s = timed(lambda: hnsw.search(query, 10, progress=None))
                 r1, in10, r10 = recall(a_s[:sub], a_i[:sub], ex_s, ex_i)
+                hnsw_r1[ef] = r1
                 rows.append(dict(n=n, method="HNSW-Flat", params=f"M=32 ef_search={ef}", build=hnsw_build, search=s,
                                  note="efConstruction 40", r1=r1, in10=in10, r10=r10))
                 print(f"  HNSW ef_search={ef}: search {s:.1f} s, R@1 {r1:.4f}")
             del hnsw
 
         # end to end: our calculator with the approximate kNN, every query against the N references
-        good = [p_ for p_ in args.nprobe if ivf_r1[p_] >= 0.95]
-        nprobe = args.e2e_nprobe or (min(good) if good else max(args.nprobe))
-        params = {"nprobe": nprobe, **({"nlist": args.nlist} if args.nlist else {})}
+        if args.e2e_index == "ivf":
+            good = [p_ for p_ in args.nprobe if ivf_r1[p_] >= 0.95]
+            value = args.e2e_nprobe or (min(good) if good else max(args.nprobe))
+            params = {"nprobe": value, **({"nlist": args.nlist} if args.nlist else {})}
+            label = f"IVF nprobe={value}"
+        else:
+            good = [e for e in args.ef_search if hnsw_r1.get(e, 0.0) >= 0.95]
+            value = args.e2e_ef_search or (min(good) if good else max(args.ef_search))
+            params = {"ef_search": value}
+            label = f"HNSW M=32 ef_search={value}"
         calc = AccuracyCalculator(include=INCLUDE, k="max_bin_count", ndcg_ks=NDCG_KS, recall_ks=RECALL_KS,
                                   device="cpu", plugin_metrics=False,
-                                  knn_func=KNN("cosine", index="ivf", index_params=params, progress=None))
+                                  knn_func=Capture(KNN("cosine", index=args.e2e_index, index_params=params, progress=None)))
         approx, e2e_s = timed(lambda: calc.get_accuracy(query, query_labels, ref, ref_labels, False))
-        # the same metrics on the subset: exact neighbours vs the approximate ones
-        calc_sub = AccuracyCalculator(include=INCLUDE, k="max_bin_count", ndcg_ks=NDCG_KS, recall_ks=RECALL_KS,
-                                      device="cpu", plugin_metrics=False, knn_func=Precomputed(ex_s, ex_i))
-        exact_sub = calc_sub.get_accuracy(qs, query_labels[:sub], ref, ref_labels, False)
-        calc_sub.knn_func = KNN("cosine", index="ivf", index_params=params)
-        approx_sub = calc_sub.get_accuracy(qs, query_labels[:sub], ref, ref_labels, False)
-        e2e_rows.append(dict(n=n, q=args.queries, nprobe=nprobe, seconds=e2e_s, exact_est=exact_total, approx=approx,
+        # the same metrics on the subset: exact neighbours vs the approximate ones the calculator used
+        used_s, used_i = calc.knn_func.result
+        e2e_r1 = recall(used_s[:sub], used_i[:sub], ex_s, ex_i)[0]
+        subset_metrics = lambda s_, i_: AccuracyCalculator(
+            include=INCLUDE, k="max_bin_count", ndcg_ks=NDCG_KS, recall_ks=RECALL_KS, device="cpu", plugin_metrics=False,
+            knn_func=Precomputed(s_, i_)).get_accuracy(qs, query_labels[:sub], ref, ref_labels, False)
+        exact_sub, approx_sub = subset_metrics(ex_s, ex_i), subset_metrics(used_s[:sub], used_i[:sub])
+        e2e_rows.append(dict(n=n, q=args.queries, index=label, r1=e2e_r1, seconds=e2e_s, exact_est=exact_total, approx=approx,
                              exact_sub=exact_sub, approx_sub=approx_sub, sub=sub))
-        print(f"  end to end ({args.queries} x {n}, IVF nprobe={nprobe}): {e2e_s:.1f} s")
+        print(f"  end to end ({args.queries} x {n}, {label}): {e2e_s:.1f} s, R@1 of the index {e2e_r1:.4f}")
         del ref, query
 
     print("\n## kNN: approximate vs exact (k = 10, cosine, all queries; recall on the exact subset)\n")
@@ -202,20 +225,20 @@ def main() -> None:
         print(f"| {r['n']:,} | {r['method']} | {r['params']} | {build} | {r['search']:.1f} | {total:.1f} | "
               f"{exact_total / total:.1f}x | {fmt(r['r1'])} | {fmt(r['in10'])} | {fmt(r['r10'])} | {r['note']} |")
 
-    print("\n## End to end: pml_plugins.AccuracyCalculator with IVF kNN\n")
-    print("| N refs | queries | nprobe | time (s) | exact kNN alone, est. (s) | "
+    print("\n## End to end: pml_plugins.AccuracyCalculator with approximate kNN\n")
+    print("| N refs | queries | kNN | R@1 of the index | time (s) | exact kNN alone, est. (s) | "
           + " | ".join(INCLUDE) + " |")
-    print("|---|---|---|---|---|" + "---|" * len(INCLUDE))
+    print("|---|---|---|---|---|---|" + "---|" * len(INCLUDE))
     for e in e2e_rows:
-        print(f"| {e['n']:,} | {e['q']:,} | {e['nprobe']} | {e['seconds']:.1f} | {e['exact_est']:.0f} | "
+        print(f"| {e['n']:,} | {e['q']:,} | {e['index']} | {e['r1']:.4f} | {e['seconds']:.1f} | {e['exact_est']:.0f} | "
               + " | ".join(f"{e['approx'][m]:.4f}" for m in INCLUDE) + " |")
-    print("\nSame metrics on the exact subset, exact vs IVF neighbours (largest |difference|):\n")
-    print("| N refs | subset | metric | exact | IVF | difference |")
-    print("|---|---|---|---|---|---|")
+    print("\nSame metrics on the exact subset, exact vs approximate neighbours (last row: largest |difference|):\n")
+    print("| N refs | subset | kNN | metric | exact | approximate | difference |")
+    print("|---|---|---|---|---|---|---|")
     for e in e2e_rows:
         worst = max(INCLUDE, key=lambda m: abs(e["exact_sub"][m] - e["approx_sub"][m]))
         for m in ("precision_at_1", "recall_at_1", "mean_average_precision_at_r", "ndcg_at_10", worst):
-            print(f"| {e['n']:,} | {e['sub']:,} | {m} | {e['exact_sub'][m]:.4f} | {e['approx_sub'][m]:.4f} | "
+            print(f"| {e['n']:,} | {e['sub']:,} | {e['index']} | {m} | {e['exact_sub'][m]:.4f} | {e['approx_sub'][m]:.4f} | "
                   f"{e['approx_sub'][m] - e['exact_sub'][m]:+.4f} |")
 
 
