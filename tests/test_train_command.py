@@ -295,3 +295,13 @@ def test_train_and_compare_with_eval_binarize(tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["eval_binarize"] is True
     assert main(["compare", "--losses", "normalized_softmax", "--eval-binarize", "--out", str(tmp_path / "cmp"), *TINY]) == 0
     assert "bits R@1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("dataset", ["digits", "digits:raw"])
+def test_identity_backbone_on_image_shaped_digits(dataset, tmp_path):
+    result = run_training(TrainConfig(loss="contrastive", dataset=dataset, backbone="identity", epochs=1,
+                                      iterations_per_epoch=2, batch_size=32, out=str(tmp_path / "run")), progress=False)
+    assert 0.0 < result.metrics["recall_at_1"] <= 1.0
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    side = 12 if dataset == "digits" else 8
+    assert state["embedder"]["fc.weight"].shape[1] == side * side  # the head sees every pixel

@@ -162,7 +162,9 @@ def build_model(backbone: str, *, embedding_size: int, input_shape: Optional[tup
             trunk = SmallCNN(input_shape[0])
             features, desc = trunk.out_features, f"SmallCNN({input_shape[0]}->16->32->64)"
         else:
-            trunk = nn.Identity()
+            # the raw features, flattened: image-shaped data (digits is 1 x 12 x 12) must reach the
+            # head as vectors, not as a feature map the head would pool to one value per channel
+            trunk = nn.Flatten() if len(input_shape) > 1 else nn.Identity()
             features, desc = math.prod(input_shape), "identity"
     embedder = EmbeddingHead(features, int(embedding_size), pooling=pooling, norm=head_norm, gem_p=gem_p)
     return Model(trunk=trunk, embedder=embedder, feature_size=features, transforms=transforms,
