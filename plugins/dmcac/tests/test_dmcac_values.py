@@ -297,6 +297,11 @@ def test_build_faiss_index_flat_and_ivf():
     ivf = build_faiss_index(db, kind="ivf", nlist=8, nprobe=8)  # probing every cell: exact again
     loss.set_database(db, db_labels, index=ivf)
     assert ivf.params["nlist"] == 8 and loss(emb, labels).item() == pytest.approx(exact, rel=1e-6)
+    hnsw = build_faiss_index(db, kind="hnsw", M=16, ef_search=400)  # ef_search = N: the whole graph, exact
+    loss.set_database(db, db_labels, index=hnsw)
+    assert hnsw.index == "hnsw" and hnsw.ntotal == 400 and loss(emb, labels).item() == pytest.approx(exact, rel=1e-6)
+    with pytest.raises(ValueError, match="kind"):
+        build_faiss_index(db, kind="lsh")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
