@@ -115,7 +115,8 @@ def main() -> None:
     p.add_argument("--ef-search", type=int, nargs="+", default=[32, 64, 128])
     p.add_argument("--hnsw-max-n", type=int, default=100_000, help="largest N for HNSW (its build is slow on 2 cores)")
     p.add_argument("--pml-max-n", type=int, default=100_000, help="largest N for PML's FaissKNN (exact, same cost as ours)")
-    p.add_argument("--e2e-index", choices=("ivf", "hnsw"), default="ivf", help="approximate index of the end-to-end run")
+    p.add_argument("--e2e-index", choices=("ivf", "hnsw", "flat"), default="ivf",
+                   help="index of the end-to-end run (flat: exact, for the baseline)")
     p.add_argument("--e2e-nprobe", type=int, default=None, help="IVF nprobe of the end-to-end run (default: smallest with R@1 >= 0.95)")
     p.add_argument("--e2e-ef-search", type=int, default=None,
                    help="HNSW ef_search of the end-to-end run (default: smallest with R@1 >= 0.95)")
@@ -192,6 +193,8 @@ def main() -> None:
             value = args.e2e_nprobe or (min(good) if good else max(args.nprobe))
             params = {"nprobe": value, **({"nlist": args.nlist} if args.nlist else {})}
             label = f"IVF nprobe={value}"
+        elif args.e2e_index == "flat":
+            params, label = {}, "exact flat"
         else:
             good = [e for e in args.ef_search if hnsw_r1.get(e, 0.0) >= 0.95]
             value = args.e2e_ef_search or (min(good) if good else max(args.ef_search))
