@@ -8,7 +8,7 @@ on the raw embeddings.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 import tqdm
