@@ -324,6 +324,7 @@ class KNNIndex:
         self.dim, self.ntotal = int(reference.shape[1]), int(reference.shape[0])
         self.faiss_index: Any = None
         self._gpu_resources: Any = None
+        self._clustering_index: Any = None
         r = reference.to(run_device if not use_faiss else "cpu", torch.float32)
         if metric == "cosine":
             r = torch.nn.functional.normalize(r, dim=1)
@@ -375,7 +376,9 @@ class KNNIndex:
                 sample = r_np
             if self.placement != "cpu":  # k-means assignment on the GPU(s); the trained index is copied below
                 clustering = faiss.IndexFlatL2(d) if self.metric == "euclidean" else faiss.IndexFlatIP(d)
-                idx.clustering_index = faiss.index_cpu_to_all_gpus(clustering)
+                # keep a Python reference: the SWIG attribute alone does not keep the GPU index alive
+                self._clustering_index = faiss.index_cpu_to_all_gpus(clustering)
+                idx.clustering_index = self._clustering_index
             idx.train(sample)
             idx.nprobe = min(p["nprobe"], nlist, GPU_MAX_K if self.placement != "cpu" else nlist)
         else:  # hnsw (CPU only: faiss_placement never puts it on a GPU)
