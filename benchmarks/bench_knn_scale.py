@@ -102,6 +102,11 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
+def ivf_params(args: argparse.Namespace) -> dict:
+    """The IVF build options given on the command line (nlist, train_size)."""
+    return {name: value for name, value in (("nlist", args.nlist), ("train_size", args.train_size)) if value}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000], help="numbers of references N")
@@ -111,6 +116,7 @@ def main() -> None:
     p.add_argument("--items-per-class", type=int, default=100, help="references per cluster on average")
     p.add_argument("--noise", type=float, default=1.5, help="norm of the Gaussian noise around a unit centre")
     p.add_argument("--nlist", type=int, default=None, help="IVF cells (default 4 sqrt(N))")
+    p.add_argument("--train-size", type=int, default=None, help="IVF k-means sample (default min(N, 64 nlist))")
     p.add_argument("--nprobe", type=int, nargs="*", default=[8, 16, 32, 64], help="IVF sweep (none: no IVF)")
     p.add_argument("--ef-search", type=int, nargs="+", default=[32, 64, 128])
     p.add_argument("--hnsw-max-n", type=int, default=100_000, help="largest N for HNSW (its build is slow on 2 cores)")
@@ -164,7 +170,7 @@ def main() -> None:
                              r1=float((pml_i[:, 0] == ex_i[:, 0]).float().mean()), in10=float("nan"), r10=float("nan")))
         ivf_r1, hnsw_r1 = {}, {}
         ivf_base, ivf_build = (None, 0.0) if not args.nprobe else timed(lambda: KNNIndex(ref, metric="cosine", index="ivf",
-                                                     index_params={"nlist": args.nlist} if args.nlist else None))
+                                                     index_params=ivf_params(args)))
         nlist, train_size = (0, 0) if ivf_base is None else (ivf_base.params["nlist"], ivf_base.params["train_size"])
         for nprobe in args.nprobe if ivf_base is not None else ():
             ivf_base.faiss_index.nprobe = min(nprobe, nlist)
@@ -191,7 +197,7 @@ def main() -> None:
         if args.e2e_index == "ivf":
             good = [p_ for p_ in args.nprobe if ivf_r1[p_] >= 0.95]
             value = args.e2e_nprobe or (min(good) if good else max(args.nprobe))
-            params = {"nprobe": value, **({"nlist": args.nlist} if args.nlist else {})}
+            params = {"nprobe": value, **ivf_params(args)}
             label = f"IVF nprobe={value}"
         elif args.e2e_index == "flat":
             params, label = {}, "exact flat"
