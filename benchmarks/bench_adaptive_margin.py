@@ -20,68 +20,19 @@ before the step and listed in its own column.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from typing import Callable
 
 import torch
 from pytorch_metric_learning.losses import CosFaceLoss, NormalizedSoftmaxLoss
 
 from pml_plugin_adaptive_margin import AdaptiveMarginSoftmaxLoss
+from loss_timing import median_step_seconds, peak_step_bytes  # noqa: E402 (this folder)
 
 SCALES = {  # name: (B, D, C)
     "CUB-like (B=180, D=512, C=100)": (180, 512, 100),
     "In-Shop (B=75, D=2048, C=3997)": (75, 2048, 3997),
     "SOP (B=75, D=512, C=11318)": (75, 512, 11318),
 }
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _step(loss_fn: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor) -> None:
-    for p in loss_fn.parameters():
-        p.grad = None
-    x.grad = None
-    loss_fn(x, labels).backward()
-
-
-def _time(loss_fn: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, repeats: int, device: str) -> float:
-    for _ in range(2):
-        _step(loss_fn, x, labels)
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        _step(loss_fn, x, labels)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def _peak_bytes(loss_fn: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, device: str) -> int:
-    for p in loss_fn.parameters():
-        p.grad = None
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        _step(loss_fn, x, labels)
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        _step(loss_fn, x, labels)
-    # each op's own allocations minus frees, in start order: the high-water mark at op granularity
-    events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
-    held = peak = 0
-    for _, delta in events:
-        held += delta
-        peak = max(peak, held)
-    return peak
 
 
 def _random_d(c: int, device: str) -> torch.Tensor:
@@ -108,8 +59,8 @@ def run(device: str, repeats: int, threads: int | None) -> None:
         rows = []
         for row, make in makers.items():
             loss_fn = make().to(device)
-            seconds = _time(loss_fn, x, labels, repeats, device)
-            peak = _peak_bytes(loss_fn, x, labels, device)
+            seconds = median_step_seconds(loss_fn, x, labels, repeats, device)
+            peak = peak_step_bytes(loss_fn, x, labels, device)
             d_bytes = sum(buf.numel() * buf.element_size() for buf in loss_fn.buffers())
             rows.append((row, seconds, peak, d_bytes))
             del loss_fn

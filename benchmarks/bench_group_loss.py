@@ -20,8 +20,6 @@ and a few n x C matrices (logits, prior, X * Pi, X(t+1)).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 import warnings
 from typing import Callable
 
@@ -29,57 +27,10 @@ import torch
 from pytorch_metric_learning.losses import NormalizedSoftmaxLoss
 
 from pml_plugin_group_loss import GroupLoss
+from loss_timing import median_step_seconds, peak_step_bytes  # noqa: E402 (this folder)
 
 N_CLASSES_PER_BATCH, M, D = 10, 6, 512
 SCALES = {"C = 100": 100, "C = 11,318": 11318}
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _step(loss_fn: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor) -> None:
-    for p in loss_fn.parameters():
-        p.grad = None
-    x.grad = None
-    loss_fn(x, labels).backward()
-
-
-def _time(loss_fn: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, repeats: int, device: str) -> float:
-    for _ in range(3):
-        _step(loss_fn, x, labels)
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        _step(loss_fn, x, labels)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def _peak_bytes(loss_fn: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, device: str) -> int:
-    for p in loss_fn.parameters():
-        p.grad = None
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        _step(loss_fn, x, labels)
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        _step(loss_fn, x, labels)
-    # each op's own allocations minus frees, in start order: the high-water mark at op granularity
-    events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
-    held = peak = 0
-    for _, delta in events:
-        held += delta
-        peak = max(peak, held)
-    return peak
 
 
 def run(device: str, repeats: int, threads: int | None) -> None:
@@ -103,7 +54,7 @@ def run(device: str, repeats: int, threads: int | None) -> None:
         rows = []
         for label, make in makers.items():
             loss_fn = make().to(device)
-            rows.append((label, _time(loss_fn, x, labels, repeats, device), _peak_bytes(loss_fn, x, labels, device)))
+            rows.append((label, median_step_seconds(loss_fn, x, labels, repeats, device, warmup=3), peak_step_bytes(loss_fn, x, labels, device)))
             del loss_fn
         ref_t, ref_m = rows[0][1], rows[0][2]
         print(f"\nn = {n} ({N_CLASSES_PER_BATCH} classes x {M}), d = {D}, {scale}")
