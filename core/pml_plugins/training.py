@@ -34,6 +34,12 @@ class TrainingContext:
     embed: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     #: Options the user passed for the loss that are not constructor arguments.
     options: dict[str, Any] = field(default_factory=dict)
+    #: Whether the run shows progress bars (False with --no-progress, off a terminal, and on
+    #: every DDP rank but 0): a plugin's own bars (e.g. a database refresh) should follow it.
+    progress: bool = True
+    #: This process's rank and the number of processes (0 and 1 unless trained with --distributed).
+    rank: int = 0
+    world_size: int = 1
 
 
 @dataclass

@@ -530,7 +530,9 @@ def _run(cfg: TrainConfig, name: str, *, progress: bool, log: Optional[Callable[
 
             context = TrainingContext(trunk=trunk, embedder=embedder, train_dataset=splits.train,
                                       batch_size=cfg.batch_size, epochs=cfg.epochs, device=device, seed=cfg.seed,
-                                      num_workers=cfg.num_workers, embed=embed, options=dict(options))
+                                      num_workers=cfg.num_workers, embed=embed, options=dict(options),
+                                      progress=progress, rank=env.rank if env is not None else 0,
+                                      world_size=env.world_size if env is not None else 1)
             setup = training_setup(loss, context) or TrainingSetup()
             if not isinstance(setup, TrainingSetup):
                 raise TypeError(f"{entry.name}'s training_setup returned {type(setup).__name__}, "

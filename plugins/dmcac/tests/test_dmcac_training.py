@@ -279,3 +279,17 @@ def test_training_setup_options():
     setup.before_training()  # no context.embed: the trunk + embedder are used in eval mode
     assert loss.db_index is not None and loss.db_index.ntotal == loss.db_embeddings.shape[0]
     assert torch.isfinite(loss(torch.randn(6, 8), torch.tensor([1, 1, 1, 2, 2, 2])))
+
+
+@pytest.mark.parametrize("context_progress, option, expected",
+                         [(False, None, False), (True, None, True), (True, False, False), (False, True, True)])
+def test_refresh_progress_follows_the_main_job_unless_set(context_progress, option, expected):
+    g = torch.Generator().manual_seed(0)
+    dataset = torch.utils.data.TensorDataset(torch.randn(40, 8, generator=g), torch.arange(40) % 5)
+    model = torch.nn.Linear(8, 4)
+    context = TrainingContext(trunk=model, embedder=torch.nn.Identity(), train_dataset=dataset, batch_size=8,
+                              epochs=1, device=torch.device("cpu"),
+                              options={} if option is None else {"progress": option}, progress=context_progress)
+    setup = training_setup(DMCACLoss(num_classes=5, embedding_size=4, num_views=2, k=2), context)
+    refresher = setup.before_training.__self__
+    assert isinstance(refresher, DatabaseRefresher) and refresher.progress is expected

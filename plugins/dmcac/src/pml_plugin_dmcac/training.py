@@ -18,7 +18,7 @@ OPTION_DEFAULTS = {
     "refresh_batch_size": 256,
     "view_transform": None,  # callable for views 1..A-1 (default RandAugment / TensorViewAugment)
     "index": None,  # None: the core's kNN layer per step; "flat" / "ivf" / "hnsw": a core KNNIndex built per refresh
-    "progress": True,
+    "progress": None,  # None: the main job's setting (context.progress: off-terminal, --no-progress, DDP rank > 0)
 }
 
 
@@ -60,7 +60,7 @@ def training_setup(loss: Any, context: TrainingContext) -> TrainingSetup:
         every_iterations=every_iterations,
         batch_size=int(options["refresh_batch_size"]), num_workers=context.num_workers, device=context.device,
         modules=[m for m in (context.trunk, context.embedder) if m is not None], index_factory=index_factory,
-        progress=bool(options["progress"]),
+        progress=context.progress if options["progress"] is None else bool(options["progress"]),
     )
     queries = MultiViewDataset(context.train_dataset, num_views, indices=query_idx,
                                view_transform=options["view_transform"])
