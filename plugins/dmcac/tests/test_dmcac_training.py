@@ -293,3 +293,45 @@ def test_refresh_progress_follows_the_main_job_unless_set(context_progress, opti
     setup = training_setup(DMCACLoss(num_classes=5, embedding_size=4, num_views=2, k=2), context)
     refresher = setup.before_training.__self__
     assert isinstance(refresher, DatabaseRefresher) and refresher.progress is expected
+
+
+def _sharded_refresh_worker(rank: int, world: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)  # the same model on every rank, as DDP guarantees
+        model = torch.nn.Linear(8, 4)
+        g = torch.Generator().manual_seed(1)
+        data = torch.utils.data.TensorDataset(torch.randn(23, 8, generator=g), torch.arange(23) % 5)
+        loss = DMCACLoss(num_classes=5, embedding_size=4, num_views=2, k=2)
+        calls = []
+        refresher = DatabaseRefresher(loss, data, lambda x: calls.append(len(x)) or model(x), batch_size=4,
+                                      progress=False, rank=rank, world_size=world)
+        refresher.refresh()
+        torch.save({"db": loss.db_embeddings, "labels": loss.db_labels, "rows": sum(calls)}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_database_refresh_is_sharded_across_ranks_and_equals_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_sharded_refresh_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    g = torch.Generator().manual_seed(1)
+    data = torch.utils.data.TensorDataset(torch.randn(23, 8, generator=g), torch.arange(23) % 5)
+    single = DMCACLoss(num_classes=5, embedding_size=4, num_views=2, k=2)
+    DatabaseRefresher(single, data, lambda x: model(x), batch_size=4, progress=False).refresh()
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert [r["rows"] for r in results] == [12, 11]  # each rank embedded its own slice only
+    for r in results:
+        assert torch.equal(r["labels"], single.db_labels)
+        torch.testing.assert_close(r["db"], single.db_embeddings, rtol=1e-6, atol=1e-6)
+
+
+def test_refresher_rejects_a_bad_rank():
+    with pytest.raises(ValueError, match="0 <= rank < world_size"):
+        DatabaseRefresher(DMCACLoss(num_classes=5, embedding_size=4), [], lambda x: x, rank=2, world_size=2)

@@ -34,9 +34,10 @@ def register_losses(register):
         retrieval_distance="cosine",
         training_setup=training_setup,
         distributed="gradient_equivalent",
-        distributed_note="whole queries (all A views) stay on one rank; every rank re-embeds the database with "
-                         "its identical model, so the databases agree; without a database the gathered global "
-                         "batch is the in-batch database, as in one process",
+        distributed_note="whole queries (all A views) stay on one rank; each rank embeds a slice of the database "
+                         "with its identical model and the slices are all-gathered, so every rank holds the same "
+                         "database; without a database the gathered global batch is the in-batch database, as "
+                         "in one process",
         # the default six views need batches the kit does not build; two views exercise the same code
         conformance={"num_views": 2},
         conformance_factory=conformance_instance,

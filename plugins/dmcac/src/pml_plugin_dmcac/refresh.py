@@ -45,12 +45,18 @@ class DatabaseRefresher:
         index_factory: optional ``index_factory(embeddings) -> index`` (e.g. a FAISS IVF index)
             passed to ``set_database`` with the new embeddings.
         progress: show a tqdm bar.
+        rank, world_size: under DDP (``world_size > 1`` with ``torch.distributed`` initialised),
+            each rank embeds one contiguous slice of the database and the slices are
+            all-gathered in rank order, so every rank holds the same full database for 1 /
+            world_size of the embedding work. The model copies are identical on every rank, so
+            this equals one process embedding it all (up to float rounding of batch sizes).
     """
 
     def __init__(self, loss: Any, dataset: torch.utils.data.Dataset, embed: Callable[[torch.Tensor], torch.Tensor],
                  every_epochs: Optional[int] = 1, every_iterations: Optional[int] = None, batch_size: int = 256,
                  num_workers: int = 0, device: Optional[torch.device] = None, modules: Iterable[torch.nn.Module] = (),
-                 index_factory: Optional[Callable[[torch.Tensor], Any]] = None, progress: bool = True):
+                 index_factory: Optional[Callable[[torch.Tensor], Any]] = None, progress: bool = True,
+                 rank: int = 0, world_size: int = 1):
         for name, value in (("every_epochs", every_epochs), ("every_iterations", every_iterations)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
@@ -58,14 +64,34 @@ class DatabaseRefresher:
         self.every_epochs, self.every_iterations = every_epochs, every_iterations
         self.batch_size, self.num_workers, self.device = int(batch_size), int(num_workers), device
         self.modules, self.index_factory, self.progress = list(modules), index_factory, progress
+        if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+            raise ValueError(f"rank and world_size must satisfy 0 <= rank < world_size, got rank={rank!r}, "
+                             f"world_size={world_size!r}")
+        self.rank, self.world_size = rank, world_size
         self.num_refreshes = 0
         self._epochs = 0
         self._iterations = 0
 
     def refresh(self) -> None:
         """Embed every database item (eval mode, no grad, batched) and call ``set_database``."""
+        sharded = self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+        bounds = _shard_bounds(len(self.dataset), self.world_size) if sharded else [(0, len(self.dataset))]
+        start, stop = bounds[self.rank] if sharded else bounds[0]
+        embeddings, labels = self._embed(torch.utils.data.Subset(self.dataset, range(start, stop)))
+        if sharded:
+            # the collective runs where the embeddings are (CUDA under nccl, CPU under gloo)
+            device = embeddings.device if embeddings.numel() else (self.device or torch.device("cpu"))
+            embeddings, labels = _gather_shards(embeddings, labels, bounds, device)
+        index = self.index_factory(embeddings) if self.index_factory is not None else None
+        if index is not None:
+            self.loss.set_database(embeddings, labels, index=index)
+        else:
+            self.loss.set_database(embeddings, labels)
+        self.num_refreshes += 1
+
+    def _embed(self, dataset: torch.utils.data.Dataset) -> tuple[torch.Tensor, torch.Tensor]:
         flags = [m.training for m in self.modules]
-        loader = torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False,
+        loader = torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, shuffle=False,
                                              num_workers=self.num_workers)
         chunks, labels = [], []
         try:
@@ -79,13 +105,9 @@ class DatabaseRefresher:
         finally:
             for m, flag in zip(self.modules, flags):
                 m.train(flag)
-        embeddings = torch.cat(chunks)
-        index = self.index_factory(embeddings) if self.index_factory is not None else None
-        if index is not None:
-            self.loss.set_database(embeddings, torch.cat(labels).long(), index=index)
-        else:
-            self.loss.set_database(embeddings, torch.cat(labels).long())
-        self.num_refreshes += 1
+        if not chunks:  # an empty shard (more ranks than database rows)
+            return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
+        return torch.cat(chunks), torch.cat(labels).long()
 
     def end_of_epoch_hook(self, trainer: Any = None) -> None:
         """PML ``end_of_epoch_hook``: refresh after every ``every_epochs``-th epoch."""
@@ -100,3 +122,35 @@ class DatabaseRefresher:
         self._iterations += 1
         if self.every_iterations is not None and self._iterations % self.every_iterations == 0:
             self.refresh()
+
+
+def _shard_bounds(n: int, world_size: int) -> list[tuple[int, int]]:
+    """Contiguous ``[start, stop)`` slices of ``range(n)``, one per rank, sizes differing by at most 1."""
+    base, extra = divmod(n, world_size)
+    bounds, start = [], 0
+    for r in range(world_size):
+        stop = start + base + (1 if r < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def _gather_shards(embeddings: torch.Tensor, labels: torch.Tensor, bounds: list[tuple[int, int]],
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """All-gather every rank's slice (padded to the largest) and concatenate them in rank order."""
+    dist = torch.distributed
+    longest = max(stop - start for start, stop in bounds)
+    # every rank must agree on the width; an empty shard learns it from the others
+    width = torch.tensor([embeddings.shape[1] if embeddings.numel() else 0], device=device)
+    dist.all_reduce(width, op=dist.ReduceOp.MAX)
+    padded = torch.zeros(longest, int(width), dtype=torch.float32, device=device)
+    padded_labels = torch.zeros(longest, dtype=torch.long, device=device)
+    padded[: len(embeddings)] = embeddings.float().to(device)
+    padded_labels[: len(labels)] = labels.to(device)
+    gathered = [torch.empty_like(padded) for _ in bounds]
+    gathered_labels = [torch.empty_like(padded_labels) for _ in bounds]
+    dist.all_gather(gathered, padded)
+    dist.all_gather(gathered_labels, padded_labels)
+    sizes = [stop - start for start, stop in bounds]
+    return (torch.cat([g[:size] for g, size in zip(gathered, sizes)]),
+            torch.cat([g[:size] for g, size in zip(gathered_labels, sizes)]))

@@ -61,6 +61,7 @@ def training_setup(loss: Any, context: TrainingContext) -> TrainingSetup:
         batch_size=int(options["refresh_batch_size"]), num_workers=context.num_workers, device=context.device,
         modules=[m for m in (context.trunk, context.embedder) if m is not None], index_factory=index_factory,
         progress=context.progress if options["progress"] is None else bool(options["progress"]),
+        rank=context.rank, world_size=context.world_size,  # under DDP each rank embeds a slice
     )
     queries = MultiViewDataset(context.train_dataset, num_views, indices=query_idx,
                                view_transform=options["view_transform"])
