@@ -61,7 +61,10 @@ def run(args: argparse.Namespace) -> int:
             needs = entry.needs()
             parts = []
             if needs["sampler"]:
-                parts.append(f"a {needs['sampler'].replace('_', '-')} sampler")
+                sampler = needs["sampler"].replace("_", "-")
+                # "an m-per-class sampler": a vowel, or a letter whose name starts with one, then "-"
+                vowel_sound = sampler[:1] in "aeiou" or (sampler[1:2] == "-" and sampler[0] in "fhlmnrsx")
+                parts.append(f"{'an' if vowel_sound else 'a'} {sampler} sampler")
             if needs["multi_view"]:
                 parts.append("multi-view batches")
             if needs["database_refresh"]:
