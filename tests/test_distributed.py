@@ -223,3 +223,30 @@ def test_torchrun_trains_like_one_process(tmp_path):
     for part in ("embedder", "loss"):
         for key in b[part]:
             assert torch.allclose(a[part][key], b[part][key], atol=1e-5), (part, key)
+
+
+def test_torchrun_compare_holds_one_group_and_rank_0_reports(tmp_path):
+    """`torchrun ... compare --distributed`: every run is DDP in one process group; one table, written once,
+    equal to a single-process comparison with the same global batch (identity backbone: no BatchNorm)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    data = tmp_path / "digits.npz"
+    np.savez(data, features=(digits.data / 16).astype(np.float32), labels=digits.target)
+    args = ["--losses", "contrastive,group_loss", "--dataset", f"embeddings:{data}", "--epochs", "1",
+            "--iterations-per-epoch", "3", "--batch-size", "32", "--device", "cpu", "--no-progress"]
+    env = {k: v for k, v in os.environ.items() if k not in pd.TORCHRUN_ENV}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "pml_plugins", "compare", "--distributed", *args, "--out", str(tmp_path / "ddp")],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("comparing 2 losses") == 1 and proc.stdout.count("2 trained, 0 failed") == 1
+    assert cli_main(["compare", *args, "--out", str(tmp_path / "one")]) == 0
+    ddp, one = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("ddp", "one"))
+    ddp_rows, one_rows = ({r["name"]: r for r in d["runs"]} for d in (ddp, one))
+    assert set(ddp_rows) == set(one_rows) and len(ddp_rows) == 3  # floor + 2 losses
+    for name, row in one_rows.items():
+        for key in ("recall_at_1", "map_at_r"):
+            assert ddp_rows[name]["metrics"][key] == pytest.approx(row["metrics"][key], abs=1e-4), (name, key)
+    resolved = json.loads((tmp_path / "ddp" / "runs" / "group_loss" / "config.json").read_text())["resolved"]
+    assert resolved["distributed"]["world_size"] == 2

@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from .train_command import add_common_arguments, file_values, flag_values
+from .train_command import add_common_arguments, add_distributed_arguments, file_values, flag_values
 
 _EPILOG = """With no arguments this is the main job: every installed plugin loss plus PML's ProxyAnchor,
 SoftTriple, NormalizedSoftmax and Contrastive on the bundled digits (train classes 0-4, test on
@@ -16,6 +16,7 @@ examples:
   pml-plugins compare
   pml-plugins compare --losses proxy_anchor,soft_triple --epochs 20 --out runs/cmp
   pml-plugins compare --losses soft_triple,contrastive --loss-arg soft_triple.centers_per_class=4
+  torchrun --nproc-per-node 2 -m pml_plugins compare --distributed   # every run with DDP; rank 0 reports
 """
 
 
@@ -28,6 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--losses", help="comma-separated loss names (default: every plugin loss + PML references)")
     add_common_arguments(p)
+    add_distributed_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -55,7 +57,6 @@ def _split_loss_args(values: dict, losses: list[str], source: str) -> dict:
 def run(args: argparse.Namespace) -> int:
     from ..pipeline import compare as cmp
     from ..pipeline.config import build_config
-    from .train_command import _force_progress
 
     start = time.perf_counter()
     fvals = file_values(args, extra_keys=("losses", "loss"))
@@ -75,10 +76,31 @@ def run(args: argparse.Namespace) -> int:
     per_loss = _split_loss_args(file_loss_args, losses, args.config or "config")
     for loss, extra in _split_loss_args(flag_loss_args, losses, "--loss-arg").items():
         per_loss.setdefault(loss, {}).update(extra)
+    flags["distributed"], flags["distributed_efficient"] = args.distributed, args.distributed_efficient
     base = build_config(fvals, {**flags, "loss": None})
+    if base.distributed:  # one process group for all the runs (re-initialising one per run can hang)
+        from ..distributed import env_from_torchrun
+        from ..pipeline.distributed import local_device, process_group
+        from ..pipeline.train import resolve_device
+
+        env = env_from_torchrun()
+        with process_group(env, local_device(resolve_device(base.device), env)):
+            return _run_compare(args, base, losses, per_loss, start, lead=env.rank == 0)
+    return _run_compare(args, base, losses, per_loss, start, lead=True)
+
+
+def _run_compare(args: argparse.Namespace, base, losses: list[str], per_loss: dict, start: float, *,
+                 lead: bool) -> int:
+    """Every rank trains; only the lead (rank 0, or the single process) evaluates, prints and writes."""
+    from ..pipeline import compare as cmp
+    from .train_command import _force_progress
+
     out = Path(base.out or "pml-plugins-compare")
     base.out = str(out)
-    progress = not args.no_progress and (sys.stderr.isatty() or _force_progress())
+    progress = lead and not args.no_progress and (sys.stderr.isatty() or _force_progress())
+    if not lead:
+        cmp.run_compare(base, losses, out, per_loss_args=per_loss, progress=False, log=lambda msg: None, lead=False)
+        return 0
     print(f"comparing {len(losses)} losses on {base.dataset} ({base.epochs} epochs, batch {base.batch_size}, "
           f"embedding {base.embedding_size}, seed {base.seed}): {', '.join(losses)}", flush=True)
     rows = cmp.run_compare(base, losses, out, per_loss_args=per_loss, progress=progress,

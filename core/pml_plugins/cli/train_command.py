@@ -24,12 +24,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--loss", help="loss name (pml-plugins list), alias or plugin:name (default proxy_anchor)")
     add_common_arguments(p)
+    add_distributed_arguments(p)
+    p.set_defaults(func=run)
+
+
+def add_distributed_arguments(p: argparse.ArgumentParser) -> None:
+    """``--distributed`` / ``--distributed-efficient`` (train and compare)."""
     g = p.add_argument_group("distributed (under torchrun; see docs/distributed-training.md)")
     g.add_argument("--distributed", action="store_true", default=None,
                    help="DDP over the torchrun processes (gloo on CPU, nccl on CUDA); --batch-size is the global batch")
     g.add_argument("--distributed-efficient", action="store_true", default=None,
                    help="PML's efficient mode (only for losses whose registration allows it)")
-    p.set_defaults(func=run)
 
 
 def add_common_arguments(p: argparse.ArgumentParser) -> None:

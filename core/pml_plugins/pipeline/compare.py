@@ -83,9 +83,13 @@ def _safe(name: str) -> str:
 
 
 def run_compare(base: TrainConfig, losses: Sequence[str], out: Path, *, per_loss_args: Optional[dict] = None,
-                progress: bool = True, log: Callable[[str], None] = print) -> list[RunResult]:
+                progress: bool = True, log: Callable[[str], None] = print, lead: bool = True) -> list[RunResult]:
     """Train every loss in ``losses`` with ``base``'s settings; write ``OUT/results.{csv,md}``,
-    ``OUT/comparison.png`` and ``OUT/runs/<loss>/``; return the rows (the floor first)."""
+    ``OUT/comparison.png`` and ``OUT/runs/<loss>/``; return the rows (the floor first).
+
+    With ``base.distributed`` every torchrun process calls this; ``lead=False`` on all ranks but
+    0, which then train their share of every run and write nothing (their rows have no metrics).
+    """
     losses = resolve_losses(losses)
     per_loss_args = per_loss_args or {}
     unknown = [k for k in per_loss_args if k not in losses]
@@ -95,6 +99,8 @@ def run_compare(base: TrainConfig, losses: Sequence[str], out: Path, *, per_loss
     out.mkdir(parents=True, exist_ok=True)
     rows: list[RunResult] = []
     say = (lambda msg: tqdm.tqdm.write(msg)) if progress else log
+    if not lead:
+        say = lambda msg: None  # noqa: E731
     # The floor in every geometry the compared losses are evaluated in (L2 losses such as CAM
     # are compared against an L2 floor); a --retrieval-distance flag applies to all.
     distances = [base.retrieval_distance] if base.retrieval_distance else sorted(
@@ -117,17 +123,19 @@ def run_compare(base: TrainConfig, losses: Sequence[str], out: Path, *, per_loss
             except Exception as exc:  # one failing loss must not end the comparison
                 message = f"{type(exc).__name__}: {exc}".strip()
                 result = RunResult(name=label, error=message, config=cfg.to_dict())
-                Path(cfg.out).mkdir(parents=True, exist_ok=True)
-                (Path(cfg.out) / "error.txt").write_text(traceback.format_exc())
+                if lead:
+                    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+                    (Path(cfg.out) / "error.txt").write_text(traceback.format_exc())
                 say(f"[{i + 1}/{len(runs)}] {label}: FAILED ({message.splitlines()[0][:160]})")
             else:
                 m = result.metrics
                 say(f"[{i + 1}/{len(runs)}] {label}: R@1 {100 * m.get('recall_at_1', float('nan')):.1f}  "
                     f"MAP@R {100 * m.get('map_at_r', float('nan')):.1f}  ({time.perf_counter() - start:.1f} s)")
             rows.append(result)
-            write_results(rows, out, base)
+            if lead:
+                write_results(rows, out, base)
     except KeyboardInterrupt:
-        if rows:
+        if rows and lead:
             write_results(rows, out, base)
             log(f"interrupted: the {len(rows)} completed run(s) are in {out}")
         raise

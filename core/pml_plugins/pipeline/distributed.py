@@ -70,13 +70,19 @@ class RankSliceSampler(Sampler[int]):
 def process_group(env: DistributedEnv, device: torch.device) -> Iterator[str]:
     """Initialise the default process group from torchrun's environment (``env://``).
 
-    Backend: nccl for CUDA devices, gloo otherwise. Yields the backend name; always tears the
-    group down.
+    Backend: nccl for CUDA devices, gloo otherwise. Yields the backend name; tears down the
+    group it created. A group that is already initialised (``compare --distributed`` holds one
+    for all its runs: re-initialising under torchrun after a teardown can hang) is used as it
+    is and left alone.
     """
     if not dist.is_available():
         raise ValueError("this torch build has no torch.distributed; --distributed is unavailable")
     if dist.is_initialized():
-        raise ValueError("a torch.distributed process group is already initialised in this process")
+        if dist.get_world_size() != env.world_size or dist.get_rank() != env.rank:
+            raise ValueError(f"the initialised process group (rank {dist.get_rank()} of {dist.get_world_size()}) "
+                             f"does not match torchrun's RANK={env.rank}, WORLD_SIZE={env.world_size}")
+        yield str(dist.get_backend())
+        return
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
