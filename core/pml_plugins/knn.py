@@ -54,7 +54,7 @@ INDEX_PARAMS: dict[str, tuple[str, ...]] = {
     "hnsw": ("M", "ef_search", "ef_construction"),
 }
 #: Where a search runs: ``torch`` (exact torch search, on the run device), ``cpu`` (FAISS CPU
-#: index), ``gpu`` (FAISS index on GPU 0), ``gpu_sharded`` (FAISS index split over all GPUs).
+#: index), ``gpu`` (FAISS index on the inputs' GPU), ``gpu_sharded`` (FAISS index split over all GPUs).
 PLACEMENTS = ("torch", "cpu", "gpu", "gpu_sharded")
 #: FAISS GPU indexes return at most this many neighbours (and probe at most this many IVF cells).
 GPU_MAX_K = 2048
@@ -167,7 +167,7 @@ def parse_index_params(items: Iterable[str]) -> dict[str, Any]:
 
 def faiss_placement(index: str, device_type: str, num_gpus: int, shard: bool | None = None,
                     k: int | None = None) -> str:
-    """Where FAISS runs: ``"cpu"``, ``"gpu"`` (GPU 0) or ``"gpu_sharded"`` (all GPUs).
+    """Where FAISS runs: ``"cpu"``, ``"gpu"`` (the inputs' GPU) or ``"gpu_sharded"`` (all GPUs).
 
     The decision, without touching FAISS (``num_gpus`` is ``faiss.get_num_gpus()``):
 
@@ -398,7 +398,9 @@ class KNNIndex:
         """Copy the (trained, empty) CPU index to the GPU(s) chosen by :func:`faiss_placement`."""
         if self.placement == "gpu":
             self._gpu_resources = faiss.StandardGpuResources()  # must outlive the GPU index
-            return faiss.index_cpu_to_gpu(self._gpu_resources, 0, idx)
+            # the inputs' GPU (cuda:LOCAL_RANK under DDP), not always GPU 0
+            gpu = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            return faiss.index_cpu_to_gpu(self._gpu_resources, gpu, idx)
         if self.placement == "gpu_sharded":
             co = faiss.GpuMultipleClonerOptions()
             co.shard = True  # each GPU holds 1/n of the references; results are merged
