@@ -108,6 +108,11 @@ def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) ->
     return int(value)
 
 
+def default_nlist(n: int) -> int:
+    """IVF cells for ``n`` references: ``4 sqrt(n)``, but at least 39 rows per cell (FAISS's minimum)."""
+    return max(1, min(n // 39, int(4 * math.sqrt(n))))
+
+
 def check_index_params(index: str, index_params: Mapping[str, Any] | None) -> dict[str, Any]:
     """Validate the ``index_params`` of ``index`` (names and values) before any work is done.
 
@@ -358,7 +363,7 @@ class KNNIndex:
         if self.index == "flat":
             idx = flat()
         elif self.index == "ivf":
-            nlist = p.setdefault("nlist", max(1, min(n // 39, int(4 * math.sqrt(n)))))  # >= 39 rows per cell
+            nlist = p.setdefault("nlist", default_nlist(n))
             p.setdefault("nprobe", 16)
             train_size = p["train_size"] = min(n, p.get("train_size") or 64 * nlist)
             if train_size < nlist:

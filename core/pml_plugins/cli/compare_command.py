@@ -97,10 +97,10 @@ def _run_compare(args: argparse.Namespace, base, losses: list[str], per_loss: di
 
     out = Path(base.out or "pml-plugins-compare")
     base.out = str(out)
-    progress = lead and not args.no_progress and (sys.stderr.isatty() or _force_progress())
     if not lead:
         cmp.run_compare(base, losses, out, per_loss_args=per_loss, progress=False, log=lambda msg: None, lead=False)
         return 0
+    progress = not args.no_progress and (sys.stderr.isatty() or _force_progress())
     print(f"comparing {len(losses)} losses on {base.dataset} ({base.epochs} epochs, batch {base.batch_size}, "
           f"embedding {base.embedding_size}, seed {base.seed}): {', '.join(losses)}", flush=True)
     rows = cmp.run_compare(base, losses, out, per_loss_args=per_loss, progress=progress,

@@ -98,9 +98,7 @@ def run_compare(base: TrainConfig, losses: Sequence[str], out: Path, *, per_loss
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[RunResult] = []
-    say = (lambda msg: tqdm.tqdm.write(msg)) if progress else log
-    if not lead:
-        say = lambda msg: None  # noqa: E731
+    say = (lambda msg: None) if not lead else (lambda msg: tqdm.tqdm.write(msg)) if progress else log
     # The floor in every geometry the compared losses are evaluated in (L2 losses such as CAM
     # are compared against an L2 floor); a --retrieval-distance flag applies to all.
     distances = [base.retrieval_distance] if base.retrieval_distance else sorted(

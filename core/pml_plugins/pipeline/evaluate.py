@@ -42,7 +42,6 @@ class _QuietTester(GlobalEmbeddingSpaceTester):
         self._progress, self._desc, self._binarize = progress, desc, binarize
         super().__init__(*args, **kwargs)
 
-
     def compute_all_embeddings(self, dataloader, trunk_model, embedder_model):
         original = tqdm.tqdm
         bar = lambda it, *a, **k: original(it, desc=self._desc, leave=False, disable=not self._progress, dynamic_ncols=True)
@@ -71,12 +70,13 @@ def standard_metric_name(name: str) -> str:
 def evaluate(trunk: torch.nn.Module, embedder: torch.nn.Module, dataset: torch.utils.data.Dataset, *,
              device: torch.device, retrieval_distance: str = "cosine", ks: Sequence[int] = DEFAULT_KS,
              batch_size: int = 256, progress: bool = True, dtype: torch.dtype | None = None,
-             binarize: bool = False) -> dict[str, float]:
+             binarize: bool = False, with_bits: bool = False) -> dict[str, float]:
     """Embed ``dataset`` and return retrieval metrics, test split queried against itself.
 
     ``binarize=True`` evaluates the ±1 codes of :func:`pml_plugins.binarize_embeddings`
     instead (cosine of codes = 1 - 2 Hamming / D, so the ranking is by Hamming distance; needs
-    ``retrieval_distance="cosine"``).
+    ``retrieval_distance="cosine"``). ``with_bits=True`` evaluates the float embeddings and
+    then, from the same embedding pass, their codes, reported as ``bits_<metric>``.
     """
     if retrieval_distance not in RETRIEVAL_DISTANCES:
         raise ValueError(f"retrieval_distance must be one of {RETRIEVAL_DISTANCES}, got {retrieval_distance!r}")
@@ -89,11 +89,16 @@ def evaluate(trunk: torch.nn.Module, embedder: torch.nn.Module, dataset: torch.u
                           accuracy_calculator=calculator, end_of_testing_hook=lambda tester: None,
                           progress=progress, binarize=binarize, desc="embedding test split" + (" (bits)" if binarize else ""))
     accuracies = tester.test({"test": dataset}, 0, trunk, embedder, splits_to_eval=[("test", ["test"])])
-    out = {}
-    for key, value in accuracies["test"].items():
-        if key == "epoch":
-            continue
-        out[standard_metric_name(key)] = float(value)
+    out = {standard_metric_name(key): float(value) for key, value in accuracies["test"].items() if key != "epoch"}
+    if with_bits and not binarize:
+        from ..binarize import binarize_embeddings  # noqa: PLC0415
+
+        # the tester keeps the embeddings it just computed (L2-normalised for cosine, which
+        # leaves the codes unchanged: the sign of x - mean(x) is scale-invariant)
+        embeddings, labels = tester.embeddings_and_labels["test"]
+        bits = make_accuracy_calculator(ks, "cosine", device=device).get_accuracy(
+            binarize_embeddings(embeddings), labels[:, 0] if labels.ndim == 2 else labels)
+        out.update({f"bits_{standard_metric_name(key)}": float(value) for key, value in bits.items()})
     return out
 
 

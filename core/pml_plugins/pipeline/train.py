@@ -631,11 +631,7 @@ def _run(cfg: TrainConfig, name: str, *, progress: bool, log: Optional[Callable[
     metrics = {}
     if lead:
         metrics = evaluate(trunk, embedder, splits.test, device=device, retrieval_distance=retrieval, ks=cfg.ks,
-                           batch_size=cfg.eval_batch_size, progress=progress)
-        if cfg.eval_binarize:
-            bits = evaluate(trunk, embedder, splits.test, device=device, retrieval_distance="cosine", ks=cfg.ks,
-                            batch_size=cfg.eval_batch_size, progress=progress, binarize=True)
-            metrics.update({f"bits_{key}": value for key, value in bits.items()})
+                           batch_size=cfg.eval_batch_size, progress=progress, with_bits=cfg.eval_binarize)
     result = RunResult(name=name, metrics=metrics, out=cfg.out,
                        seconds_per_epoch=(sum(epoch_seconds) / len(epoch_seconds)) if epoch_seconds else None,
                        train_seconds=sum(epoch_seconds), peak_memory_mb=mem.peak_mb if train else None,

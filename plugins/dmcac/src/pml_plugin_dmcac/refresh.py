@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Optional
 
 import torch
+from pml_plugins.distributed import gather_in_rank_order, is_distributed
 from tqdm.auto import tqdm
 
 
@@ -74,14 +75,15 @@ class DatabaseRefresher:
 
     def refresh(self) -> None:
         """Embed every database item (eval mode, no grad, batched) and call ``set_database``."""
-        sharded = self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
-        bounds = _shard_bounds(len(self.dataset), self.world_size) if sharded else [(0, len(self.dataset))]
-        start, stop = bounds[self.rank] if sharded else bounds[0]
+        sharded = self.world_size > 1 and is_distributed()
+        if sharded and len(self.dataset) < self.world_size:
+            raise ValueError(f"the database has {len(self.dataset)} rows, fewer than the {self.world_size} processes "
+                             f"that share its refresh")
+        bounds = _shard_bounds(len(self.dataset), self.world_size if sharded else 1)
+        start, stop = bounds[self.rank if sharded else 0]
         embeddings, labels = self._embed(torch.utils.data.Subset(self.dataset, range(start, stop)))
-        if sharded:
-            # the collective runs where the embeddings are (CUDA under nccl, CPU under gloo)
-            device = embeddings.device if embeddings.numel() else (self.device or torch.device("cpu"))
-            embeddings, labels = _gather_shards(embeddings, labels, bounds, device)
+        if sharded:  # the collective runs where the embeddings are (CUDA under nccl, CPU under gloo)
+            embeddings, labels = _gather_shards(embeddings, labels, bounds, embeddings.device)
         index = self.index_factory(embeddings) if self.index_factory is not None else None
         if index is not None:
             self.loss.set_database(embeddings, labels, index=index)
@@ -105,8 +107,6 @@ class DatabaseRefresher:
         finally:
             for m, flag in zip(self.modules, flags):
                 m.train(flag)
-        if not chunks:  # an empty shard (more ranks than database rows)
-            return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
         return torch.cat(chunks), torch.cat(labels).long()
 
     def end_of_epoch_hook(self, trainer: Any = None) -> None:
@@ -137,20 +137,11 @@ def _shard_bounds(n: int, world_size: int) -> list[tuple[int, int]]:
 
 def _gather_shards(embeddings: torch.Tensor, labels: torch.Tensor, bounds: list[tuple[int, int]],
                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """All-gather every rank's slice (padded to the largest) and concatenate them in rank order."""
-    dist = torch.distributed
+    """Every rank's slice, padded to the longest, gathered in rank order; the padding dropped."""
     longest = max(stop - start for start, stop in bounds)
-    # every rank must agree on the width; an empty shard learns it from the others
-    width = torch.tensor([embeddings.shape[1] if embeddings.numel() else 0], device=device)
-    dist.all_reduce(width, op=dist.ReduceOp.MAX)
-    padded = torch.zeros(longest, int(width), dtype=torch.float32, device=device)
-    padded_labels = torch.zeros(longest, dtype=torch.long, device=device)
-    padded[: len(embeddings)] = embeddings.float().to(device)
-    padded_labels[: len(labels)] = labels.to(device)
-    gathered = [torch.empty_like(padded) for _ in bounds]
-    gathered_labels = [torch.empty_like(padded_labels) for _ in bounds]
-    dist.all_gather(gathered, padded)
-    dist.all_gather(gathered_labels, padded_labels)
-    sizes = [stop - start for start, stop in bounds]
-    return (torch.cat([g[:size] for g, size in zip(gathered, sizes)]),
-            torch.cat([g[:size] for g, size in zip(gathered_labels, sizes)]))
+    pad = longest - len(embeddings)
+    gathered = gather_in_rank_order(torch.nn.functional.pad(embeddings.float().to(device), (0, 0, 0, pad)))
+    gathered_labels = gather_in_rank_order(torch.nn.functional.pad(labels.to(device), (0, pad)))
+    keep = torch.cat([torch.arange(r * longest, r * longest + stop - start, device=device)
+                      for r, (start, stop) in enumerate(bounds)])
+    return gathered[keep], gathered_labels[keep]

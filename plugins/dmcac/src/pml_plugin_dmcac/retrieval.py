@@ -1,11 +1,10 @@
 """Top-k retrieval over a database and the per-query union of eq. 8, batched with padding."""
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import torch
-from pml_plugins.knn import KNNIndex, knn_search
+from pml_plugins.knn import KNNIndex, default_nlist, knn_search
 
 
 @torch.no_grad()
@@ -104,7 +103,7 @@ def build_faiss_index(embeddings: torch.Tensor, kind: str = "ivf", nlist: Option
     params: dict = dict(index_params)
     if kind == "ivf":
         n = embeddings.shape[0]
-        nlist = int(nlist or max(1, min(n // 39, int(4 * math.sqrt(n)))))  # FAISS wants >= 39 points per cell
+        nlist = int(nlist or default_nlist(n))
         params.update(nlist=nlist, nprobe=int(nprobe), seed=int(seed))
         if train_size is not None:
             params["train_size"] = max(nlist, min(int(train_size), n))
