@@ -89,6 +89,9 @@ def process_group(env: DistributedEnv, device: torch.device) -> Iterator[str]:
     dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size)
     try:
         yield backend
+        # rank 0 may still be evaluating and writing: leave together (a rank tearing down gloo
+        # while a peer is still connected can abort with "terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
