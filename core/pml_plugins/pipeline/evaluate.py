@@ -84,18 +84,20 @@ def evaluate(trunk: torch.nn.Module, embedder: torch.nn.Module, dataset: torch.u
         raise ValueError(f"binarize=True ranks codes by Hamming distance: retrieval_distance must be 'cosine', "
                          f"got {retrieval_distance!r}")
     calculator = make_accuracy_calculator(ks, retrieval_distance, device=device)
+    kept: dict = {}  # the embeddings of the pass, for with_bits (PML's tester deletes them after its hook)
     tester = _QuietTester(normalize_embeddings=retrieval_distance == "cosine", batch_size=batch_size,
                           dataloader_num_workers=0, data_device=device, dtype=dtype,
-                          accuracy_calculator=calculator, end_of_testing_hook=lambda tester: None,
+                          accuracy_calculator=calculator, end_of_testing_hook=lambda tester: kept.update(
+                              tester.embeddings_and_labels if with_bits else {}),
                           progress=progress, binarize=binarize, desc="embedding test split" + (" (bits)" if binarize else ""))
     accuracies = tester.test({"test": dataset}, 0, trunk, embedder, splits_to_eval=[("test", ["test"])])
     out = {standard_metric_name(key): float(value) for key, value in accuracies["test"].items() if key != "epoch"}
     if with_bits and not binarize:
         from ..binarize import binarize_embeddings  # noqa: PLC0415
 
-        # the tester keeps the embeddings it just computed (L2-normalised for cosine, which
-        # leaves the codes unchanged: the sign of x - mean(x) is scale-invariant)
-        embeddings, labels = tester.embeddings_and_labels["test"]
+        # L2-normalised for cosine, which leaves the codes unchanged (the sign of x - mean(x) is
+        # scale-invariant)
+        embeddings, labels = kept["test"]
         bits = make_accuracy_calculator(ks, "cosine", device=device).get_accuracy(
             binarize_embeddings(embeddings), labels[:, 0] if labels.ndim == 2 else labels)
         out.update({f"bits_{standard_metric_name(key)}": float(value) for key, value in bits.items()})
