@@ -1,4 +1,4 @@
-"""Benchmark: approximate kNN (FAISS IVF / HNSW) against exact search, and evaluation at 1M scale.
+"""Benchmark: approximate kNN (FAISS IVF / HNSW / PQ) against exact search, and evaluation at 1M scale.
 
 Synthetic clustered embeddings: ``N / items_per_class`` Gaussian clusters on the unit sphere in
 128-d (centres uniform on the sphere, per-dimension noise ``noise / sqrt(d)``, re-normalised),
@@ -16,11 +16,14 @@ For every N in ``--sizes``:
   exactly tied score counts), ``R@1 in top10`` = the exact top-1 is among the approximate 10,
   ``10-R@10`` = overlap of the two top-10 lists;
 * HNSW (M = 32) for each ``--ef-search``, for N <= ``--hnsw-max-n``;
-* end to end: ``pml_plugins.AccuracyCalculator(knn_func=KNN("cosine", index="ivf", ...))`` on all
+* PQ fast scan with exact re-ranking (``m`` = ``--pq-m``, default dim / 2) for each
+  ``--pq-k-factor``;
+* end to end: ``pml_plugins.AccuracyCalculator(knn_func=KNN("cosine", index=..., ...))`` on all
   queries against the N references (precision@1, Recall@{1,2,4,8}, nDCG@{2,4,8,10}, MAP@R,
-  R-precision; ``k="max_bin_count"``), with the smallest swept nprobe whose R@1 >= 0.95 (or
-  ``--e2e-nprobe``); its time includes building the index. The metrics are compared with the
-  exact ones on the query subset.
+  R-precision; ``k="max_bin_count"``), with ``--e2e-index`` (default ``auto``: the swept
+  approximate configuration with R@1 >= 0.95 of least build + search time, else the one of
+  highest R@1); its time includes building the index. The metrics are compared with the exact
+  ones on the query subset.
 
 Run (the numbers in docs/scale.md): ``nice python benchmarks/bench_knn_scale.py``; ``--quick`` for
 a one-minute check (N = 20k, 100k; 10k queries).
@@ -121,7 +124,10 @@ def main() -> None:
     p.add_argument("--ef-search", type=int, nargs="+", default=[32, 64, 128])
     p.add_argument("--hnsw-max-n", type=int, default=100_000, help="largest N for HNSW (its build is slow on 2 cores)")
     p.add_argument("--pml-max-n", type=int, default=100_000, help="largest N for PML's FaissKNN (exact, same cost as ours)")
-    p.add_argument("--e2e-index", choices=("ivf", "hnsw", "flat"), default="ivf",
+    p.add_argument("--pq-k-factor", type=int, nargs="*", default=[4, 16, 64],
+                   help="PQ sweep: candidates re-ranked exactly per neighbour (none: no PQ)")
+    p.add_argument("--pq-m", type=int, default=None, help="PQ sub-quantizers (default dim / 2)")
+    p.add_argument("--e2e-index", choices=("auto", "ivf", "hnsw", "pq", "flat"), default="auto",
                    help="index of the end-to-end run (flat: exact, for the baseline)")
     p.add_argument("--e2e-nprobe", type=int, default=None, help="IVF nprobe of the end-to-end run (default: smallest with R@1 >= 0.95)")
     p.add_argument("--e2e-ef-search", type=int, default=None,
@@ -168,7 +174,6 @@ def main() -> None:
             rows.append(dict(n=n, method="exact PML FaissKNN", params="IndexFlatIP", build=float("nan"),
                              search=pml_s / sub * args.queries, note=f"measured on {sub} queries",
                              r1=float((pml_i[:, 0] == ex_i[:, 0]).float().mean()), in10=float("nan"), r10=float("nan")))
-        ivf_r1, hnsw_r1 = {}, {}
         ivf_base, ivf_build = (None, 0.0) if not args.nprobe else timed(lambda: KNNIndex(ref, metric="cosine", index="ivf",
                                                      index_params=ivf_params(args)))
         nlist, train_size = (0, 0) if ivf_base is None else (ivf_base.params["nlist"], ivf_base.params["train_size"])
@@ -176,9 +181,9 @@ def main() -> None:
             ivf_base.faiss_index.nprobe = min(nprobe, nlist)
             (a_s, a_i), s = timed(lambda: ivf_base.search(query, 10, progress=None))
             r1, in10, r10 = recall(a_s[:sub], a_i[:sub], ex_s, ex_i)
-            ivf_r1[nprobe] = r1
             rows.append(dict(n=n, method="IVF-Flat", params=f"nlist={nlist} nprobe={nprobe}", build=ivf_build, search=s,
-                             note=f"trained on {train_size} rows", r1=r1, in10=in10, r10=r10))
+                             note=f"trained on {train_size} rows", r1=r1, in10=in10, r10=r10,
+                             index="ivf", index_params={"nprobe": nprobe, **ivf_params(args)}))
             print(f"  IVF nprobe={nprobe}: search {s:.1f} s, R@1 {r1:.4f}")
         del ivf_base
         if n <= args.hnsw_max_n:
@@ -187,28 +192,45 @@ def main() -> None:
                 hnsw.params["ef_search"] = ef
                 (a_s, a_i), s = timed(lambda: hnsw.search(query, 10, progress=None))
                 r1, in10, r10 = recall(a_s[:sub], a_i[:sub], ex_s, ex_i)
-                hnsw_r1[ef] = r1
                 rows.append(dict(n=n, method="HNSW-Flat", params=f"M=32 ef_search={ef}", build=hnsw_build, search=s,
-                                 note="efConstruction 40", r1=r1, in10=in10, r10=r10))
+                                 note="efConstruction 40", r1=r1, in10=in10, r10=r10,
+                                 index="hnsw", index_params={"ef_search": ef}))
                 print(f"  HNSW ef_search={ef}: search {s:.1f} s, R@1 {r1:.4f}")
             del hnsw
+        pq_build_params = {"m": args.pq_m} if args.pq_m else {}
+        if args.pq_k_factor:
+            pq, pq_build = timed(lambda: KNNIndex(ref, metric="cosine", index="pq", index_params=pq_build_params))
+            for k_factor in args.pq_k_factor:
+                pq.params["k_factor"] = k_factor
+                (a_s, a_i), s = timed(lambda: pq.search(query, 10, progress=None))
+                r1, in10, r10 = recall(a_s[:sub], a_i[:sub], ex_s, ex_i)
+                rows.append(dict(n=n, method="PQ fast scan + exact re-rank", params=f"m={pq.params['m']} k_factor={k_factor}",
+                                 build=pq_build, search=s, note=f"4-bit codes, trained on {pq.params['train_size']} rows",
+                                 r1=r1, in10=in10, r10=r10, index="pq", index_params={**pq_build_params, "k_factor": k_factor}))
+                print(f"  PQ k_factor={k_factor}: search {s:.1f} s, R@1 {r1:.4f}")
+            del pq
 
         # end to end: our calculator with the approximate kNN, every query against the N references
-        if args.e2e_index == "ivf":
-            good = [p_ for p_ in args.nprobe if ivf_r1[p_] >= 0.95]
-            value = args.e2e_nprobe or (min(good) if good else max(args.nprobe))
-            params = {"nprobe": value, **ivf_params(args)}
-            label = f"IVF nprobe={value}"
-        elif args.e2e_index == "flat":
-            params, label = {}, "exact flat"
+        if args.e2e_index == "flat":
+            e2e_index, params, label = "flat", {}, "exact flat"
         else:
-            good = [e for e in args.ef_search if hnsw_r1.get(e, 0.0) >= 0.95]
-            value = args.e2e_ef_search or (min(good) if good else max(args.ef_search))
-            params = {"ef_search": value}
-            label = f"HNSW M=32 ef_search={value}"
+            swept = [r for r in rows if r["n"] == n and "index" in r
+                     and (args.e2e_index == "auto" or r["index"] == args.e2e_index)]
+            if args.e2e_index == "ivf" and args.e2e_nprobe:
+                swept = [r for r in swept if r["index_params"]["nprobe"] == args.e2e_nprobe] or [dict(
+                    index="ivf", index_params={"nprobe": args.e2e_nprobe, **ivf_params(args)}, method="IVF-Flat",
+                    params=f"nprobe={args.e2e_nprobe}", r1=0.0, build=0.0, search=0.0)]
+            if args.e2e_index == "hnsw" and args.e2e_ef_search:
+                swept = [dict(index="hnsw", index_params={"ef_search": args.e2e_ef_search}, method="HNSW-Flat",
+                              params=f"M=32 ef_search={args.e2e_ef_search}", r1=0.0, build=0.0, search=0.0)]
+            if not swept:
+                raise SystemExit(f"--e2e-index {args.e2e_index}: that index was not swept at N = {n}")
+            good = [r for r in swept if r["r1"] >= 0.95]
+            chosen = min(good, key=lambda r: r["build"] + r["search"]) if good else max(swept, key=lambda r: r["r1"])
+            e2e_index, params, label = chosen["index"], chosen["index_params"], f"{chosen['method']} {chosen['params']}"
         calc = AccuracyCalculator(include=INCLUDE, k="max_bin_count", ndcg_ks=NDCG_KS, recall_ks=RECALL_KS,
                                   device="cpu", plugin_metrics=False,
-                                  knn_func=Capture(KNN("cosine", index=args.e2e_index, index_params=params, progress=None)))
+                                  knn_func=Capture(KNN("cosine", index=e2e_index, index_params=params, progress=None)))
         approx, e2e_s = timed(lambda: calc.get_accuracy(query, query_labels, ref, ref_labels, False))
         # the same metrics on the subset: exact neighbours vs the approximate ones the calculator used
         used_s, used_i = calc.knn_func.result

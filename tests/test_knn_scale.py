@@ -43,7 +43,8 @@ def data():
 
 # -- chunking ---------------------------------------------------------------------------------
 @needs_faiss
-@pytest.mark.parametrize("index, params", [("flat", None), ("ivf", {"nlist": 32, "nprobe": 4}), ("hnsw", {"M": 16})])
+@pytest.mark.parametrize("index, params", [("flat", None), ("ivf", {"nlist": 32, "nprobe": 4}), ("hnsw", {"M": 16}),
+                                           ("pq", {"m": 8})])
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
 def test_chunked_faiss_search_equals_unchunked(data, index, params, metric):
     ref, _, query, _ = data
@@ -87,6 +88,7 @@ def test_progress_bar_hidden_off_terminal(data, capsys):
 @pytest.mark.parametrize("index, params", [
     ("ivf", {"nlist": 32, "nprobe": 8}),
     ("hnsw", {"M": 16, "ef_search": 64, "ef_construction": 64}),
+    ("pq", {"m": 16, "k_factor": 8}),
 ])
 def test_approximate_indexes_reach_high_recall_on_clustered_data(data, index, params):
     ref, _, query, _ = data
@@ -95,6 +97,52 @@ def test_approximate_indexes_reach_high_recall_on_clustered_data(data, index, pa
     _, approx = built.search(query, 10)
     assert top1_recall(approx, exact) >= 0.95
     assert built.params.items() >= params.items()  # the user's values were used
+
+
+@needs_faiss
+@pytest.mark.parametrize("metric", ["cosine", "inner_product", "euclidean"])
+def test_pq_reranks_its_candidates_exactly(data, metric):
+    ref, _, query, _ = data
+    ref, query = ref * 3, query * 0.5  # not unit rows: inner_product and euclidean differ from cosine
+    built = KNNIndex(ref, metric=metric, index="pq", index_params={"m": 4, "k_factor": 4})
+    assert built.params == {"m": 4, "k_factor": 4, "train_size": len(ref), "seed": 0}
+    scores, idx = built.search(query, 12)
+    # the returned scores are the exact ones of the returned references (IndexRefineFlat), in order
+    r = torch.nn.functional.normalize(ref, dim=1) if metric == "cosine" else ref
+    q = torch.nn.functional.normalize(query, dim=1) if metric == "cosine" else query
+    if metric == "euclidean":
+        exact_scores = (q[:, None, :] - r[idx]).norm(dim=2)
+        assert bool((scores[:, 1:] >= scores[:, :-1]).all())
+    else:
+        exact_scores = (q[:, None, :] * r[idx]).sum(2)
+        assert bool((scores[:, 1:] <= scores[:, :-1]).all())
+    assert torch.allclose(scores, exact_scores, atol=1e-4)
+    # m = 4 codes 8 dimensions with 16 centroids: coarse, so re-ranking more candidates helps
+    _, exact = knn_search(query, ref, 12, metric=metric)
+    recall_of = lambda k_factor: top1_recall(KNNIndex(ref, metric=metric, index="pq", index_params={
+        "m": 4, "k_factor": k_factor}).search(query, 12)[1], exact)
+    assert recall_of(1) < recall_of(32)
+    # every reference requested: k_factor is capped at N / k and the whole set comes back
+    _, everything = built.search(query[:3], len(ref))
+    assert all(sorted(row.tolist()) == list(range(len(ref))) for row in everything)
+
+
+@needs_faiss
+def test_pq_parameters(data):
+    ref = data[0]
+    default = KNNIndex(ref, index="pq")
+    assert default.params == {"m": 16, "k_factor": 16, "seed": 0, "train_size": len(ref)}  # m = dim / 2
+    assert default.placement == "cpu"
+    sampled = KNNIndex(ref, index="pq", index_params={"train_size": 500, "seed": 1})
+    assert sampled.params["train_size"] == 500
+    odd = KNNIndex(torch.randn(200, 15), index="pq")
+    assert odd.params["m"] == 15  # an odd dimension: one coordinate per sub-quantizer
+    with pytest.raises(ValueError, match=r"index_params\['m'\] = 5 must divide the embedding dimension 32"):
+        KNNIndex(ref, index="pq", index_params={"m": 5})
+    with pytest.raises(ValueError, match=r"'train_size'\] = 8 must be >= 16"):
+        KNNIndex(ref, index="pq", index_params={"train_size": 8})
+    with pytest.raises(ValueError, match=r"'nprobe'.*known: m, k_factor, train_size, seed"):
+        KNNIndex(ref, index="pq", index_params={"nprobe": 8})
 
 
 @needs_faiss
@@ -185,6 +233,7 @@ def test_parse_index_params():
     ("ivf", "cuda", 2, True, 100, "gpu_sharded"),
     ("ivf", "cuda", 4, False, None, "gpu"),
     ("hnsw", "cuda", 4, None, None, "cpu"),         # no GPU HNSW in FAISS
+    ("pq", "cuda", 4, None, None, "cpu"),           # nor GPU PQ fast scan
     ("flat", "cuda", 4, None, GPU_MAX_K, "gpu_sharded"),
     ("flat", "cuda", 4, None, GPU_MAX_K + 1, "cpu"),  # beyond FAISS GPU's k
 ])
@@ -197,8 +246,10 @@ def test_faiss_placement_errors():
         faiss_placement("flat", "cpu", 2, shard=True)
     with pytest.raises(ValueError, match="GPU support"):
         faiss_placement("ivf", "cuda", 0, shard=True)
-    with pytest.raises(ValueError, match="no GPU HNSW"):
+    with pytest.raises(ValueError, match="no GPU version of index='hnsw'"):
         faiss_placement("hnsw", "cuda", 2, shard=True)
+    with pytest.raises(ValueError, match="no GPU version of index='pq'"):
+        faiss_placement("pq", "cuda", 2, shard=True)
     with pytest.raises(TypeError, match="shard"):
         faiss_placement("flat", "cuda", 2, shard=1)
     with pytest.raises(ValueError, match="index"):
@@ -249,6 +300,9 @@ def test_evaluate_command_knn_index(tmp_path, data, capsys):
     assert ivf_all["metrics"] == pytest.approx(exact["metrics"], abs=1e-12)  # every cell probed: exact
     hnsw = run("--knn-index", "hnsw", "--knn-param", "M=16", "--knn-param", "ef_search=128")
     assert hnsw["metrics"]["precision_at_1"] == pytest.approx(exact["metrics"]["precision_at_1"], abs=0.02)
+    pq = run("--knn-index", "pq", "--knn-param", "m=16", "--knn-param", "k_factor=32")
+    assert pq["knn"] == {"index": "pq", "m": 16, "k_factor": 32}
+    assert pq["metrics"]["precision_at_1"] == pytest.approx(exact["metrics"]["precision_at_1"], abs=0.02)
     # errors name the parameter; exit status 2 like the command's other input errors
     assert main([*base, "--knn-index", "ivf", "--knn-param", "nprob=16"]) == 2
     assert "'nprob'" in capsys.readouterr().err

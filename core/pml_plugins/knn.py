@@ -9,9 +9,12 @@ neighbours one way.
 
 Scale:
 
-* exact (``index="flat"``) or approximate (``"ivf"``, ``"hnsw"``) FAISS indexes with
+* exact (``index="flat"``) or approximate (``"ivf"``, ``"hnsw"``, ``"pq"``) FAISS indexes with
   user-set parameters (:data:`INDEX_PARAMS`); IVF is trained on a random subsample of at most
   ``train_size`` rows (default ``min(N, 64 * nlist)``), so building on millions of rows is fast;
+  ``pq`` scans 4-bit product-quantization codes of every reference (FAISS's SIMD "fast scan")
+  and re-ranks the best ``k_factor * k`` exactly, which keeps recall high on data whose
+  neighbours ignore cluster boundaries (where IVF needs to probe most cells);
 * on the GPU when the inputs are CUDA tensors (or ``device="cuda"``) and FAISS has GPU
   support, sharded over all visible GPUs (``faiss.index_cpu_to_all_gpus`` with
   ``GpuMultipleClonerOptions.shard = True``) when there is more than one; see
@@ -34,25 +37,32 @@ import tqdm
 __all__ = [
     "knn_search", "KNN", "KNNIndex", "faiss_available", "faiss_num_gpus", "faiss_placement",
     "check_index_params", "parse_index_params", "METRICS", "INDEXES", "BACKENDS", "INDEX_PARAMS",
-    "PLACEMENTS", "GPU_MAX_K",
+    "PLACEMENTS", "GPU_MAX_K", "GPU_INDEXES",
 ]
 
 #: ``cosine``: similarity of L2-normalised vectors (descending); ``inner_product``: raw dot
 #: product (descending); ``euclidean``: L2 distance, not squared (ascending).
 METRICS = ("cosine", "inner_product", "euclidean")
-#: ``flat`` is exact; ``ivf`` and ``hnsw`` are FAISS's approximate indexes (FAISS only).
-INDEXES = ("flat", "ivf", "hnsw")
+#: ``flat`` is exact; ``ivf``, ``hnsw`` and ``pq`` are FAISS's approximate indexes (FAISS only).
+INDEXES = ("flat", "ivf", "hnsw", "pq")
 BACKENDS = ("auto", "faiss", "torch")
 #: The ``index_params`` each index accepts (all integers; ``train_size`` may be None = all rows):
 #: ``nlist`` cells (default ``4 sqrt(N)``, at most N / 39), ``nprobe`` cells searched (16),
 #: ``train_size`` rows of the random k-means training sample (``min(N, 64 nlist)``), ``niter``
 #: k-means iterations (10), ``seed`` of sample and k-means (0); HNSW: ``M`` links per node (32),
-#: ``ef_search`` (``max(64, 2k)``, at least k), ``ef_construction`` (FAISS's 40).
+#: ``ef_search`` (``max(64, 2k)``, at least k), ``ef_construction`` (FAISS's 40); PQ: ``m``
+#: sub-quantizers of 4 bits (``dim / 2``; must divide ``dim``), ``k_factor`` candidates re-ranked
+#: exactly per neighbour (16), ``train_size`` rows of the PQ training sample (``min(N, 65536)``),
+#: ``seed`` of that sample (0).
 INDEX_PARAMS: dict[str, tuple[str, ...]] = {
     "flat": (),
     "ivf": ("nlist", "nprobe", "train_size", "niter", "seed"),
     "hnsw": ("M", "ef_search", "ef_construction"),
+    "pq": ("m", "k_factor", "train_size", "seed"),
 }
+#: FAISS has GPU versions of these indexes only (``hnsw`` and ``pq`` fast scan run on the CPU).
+GPU_INDEXES = ("flat", "ivf")
+_PQ_TRAIN_SIZE = 65536  # 16 centroids per sub-quantizer: a few thousand rows per centroid is plenty
 #: Where a search runs: ``torch`` (exact torch search, on the run device), ``cpu`` (FAISS CPU
 #: index), ``gpu`` (FAISS index on the inputs' GPU), ``gpu_sharded`` (FAISS index split over all GPUs).
 PLACEMENTS = ("torch", "cpu", "gpu", "gpu_sharded")
@@ -117,7 +127,7 @@ def check_index_params(index: str, index_params: Mapping[str, Any] | None) -> di
     """Validate the ``index_params`` of ``index`` (names and values) before any work is done.
 
     Args:
-        index: ``"flat"``, ``"ivf"`` or ``"hnsw"``.
+        index: one of :data:`INDEXES`.
         index_params: a mapping of the names in :data:`INDEX_PARAMS` ``[index]`` to ints.
 
     Returns:
@@ -177,21 +187,21 @@ def faiss_placement(index: str, device_type: str, num_gpus: int, shard: bool | N
     The decision, without touching FAISS (``num_gpus`` is ``faiss.get_num_gpus()``):
 
     * CPU inputs and device, or a FAISS without GPUs (``num_gpus == 0``): ``"cpu"``;
-    * ``index="hnsw"``: ``"cpu"`` (FAISS has no GPU HNSW);
+    * ``index="hnsw"`` or ``"pq"``: ``"cpu"`` (FAISS has no GPU HNSW or PQ fast scan);
     * ``k > GPU_MAX_K`` (FAISS GPU's largest k): ``"cpu"``;
     * one GPU, or ``shard=False``: ``"gpu"``;
     * several GPUs and ``shard`` None (default) or True: ``"gpu_sharded"``: the references are
       split over the GPUs (each holds 1/n of them), every query searched on each, results merged.
 
     Args:
-        index: ``"flat"``, ``"ivf"`` or ``"hnsw"``.
+        index: one of :data:`INDEXES`.
         device_type: ``"cuda"`` when the inputs (or the requested ``device``) are on a GPU.
         num_gpus: GPUs visible to FAISS.
         shard: None (shard when there are several GPUs), True (insist), False (one GPU).
         k: neighbours to be searched, when known.
 
     Raises:
-        ValueError: ``shard=True`` where sharding cannot happen (CPU device, no FAISS GPU, HNSW).
+        ValueError: ``shard=True`` where sharding cannot happen (CPU device, no FAISS GPU, HNSW, PQ).
     """
     if index not in INDEXES:
         raise ValueError(f"index must be one of {INDEXES}, got {index!r}")
@@ -204,9 +214,9 @@ def faiss_placement(index: str, device_type: str, num_gpus: int, shard: bool | N
         if num_gpus == 0:
             raise ValueError("shard=True needs FAISS with GPU support and a visible GPU (faiss.get_num_gpus() == 0); "
                              "pip install 'pml-plugins[gpu]'")
-        if index == "hnsw":
-            raise ValueError("shard=True: FAISS has no GPU HNSW index; use index='flat' or 'ivf'")
-    if device_type != "cuda" or num_gpus == 0 or index == "hnsw":
+        if index not in GPU_INDEXES:
+            raise ValueError(f"shard=True: FAISS has no GPU version of index={index!r}; use index='flat' or 'ivf'")
+    if device_type != "cuda" or num_gpus == 0 or index not in GPU_INDEXES:
         return "cpu"
     if k is not None and k > GPU_MAX_K:
         return "cpu"
@@ -270,7 +280,7 @@ def _bar(total: int, blocks: int, progress: bool | None, desc: str) -> tqdm.tqdm
 class KNNIndex:
     """A reference set indexed once, searched many times: the object behind :func:`knn_search`.
 
-    ``KNNIndex(reference, metric=..., index=...)`` builds the index (FAISS flat / IVF / HNSW,
+    ``KNNIndex(reference, metric=..., index=...)`` builds the index (FAISS flat / IVF / HNSW / PQ,
     on CPU, one GPU or sharded over all GPUs; or the exact torch search);
     ``search(query, k)`` returns ``(scores, indices)`` exactly as :func:`knn_search`, searching
     the queries in blocks.
@@ -386,6 +396,8 @@ class KNNIndex:
                 idx.clustering_index = self._clustering_index
             idx.train(sample)
             idx.nprobe = min(p["nprobe"], nlist, GPU_MAX_K if self.placement != "cpu" else nlist)
+        elif self.index == "pq":  # CPU only, like hnsw
+            idx = self._build_pq(faiss, r_np, faiss_metric)
         else:  # hnsw (CPU only: faiss_placement never puts it on a GPU)
             idx = faiss.IndexHNSWFlat(d, p.setdefault("M", 32), faiss_metric)
             if "ef_construction" in p:
@@ -398,6 +410,32 @@ class KNNIndex:
                 idx.add(r_np[start:start + _ADD_BLOCK])
                 bar.update(min(_ADD_BLOCK, n - start))
         self.faiss_index = idx
+
+    def _build_pq(self, faiss: Any, r_np: np.ndarray, faiss_metric: int) -> Any:
+        """4-bit PQ fast scan of every reference, its best ``k_factor * k`` re-ranked exactly.
+
+        ``IndexPQFastScan`` (``m`` sub-quantizers of 16 centroids, codes scanned 32 at a time
+        with SIMD table look-ups) inside ``IndexRefineFlat`` (which keeps the float vectors
+        and recomputes the exact score of each candidate), i.e. FAISS's ``"PQ{m}x4fs,RFlat"``.
+        """
+        n, d = r_np.shape
+        p = self.params
+        m = p.setdefault("m", d // 2 if d % 2 == 0 else d)
+        if d % m:
+            raise ValueError(f"index_params['m'] = {m} must divide the embedding dimension {d} "
+                             f"(each of the m sub-quantizers codes dim / m coordinates)")
+        p.setdefault("k_factor", 16)
+        p.setdefault("seed", 0)
+        train_size = p["train_size"] = min(n, p.get("train_size") or _PQ_TRAIN_SIZE)
+        if train_size < 16:
+            raise ValueError(f"index_params['train_size'] = {train_size} must be >= 16 (4-bit codes: 16 centroids)")
+        base = faiss.IndexPQFastScan(d, m, 4, faiss_metric)
+        base.pq.cp.seed = p["seed"]
+        rows = np.sort(np.random.default_rng(p["seed"]).choice(n, train_size, replace=False)) if train_size < n else None
+        base.train(r_np if rows is None else r_np[rows])
+        idx = faiss.IndexRefineFlat(base)
+        self._pq_base = base  # IndexRefineFlat does not own its base index: keep it alive here
+        return idx
 
     def _to_gpu(self, faiss: Any, idx: Any) -> Any:
         """Copy the (trained, empty) CPU index to the GPU(s) chosen by :func:`faiss_placement`."""
@@ -462,6 +500,8 @@ class KNNIndex:
         idx = self.faiss_index
         if self.index == "hnsw":  # efSearch below k returns fewer than k neighbours
             idx.hnsw.efSearch = max(k, self.params.get("ef_search", max(64, 2 * k)))
+        elif self.index == "pq":  # never ask the fast scan for more candidates than references
+            idx.k_factor = float(min(self.params["k_factor"], max(1, self.ntotal // k)))
         num = len(q_np)
         if chunk_size is None:
             chunk_size = max(256, min(16384, _DEFAULT_FAISS_RESULTS // k))
@@ -482,8 +522,8 @@ class KNNIndex:
         """Search again, with twice the ``nprobe`` (``ef_search``) each time, the rows where an
         approximate index found fewer than ``k`` candidates (index -1), until they are complete or
         the whole index was probed (IVF: ``nprobe = nlist`` is exhaustive)."""
-        if self.index == "flat" or self.placement != "cpu":
-            return  # exact indexes always return k; GPU parameters are left as built
+        if self.index in ("flat", "pq") or self.placement != "cpu":
+            return  # flat and pq scan every reference, so they return k; GPU parameters are left as built
         idx = self.faiss_index
         if self.index == "ivf":
             get, put, limit = (lambda: idx.nprobe), (lambda v: setattr(idx, "nprobe", v)), idx.nlist
@@ -528,7 +568,8 @@ def knn_search(
         metric: ``"cosine"`` (default; similarities of L2-normalised vectors, sorted
             descending), ``"inner_product"`` (descending) or ``"euclidean"`` (L2 distances,
             not squared, sorted ascending).
-        index: ``"flat"`` (exact, default), or FAISS's approximate ``"ivf"`` / ``"hnsw"``.
+        index: ``"flat"`` (exact, default), or FAISS's approximate ``"ivf"`` / ``"hnsw"`` /
+            ``"pq"`` (4-bit PQ fast scan of every reference, candidates re-ranked exactly).
         backend: ``"auto"`` (FAISS when installed, except for CUDA inputs without FAISS GPU
             support, which stay on the GPU with torch), ``"faiss"`` or ``"torch"``.
         device: where the search runs (default: the query's device). CUDA with a GPU-enabled
@@ -538,7 +579,9 @@ def knn_search(
         index_params: options of the approximate indexes (:data:`INDEX_PARAMS`): ``nlist``
             (default ``4 * sqrt(N)``), ``nprobe`` (16), ``train_size`` (``min(N, 64 nlist)``
             random rows for k-means), ``niter`` (10), ``seed`` (0) for ``ivf``; ``M`` (32),
-            ``ef_search`` (max(64, 2k)) and ``ef_construction`` (40) for ``hnsw``.
+            ``ef_search`` (max(64, 2k)) and ``ef_construction`` (40) for ``hnsw``; ``m``
+            (``dim / 2``), ``k_factor`` (16), ``train_size`` (``min(N, 65536)``), ``seed`` (0)
+            for ``pq``.
         shard: with several GPUs, split the index over them (None: yes; see
             :func:`faiss_placement`).
         progress: tqdm bar (None: for searches of several blocks, on a terminal only).

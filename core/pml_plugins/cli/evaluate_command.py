@@ -35,10 +35,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--avg-of-avgs", action="store_true", help="average per class first")
     p.add_argument("--no-plugin-metrics", action="store_true", help="skip metrics registered by plugins")
     p.add_argument("--knn-index", choices=INDEXES, default="flat",
-                   help="kNN index: flat (exact, default), or FAISS's approximate ivf / hnsw")
+                   help="kNN index: flat (exact, default), or FAISS's approximate ivf / hnsw / pq "
+                        "(pq: 4-bit product-quantization fast scan of every reference, re-ranked exactly)")
     p.add_argument("--knn-param", action="append", default=[], metavar="NAME=VALUE",
                    help="approximate-index parameter, repeatable: ivf " + ", ".join(INDEX_PARAMS["ivf"])
-                        + "; hnsw " + ", ".join(INDEX_PARAMS["hnsw"]) + " (e.g. --knn-param nlist=4096 --knn-param nprobe=32)")
+                        + "; hnsw " + ", ".join(INDEX_PARAMS["hnsw"]) + "; pq " + ", ".join(INDEX_PARAMS["pq"])
+                        + " (e.g. --knn-param nlist=4096 --knn-param nprobe=32)")
     p.add_argument("--knn-device", default=None,
                    help="where the kNN search runs (default: --device); cuda puts FAISS on the GPU(s) when it has GPU support")
     p.add_argument("--knn-shard", choices=("auto", "yes", "no"), default="auto",

@@ -300,6 +300,9 @@ def test_build_faiss_index_flat_and_ivf():
     hnsw = build_faiss_index(db, kind="hnsw", M=16, ef_search=400)  # ef_search = N: the whole graph, exact
     loss.set_database(db, db_labels, index=hnsw)
     assert hnsw.index == "hnsw" and hnsw.ntotal == 400 and loss(emb, labels).item() == pytest.approx(exact, rel=1e-6)
+    pq = build_faiss_index(db, kind="pq", k_factor=100)  # 100 x k = 400 candidates: all re-ranked exactly
+    loss.set_database(db, db_labels, index=pq)
+    assert pq.params["m"] == 3 and loss(emb, labels).item() == pytest.approx(exact, rel=1e-6)
     with pytest.raises(ValueError, match="kind"):
         build_faiss_index(db, kind="lsh")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-from pml_plugins.knn import KNNIndex, default_nlist, knn_search
+from pml_plugins.knn import INDEXES, KNNIndex, default_nlist, knn_search
 
 
 @torch.no_grad()
@@ -94,12 +94,14 @@ def build_faiss_index(embeddings: torch.Tensor, kind: str = "ivf", nlist: Option
     exact; ``kind="ivf"`` is FAISS's ``IndexIVFFlat`` with ``nlist`` cells (default
     ``4 sqrt(N)``), trained on at most ``train_size`` random rows (None: the core's default,
     ``min(N, 64 nlist)``), searched with ``nprobe`` cells; ``kind="hnsw"`` is ``IndexHNSWFlat``
-    (``index_params``: ``M``, ``ef_search``, ``ef_construction``). CUDA embeddings put the
+    (``index_params``: ``M``, ``ef_search``, ``ef_construction``); ``kind="pq"`` is a 4-bit PQ
+    fast scan of every row re-ranked exactly (``index_params``: ``m``, ``k_factor``; any index of
+    :data:`pml_plugins.knn.INDEXES` is accepted). CUDA embeddings put the
     index on the GPU(s) when FAISS has GPU support (sharded over several). Needs ``faiss``
     (``pip install faiss-cpu``).
     """
-    if kind not in ("flat", "ivf", "hnsw"):
-        raise ValueError(f"kind must be 'flat', 'ivf' or 'hnsw', got {kind!r}")
+    if kind not in INDEXES:
+        raise ValueError(f"kind must be one of {INDEXES}, got {kind!r}")
     params: dict = dict(index_params)
     if kind == "ivf":
         n = embeddings.shape[0]

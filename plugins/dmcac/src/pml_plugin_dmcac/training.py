@@ -5,6 +5,7 @@ from typing import Any
 
 import torch
 from pml_plugins import TrainingContext, TrainingSetup
+from pml_plugins.knn import INDEXES
 
 from .data import MultiViewDataset, dataset_labels, multi_view_collate, split_query_database
 from .refresh import DatabaseRefresher, make_embed_fn
@@ -17,7 +18,7 @@ OPTION_DEFAULTS = {
     "refresh_every_iterations": None,  # or refresh every N iterations instead
     "refresh_batch_size": 256,
     "view_transform": None,  # callable for views 1..A-1 (default RandAugment / TensorViewAugment)
-    "index": None,  # None: the core's kNN layer per step; "flat" / "ivf" / "hnsw": a core KNNIndex built per refresh
+    "index": None,  # None: the core's kNN layer per step; "flat" / "ivf" / "hnsw" / "pq": a core KNNIndex built per refresh
     "progress": None,  # None: the main job's setting (context.progress: off-terminal, --no-progress, DDP rank > 0)
 }
 
@@ -51,8 +52,8 @@ def training_setup(loss: Any, context: TrainingContext) -> TrainingSetup:
     embed = context.embed or make_embed_fn(context.trunk, context.embedder, context.device)
     every_iterations = options["refresh_every_iterations"]
     kind = options["index"]
-    if kind not in (None, "flat", "ivf", "hnsw"):
-        raise ValueError(f"option index must be None, 'flat', 'ivf' or 'hnsw', got {kind!r}")
+    if kind is not None and kind not in INDEXES:
+        raise ValueError(f"option index must be None or one of {INDEXES}, got {kind!r}")
     index_factory = None if kind is None else (lambda emb: build_faiss_index(emb, kind=kind))
     refresher = DatabaseRefresher(
         loss, database, embed,
