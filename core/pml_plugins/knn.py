@@ -434,7 +434,8 @@ class KNNIndex:
         p.setdefault("seed", 0)
         train_size = p["train_size"] = min(n, p.get("train_size") or _PQ_TRAIN_SIZE)
         if train_size < 16:
-            raise ValueError(f"index_params['train_size'] = {train_size} must be >= 16 (4-bit codes: 16 centroids)")
+            raise ValueError(f"index_params['train_size'] = {train_size} must be >= 16 (4-bit codes: 16 centroids per "
+                             f"sub-quantizer; there are {n} references)")
         base = faiss.IndexPQFastScan(d, m, 4, faiss_metric)
         base.pq.cp.seed = p["seed"]
         rows = np.sort(np.random.default_rng(p["seed"]).choice(n, train_size, replace=False)) if train_size < n else None
