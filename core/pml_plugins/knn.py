@@ -771,7 +771,8 @@ class KNN:
             return False
         if self.symmetric is None and (len(query) < SYMMETRIC_MIN_ROWS or query.shape[1] < SYMMETRIC_MIN_DIM):
             return False
-        return query.data_ptr() == reference.data_ptr() or torch.equal(query, reference)
+        same_storage = query.data_ptr() == reference.data_ptr() and query.stride() == reference.stride()
+        return same_storage or torch.equal(query, reference)
 
     def build_index(self, reference: Any, k_hint: int | None = None) -> KNNIndex:
         """A :class:`KNNIndex` over ``reference`` with this function's options (to search repeatedly)."""
