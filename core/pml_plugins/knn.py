@@ -277,6 +277,12 @@ def _as_tensor(x: Any, name: str) -> torch.Tensor:
     return t.detach()
 
 
+def _search_rows(x: torch.Tensor, metric: str, device: str | torch.device) -> torch.Tensor:
+    """Rows as searched: float32 on ``device``, without gradient, L2-normalised for cosine."""
+    x = x.detach().to(device, torch.float32)
+    return torch.nn.functional.normalize(x, dim=1) if metric == "cosine" else x
+
+
 def _bar(total: int, blocks: int, progress: bool | None, desc: str) -> tqdm.tqdm:
     # None: a bar only for searches of several blocks, and only on a terminal (tqdm's disable=None)
     disable = (not progress) if progress is not None else (None if blocks > 1 else True)
@@ -346,9 +352,7 @@ class KNNIndex:
         self.faiss_index: Any = None
         self._gpu_resources: Any = None
         self._clustering_index: Any = None
-        r = reference.to(run_device if not use_faiss else "cpu", torch.float32)
-        if metric == "cosine":
-            r = torch.nn.functional.normalize(r, dim=1)
+        r = _search_rows(reference, metric, run_device if not use_faiss else "cpu")
         if not use_faiss:
             if params:
                 raise ValueError(f"index_params {sorted(params)} apply to FAISS indexes only")
@@ -488,17 +492,13 @@ class KNNIndex:
         _check_chunk_size(chunk_size)
         out_device = query.device
         if self.placement == "torch":
-            q = query.to(self.device, torch.float32)
-            if self.metric == "cosine":
-                q = torch.nn.functional.normalize(q, dim=1)
+            q = _search_rows(query, self.metric, self.device)
             scores, indices = _torch_search(q, self.reference, k, self.metric, chunk_size, self._minus_r_sq, progress)
         else:
             if self.placement != "cpu" and k > GPU_MAX_K:
                 raise ValueError(f"k = {k} exceeds FAISS GPU's limit of {GPU_MAX_K}; build the index with k_hint={k} "
                                  f"(it then stays on the CPU)")
-            q = query.to("cpu", torch.float32)
-            if self.metric == "cosine":
-                q = torch.nn.functional.normalize(q, dim=1)
+            q = _search_rows(query, self.metric, "cpu")
             scores, indices = self._faiss_search(np.ascontiguousarray(q.numpy(), dtype=np.float32), k, chunk_size, progress)
         return scores.to(out_device), indices.to(out_device)
 
@@ -738,9 +738,7 @@ class KNN:
         elif ref_includes_query and self._use_symmetric(query, reference, k):
             from .knn_self import symmetric_self_search  # noqa: PLC0415
 
-            q = query.detach().to(torch.float32)
-            if self.metric == "cosine":
-                q = torch.nn.functional.normalize(q, dim=1)
+            q = _search_rows(query, self.metric, "cpu")
             scores, indices = symmetric_self_search(np.ascontiguousarray(q.numpy(), dtype=np.float32), k, self.metric,
                                                     _import_faiss(), progress=self.progress)
         else:

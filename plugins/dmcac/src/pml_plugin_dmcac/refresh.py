@@ -83,7 +83,7 @@ class DatabaseRefresher:
         start, stop = bounds[self.rank if sharded else 0]
         embeddings, labels = self._embed(torch.utils.data.Subset(self.dataset, range(start, stop)))
         if sharded:  # the collective runs where the embeddings are (CUDA under nccl, CPU under gloo)
-            embeddings, labels = _gather_shards(embeddings, labels, bounds, embeddings.device)
+            embeddings, labels = _gather_shards(embeddings, labels, bounds)
         index = self.index_factory(embeddings) if self.index_factory is not None else None
         if index is not None:
             self.loss.set_database(embeddings, labels, index=index)
@@ -135,12 +135,13 @@ def _shard_bounds(n: int, world_size: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def _gather_shards(embeddings: torch.Tensor, labels: torch.Tensor, bounds: list[tuple[int, int]],
-                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _gather_shards(embeddings: torch.Tensor, labels: torch.Tensor,
+                   bounds: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Every rank's slice, padded to the longest, gathered in rank order; the padding dropped."""
+    device = embeddings.device
     longest = max(stop - start for start, stop in bounds)
     pad = longest - len(embeddings)
-    gathered = gather_in_rank_order(torch.nn.functional.pad(embeddings.float().to(device), (0, 0, 0, pad)))
+    gathered = gather_in_rank_order(torch.nn.functional.pad(embeddings.float(), (0, 0, 0, pad)))
     gathered_labels = gather_in_rank_order(torch.nn.functional.pad(labels.to(device), (0, pad)))
     keep = torch.cat([torch.arange(r * longest, r * longest + stop - start, device=device)
                       for r, (start, stop) in enumerate(bounds)])
