@@ -37,7 +37,7 @@ import torch
 from pytorch_metric_learning.utils import accuracy_calculator as pml_ac
 from pytorch_metric_learning.utils import common_functions as c_f
 
-from .knn import KNN, _import_faiss
+from .knn import KNN, import_faiss
 
 __all__ = ["AccuracyCalculator", "SklearnKMeans", "DEFAULT_NDCG_KS", "DEFAULT_RECALL_KS", "PML_METRICS"]
 
@@ -178,7 +178,7 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
             knn_func = KNN(metric="euclidean")
         if kmeans_func is None:
             dev = c_f.use_cuda_if_available() if device is None else device
-            kmeans_func = (pml_ac.FaissKMeans(niter=20, gpu=dev.type == "cuda") if _import_faiss() is not None
+            kmeans_func = (pml_ac.FaissKMeans(niter=20, gpu=dev.type == "cuda") if import_faiss() is not None
                            else SklearnKMeans(niter=20))
         super().__init__(include=include, exclude=exclude, avg_of_avgs=avg_of_avgs, return_per_class=return_per_class,
                          k=pml_k, label_comparison_fn=label_comparison_fn, device=device, knn_func=knn_func,
