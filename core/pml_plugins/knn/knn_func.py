@@ -108,6 +108,18 @@ class KNN:
     symmetric = property(lambda self: self.options.symmetric)
 
     @property
+    def full_ranking_metric(self) -> str | None:
+        """The metric by which :mod:`pml_plugins.ranking` can reproduce this function's complete
+        ranking (an exact flat search over the given reference, FAISS's order of ties), or None.
+
+        ``AccuracyCalculator(k=None)`` then computes the full-ranking MAP and MRR in bounded
+        memory instead of asking this function for every reference.
+        """
+        if self.index_init_fn is not None or self.index_type != "flat" or not self.reset_before:
+            return None
+        return self.metric
+
+    @property
     def is_inverted(self) -> bool:
         """Like PML distances: True when larger scores mean closer (similarities)."""
         return self.metric != "euclidean"
