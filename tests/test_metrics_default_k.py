@@ -15,7 +15,7 @@ from pytorch_metric_learning.utils.inference import CustomKNN
 
 from pml_plugins import AccuracyCalculator
 from pml_plugins.knn import KNN
-from pml_plugins.ranking import full_ranking_precisions
+from pml_plugins.ranking import Relevance, full_ranking_precisions
 
 pytest.importorskip("faiss")  # PML's own calculator needs FAISS (FaissKNN)
 
@@ -135,9 +135,12 @@ def test_ranking_pass_against_brute_force(metric, ref_includes_query):
     ref_labels = torch.randint(0, 4, (n,), generator=g)
     query = ref[:q] if ref_includes_query else draw(q)
     query_labels = ref_labels[:q] if ref_includes_query else torch.randint(0, 4, (q,), generator=g)
-    relevant = lambda s, e: query_labels[s:e, None] == ref_labels[None]  # noqa: E731
-    got_sum, got_first = full_ranking_precisions(query, ref, relevant, metric, ref_includes_query,
+    by_mask = Relevance.by_mask(lambda s, e: query_labels[s:e, None] == ref_labels[None])
+    got_sum, got_first = full_ranking_precisions(query, ref, by_mask, metric, ref_includes_query,
                                                  block_elements=3 * n)  # 3 queries a block
+    by_ids = full_ranking_precisions(query, ref, Relevance.by_ids(query_labels, ref_labels), metric, ref_includes_query,
+                                     block_elements=4 * n)
+    assert torch.equal(by_ids[0], got_sum) and torch.equal(by_ids[1], got_first)
     qq, rr = query.double(), ref.double()
     if metric == "cosine":
         qq, rr = torch.nn.functional.normalize(qq, dim=1), torch.nn.functional.normalize(rr, dim=1)

@@ -42,7 +42,7 @@ from pytorch_metric_learning.utils import accuracy_calculator as pml_ac
 from pytorch_metric_learning.utils import common_functions as c_f
 
 from .knn import KNN, import_faiss
-from .ranking import full_ranking_precisions
+from .ranking import Relevance, full_ranking_precisions
 
 __all__ = ["AccuracyCalculator", "SklearnKMeans", "DEFAULT_NDCG_KS", "DEFAULT_RECALL_KS", "PML_METRICS"]
 
@@ -317,7 +317,7 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
         full_ranking = None
         if rank and bool(stats["not_lone_query_mask"].any()):
             full_ranking = full_ranking_precisions(
-                query, reference, _relevant_blocks(stats, query_labels, reference_labels, self.label_comparison_fn),
+                query, reference, _relevance(stats, query_labels, reference_labels, self.label_comparison_fn),
                 self._ranking_metric(), ref_includes_query, progress=getattr(self.knn_func, "progress", None))
         # PML's metrics and subclass metrics see exactly PML's columns; ours read the rest
         pml_labels = knn_labels[:, :k_pml]
@@ -539,13 +539,13 @@ def _finish(unique_query_labels, match_counts, lone, query_label_ids, self_count
     }
 
 
-def _relevant_blocks(stats: dict[str, Any], query_labels: torch.Tensor, reference_labels: torch.Tensor,
-                     label_comparison_fn: Callable) -> Callable[[int, int], torch.Tensor]:
-    """``relevant(start, stop)``: ``(stop - start, N)`` bool, reference relevant to query (for the ranking pass)."""
+def _relevance(stats: dict[str, Any], query_labels: torch.Tensor, reference_labels: torch.Tensor,
+               label_comparison_fn: Callable) -> Relevance:
+    """Which references are relevant to which queries, for the ranking pass."""
     if stats["reference_label_ids"] is not None:
-        ref_ids, query_ids = stats["reference_label_ids"], stats["query_group_ids"]
-        return lambda start, stop: ref_ids[None, :] == query_ids[start:stop, None]
-    return lambda start, stop: label_comparison_fn(query_labels[start:stop, None], reference_labels[None]).bool()
+        return Relevance.by_ids(stats["query_group_ids"], stats["reference_label_ids"])
+    return Relevance.by_mask(lambda start, stop: label_comparison_fn(query_labels[start:stop, None],
+                                                                     reference_labels[None]).bool())
 
 
 # -- graded relevance ------------------------------------------------------------------------------
