@@ -184,7 +184,8 @@ def test_direct_calls_with_pmls_arguments():
     for option in ({}, {"avg_of_avgs": True}):
         a, b = ours(**option), pml(**option)
         assert_close(a._get_accuracy(a.get_function_dict(include=PML_KNN_METRICS), **kwargs),
-                     b._get_accuracy(b.get_function_dict(include=PML_KNN_METRICS), **kwargs), PML_KNN_METRICS, tol=1e-12)
+                     b._get_accuracy(b.get_function_dict(include=PML_KNN_METRICS), **kwargs), PML_KNN_METRICS,
+                     tol=1e-12)
         assert a.calculate_mean_average_precision(knn_labels, labels, not_lone, True, label_counts) == pytest.approx(
             b.calculate_mean_average_precision(knn_labels, labels, not_lone, True, label_counts), abs=1e-12)
 

@@ -59,7 +59,8 @@ def check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> 
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int{' or None' if allow_none else ''}, got {type(value).__name__} {value!r}")
+        raise TypeError(f"{name} must be an int{' or None' if allow_none else ''}, "
+                        f"got {type(value).__name__} {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
