@@ -42,7 +42,7 @@ from pytorch_metric_learning.utils import accuracy_calculator as pml_ac
 from pytorch_metric_learning.utils import common_functions as c_f
 
 from .knn import KNN, import_faiss
-from .ranking import full_ranking_precisions
+from .ranking import Relevance, full_ranking_precisions
 
 __all__ = ["AccuracyCalculator", "SklearnKMeans", "DEFAULT_NDCG_KS", "DEFAULT_RECALL_KS", "PML_METRICS"]
 
@@ -317,7 +317,7 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
         full_ranking = None
         if rank and bool(stats["not_lone_query_mask"].any()):
             full_ranking = full_ranking_precisions(
-                query, reference, _relevant_blocks(stats, query_labels, reference_labels, self.label_comparison_fn),
+                query, reference, _relevance(stats, query_labels, reference_labels, self.label_comparison_fn),
                 self._ranking_metric(), ref_includes_query, progress=getattr(self.knn_func, "progress", None))
         # PML's metrics and subclass metrics see exactly PML's columns; ours read the rest
         pml_labels = knn_labels[:, :k_pml]
@@ -433,13 +433,41 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
         return self._pml_average(reciprocal, **avg)
 
     # -- new metrics -------------------------------------------------------------------------
-    def _calculate_recall(self, relevance, at, **kwargs):
-        """Recall@k: 1 when any of the ``at`` nearest references is relevant."""
-        return self._pml_average(relevance[:, :at].any(dim=1).type(torch.float64), **kwargs)
+    def _with_extras(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """PML's keyword arguments (``knn_labels``, ``query_labels``, ``label_counts``,
+        ``not_lone_query_mask``, ``ref_includes_query``), as PML's own code or tests pass them to
+        ``_get_accuracy``, completed with the inputs our metrics read (computed from them)."""
+        if "relevance" in kwargs:
+            return kwargs
+        knn_labels = c_f.numpy_to_torch(kwargs["knn_labels"])
+        query_labels = c_f.numpy_to_torch(kwargs["query_labels"]).to(knn_labels.device)
+        unique = torch.as_tensor(kwargs["label_counts"][0], device=knn_labels.device)
+        counts = torch.as_tensor(kwargs["label_counts"][1], device=knn_labels.device)
+        match = c_f.torch_all_from_dim_to_end(query_labels[:, None] == unique[None], 2)  # (Q, labels)
+        query_label_ids = torch.argmax(match.to(torch.uint8), dim=1)
+        self_count = int(bool(kwargs.get("ref_includes_query", False)))
+        num_relevant = torch.where(match.any(1), counts[query_label_ids] - self_count, torch.zeros_like(counts[:1]))
+        return {**kwargs, "knn_labels": knn_labels, "query_labels": query_labels, "label_counts": (unique, counts),
+                "not_lone_query_mask": torch.as_tensor(kwargs["not_lone_query_mask"], device=knn_labels.device),
+                "relevance": self.label_comparison_fn(query_labels[:, None], knn_labels).bool(),
+                "num_relevant": num_relevant, "query_label_ids": query_label_ids, "k": knn_labels.shape[1],
+                "searched_knn_labels": knn_labels, "reference_labels": kwargs.get("reference_labels"),
+                "ref_includes_query": bool(kwargs.get("ref_includes_query", False))}
 
-    def _calculate_ndcg(self, relevance, num_relevant, at, searched_knn_labels, query_labels, reference_labels,
-                        ref_includes_query, **kwargs):
+    def _calculate_recall(self, at, **kwargs):
+        """Recall@k: 1 when any of the ``at`` nearest references is relevant."""
+        kwargs = self._with_extras(kwargs)
+        return self._pml_average(kwargs["relevance"][:, :at].any(dim=1).type(torch.float64), **kwargs)
+
+    def _calculate_ndcg(self, at, **kwargs):
         """nDCG@k, eq. 19-20 of the Multi-Proxy Anchor paper."""
+        kwargs = self._with_extras(kwargs)
+        relevance, num_relevant, searched_knn_labels = kwargs["relevance"], kwargs["num_relevant"], kwargs[
+            "searched_knn_labels"]
+        query_labels, reference_labels = kwargs["query_labels"], kwargs["reference_labels"]
+        ref_includes_query = kwargs["ref_includes_query"]
+        if self.gain_fn is not None and reference_labels is None:
+            return pml_ac.nan_accuracy(kwargs["label_counts"][0], self.return_per_class)  # ideal DCG needs them
         device = relevance.device
         discount = 1.0 / torch.log2(torch.arange(2, at + 2, device=device, dtype=torch.float64))  # eq. 19 denominators
         if self.gain_fn is None:
@@ -458,6 +486,8 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
 
     def _calculate_plugin_metric(self, name, **kwargs):
         fn, meta = self._plugin_metrics[name]
+        if "knn_labels" in kwargs:
+            kwargs = self._with_extras(kwargs)
         if "searched_knn_labels" in kwargs:  # a plugin metric sees every searched column (at least its k)
             kwargs = {**kwargs, "knn_labels": kwargs["searched_knn_labels"],
                       "knn_distances": kwargs["searched_knn_distances"], "knn_indices": kwargs["searched_knn_indices"]}
@@ -539,13 +569,13 @@ def _finish(unique_query_labels, match_counts, lone, query_label_ids, self_count
     }
 
 
-def _relevant_blocks(stats: dict[str, Any], query_labels: torch.Tensor, reference_labels: torch.Tensor,
-                     label_comparison_fn: Callable) -> Callable[[int, int], torch.Tensor]:
-    """``relevant(start, stop)``: ``(stop - start, N)`` bool, reference relevant to query (for the ranking pass)."""
+def _relevance(stats: dict[str, Any], query_labels: torch.Tensor, reference_labels: torch.Tensor,
+               label_comparison_fn: Callable) -> Relevance:
+    """Which references are relevant to which queries, for the ranking pass."""
     if stats["reference_label_ids"] is not None:
-        ref_ids, query_ids = stats["reference_label_ids"], stats["query_group_ids"]
-        return lambda start, stop: ref_ids[None, :] == query_ids[start:stop, None]
-    return lambda start, stop: label_comparison_fn(query_labels[start:stop, None], reference_labels[None]).bool()
+        return Relevance.by_ids(stats["query_group_ids"], stats["reference_label_ids"])
+    return Relevance.by_mask(lambda start, stop: label_comparison_fn(query_labels[start:stop, None],
+                                                                     reference_labels[None]).bool())
 
 
 # -- graded relevance ------------------------------------------------------------------------------
