@@ -192,11 +192,11 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
     # -- what each metric needs ------------------------------------------------------------
     def requires_knn(self) -> list[str]:
         # PML's list omits mean_reciprocal_rank, so include=("mean_reciprocal_rank",) crashed there
-        plugin = [n for n, (_, meta) in self._plugin_metrics.items() if meta.get("requires_knn", True)]
+        plugin = [n for n, (_, spec) in self._plugin_metrics.items() if spec.requires_knn]
         return [*_PML_KNN_METRICS, *self._metric_k, *plugin]
 
     def requires_clustering(self) -> list[str]:
-        plugin = [n for n, (_, meta) in self._plugin_metrics.items() if meta.get("requires_clustering", False)]
+        plugin = [n for n, (_, spec) in self._plugin_metrics.items() if spec.requires_clustering]
         return ["NMI", "AMI", *plugin]
 
     def _pml_k(self, max_bin_count: int, match_counts: torch.Tensor, num_reference: int, ref_includes_query: bool) -> int:
@@ -218,8 +218,8 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
                 needs.append(1)
             elif m in self._metric_k:
                 needs.append(self._metric_k[m])
-            elif m in self._plugin_metrics and self._plugin_metrics[m][1].get("k") is not None:
-                want = self._plugin_metrics[m][1]["k"]
+            elif m in self._plugin_metrics and self._plugin_metrics[m][1].k is not None:
+                want = self._plugin_metrics[m][1].k
                 needs.append(max_bin_count - int(ref_includes_query) if want == "max_bin_count" else int(want))
             elif m in self.requires_knn():
                 needs.append(k_pml)
@@ -522,13 +522,13 @@ def _ideal_dcg(gain_fn: Callable, query_labels: torch.Tensor, reference_labels: 
 
 
 # -- plugin metrics --------------------------------------------------------------------------------
-def _registered_metrics(selection: bool | Iterable[str], taken: set[str]) -> dict[str, tuple[Callable, dict]]:
+def _registered_metrics(selection: bool | Iterable[str], taken: set[str]) -> dict[str, tuple[Callable, Any]]:
     """Metrics from the registry, by the name they appear under in the calculator."""
     if selection is False or selection is None:
         return {}
     from . import registry as reg  # noqa: PLC0415
 
-    out: dict[str, tuple[Callable, dict]] = {}
+    out: dict[str, tuple[Callable, Any]] = {}
     if selection is True:
         names = reg.registry.names("metric")
     else:
@@ -541,12 +541,12 @@ def _registered_metrics(selection: bool | Iterable[str], taken: set[str]) -> dic
         obj = entry.obj
         if inspect.isclass(obj):
             obj = obj()
-        meta = dict(entry.metadata)
-        k = meta.get("k")
+        spec = entry.spec
+        k = spec.k
         if k is not None and k != "max_bin_count" and not (isinstance(k, int) and k > 0):
             warnings.warn(f"metric {entry.qualified_name!r}: metadata k must be a positive int or 'max_bin_count', got {k!r}; ignored",
                           RuntimeWarning, stacklevel=3)
-            meta.pop("k")
-        out[key] = (obj, meta)
+            spec = spec.replace(k=None)
+        out[key] = (obj, spec)
     return out
 

@@ -6,6 +6,8 @@ import json
 import sys
 from typing import Any
 
+from ..progress import show_progress
+
 _EPILOG = """examples:
   pml-plugins train --loss proxy_anchor                       # the digits default, a few seconds
   pml-plugins train --loss soft_triple --loss-arg centers_per_class=4 --epochs 20 --out runs/st
@@ -137,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = build_config(fvals, flags)
     if cfg.out is None:
         cfg.out = f"pml-plugins-runs/{(cfg.loss or 'untrained').replace(':', '_')}"
-    progress = not args.no_progress and sys.stderr.isatty() or (not args.no_progress and _force_progress())
+    progress = show_progress(args.no_progress)
     result = run_training(cfg, progress=progress, log=lambda msg: print(msg, flush=True))
     if result.config.get("resolved", {}).get("distributed", {}).get("rank", 0) != 0:
         return 0  # only rank 0 evaluates and writes
@@ -146,9 +148,3 @@ def run(args: argparse.Namespace) -> int:
     print_metrics(result.metrics, cfg.ks)
     print(f"wrote {cfg.out}/metrics.json, config.json, checkpoint.pt, metrics.png")
     return 0
-
-
-def _force_progress() -> bool:
-    import os
-
-    return os.environ.get("PML_PLUGINS_PROGRESS", "") not in ("", "0")

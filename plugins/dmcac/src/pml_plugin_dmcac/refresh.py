@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Optional
 
 import torch
-from pml_plugins.distributed import gather_in_rank_order, is_distributed
+from pml_plugins.distributed_losses import gather_in_rank_order, is_distributed
 from tqdm.auto import tqdm
 
 
