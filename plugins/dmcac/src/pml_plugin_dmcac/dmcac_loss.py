@@ -16,6 +16,7 @@ from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
 from pytorch_metric_learning.utils import common_functions as c_f
 
 import pml_plugins
+from pml_plugins.validation import check_choice, check_non_negative_float, check_positive_float, check_positive_int
 
 from .divergence import frobenius_from_js, pairwise_js_divergence_from_log
 from .retrieval import cosine_topk, union_from_indices_tuple, union_of_view_neighbours
@@ -61,15 +62,11 @@ class DMCACLoss(WeightRegularizerMixin, BaseMetricLossFunction):
     ):
         for name, value in (("num_classes", num_classes), ("embedding_size", embedding_size),
                             ("num_views", num_views), ("k", k)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+            check_positive_int(name, value)
+        check_positive_float("temperature", temperature)
         for name, value in (("frob_weight", frob_weight), ("ce_weight", ce_weight), ("cac_weight", cac_weight)):
-            if not value >= 0:
-                raise ValueError(f"{name} must be >= 0, got {value!r}")
-        if retrieval not in RETRIEVAL_MODES:
-            raise ValueError(f"retrieval must be one of {RETRIEVAL_MODES}, got {retrieval!r}")
+            check_non_negative_float(name, value)
+        check_choice("retrieval", retrieval, RETRIEVAL_MODES)
         distance = kwargs.get("distance")
         if distance is not None and not (type(distance) is CosineSimilarity):
             raise ValueError("DMCACLoss uses cosine similarity (eq. 9, unit-norm embeddings); distance must be CosineSimilarity()")

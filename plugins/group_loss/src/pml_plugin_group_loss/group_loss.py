@@ -5,6 +5,7 @@ import warnings
 from typing import Optional
 
 import pml_plugins
+from pml_plugins.validation import check_non_negative_float, check_non_negative_int, check_positive_float, check_positive_int
 import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.losses import BaseMetricLossFunction
@@ -16,14 +17,6 @@ from .functional import class_ranks, group_nll, initial_assignment, pearson_simi
 
 class GroupLossBatchWarning(UserWarning):
     """The batch is not m-per-class with several classes; the Group Loss then has little to propagate."""
-
-
-def _check_int(name: str, value: int, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 class GroupLoss(WeightRegularizerMixin, BaseMetricLossFunction):
@@ -66,16 +59,12 @@ class GroupLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        self.num_classes = _check_int("num_classes", num_classes, 1)
-        self.embedding_size = _check_int("embedding_size", embedding_size, 1)
-        self.num_anchors = _check_int("num_anchors", num_anchors, 0)
-        self.num_iterations = _check_int("num_iterations", num_iterations, 0)
-        if not float(temperature) > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if not float(ce_weight) >= 0:
-            raise ValueError(f"ce_weight must be >= 0, got {ce_weight}")
-        self.temperature = float(temperature)
-        self.ce_weight = float(ce_weight)
+        self.num_classes = check_positive_int("num_classes", num_classes)
+        self.embedding_size = check_positive_int("embedding_size", embedding_size)
+        self.num_anchors = check_non_negative_int("num_anchors", num_anchors)
+        self.num_iterations = check_non_negative_int("num_iterations", num_iterations)
+        self.temperature = check_positive_float("temperature", temperature)
+        self.ce_weight = check_non_negative_float("ce_weight", ce_weight)
         self.zero_diagonal = bool(zero_diagonal)
         self.classifier = torch.nn.Linear(embedding_size, num_classes, bias=True)
         if self.weight_init_func is not None:
