@@ -252,7 +252,7 @@ class Registrar:
                                     f"metadata keywords {sorted(metadata)}; put them all in the spec")
         if spec is None:
             try:
-                spec = spec_from_metadata(kind, metadata, plugin=self._plugin.name, name=name)
+                spec = spec_from_metadata(kind, metadata, plugin=self._plugin.name, name=name, stacklevel=4)
             except (TypeError, ValueError) as exc:
                 raise RegistrationError(f"plugin {self._plugin.name!r} registered the {kind} {name!r}: {exc}") from exc
         elif type(spec) is not cls:

@@ -200,12 +200,13 @@ class MetricSpec(Spec):
 SPEC_OF_KIND: Mapping[str, type] = MappingProxyType({"loss": LossSpec, "miner": MinerSpec, "metric": MetricSpec})
 
 
-def spec_from_metadata(kind: str, metadata: Mapping[str, Any], *, plugin: str = "?", name: str = "?") -> Spec:
+def spec_from_metadata(kind: str, metadata: Mapping[str, Any], *, plugin: str = "?", name: str = "?",
+                       stacklevel: int = 2) -> Spec:
     """Convert the keyword metadata of plugin API 1.0 to the spec of ``kind``.
 
     Fields are taken as they are; an old spelling in ``ALIASES`` is renamed (with a
     ``DeprecationWarning`` for the deprecated ones); any other key is dropped with a ``UserWarning``
-    naming ``plugin``, the key and the closest field.
+    naming ``plugin``, the key and the closest field. ``stacklevel`` is the warnings' (2: the caller).
     """
     cls = SPEC_OF_KIND[kind]
     fields = cls.field_names()
@@ -217,14 +218,14 @@ def spec_from_metadata(kind: str, metadata: Mapping[str, Any], *, plugin: str = 
             close = difflib.get_close_matches(key, fields, n=1, cutoff=0.5)
             hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(fields)}"
             warnings.warn(f"pml-plugins: plugin {plugin!r} registered the {kind} {name!r} with the unknown "
-                          f"metadata key {key!r} ({hint}); the key is ignored", UserWarning, stacklevel=3)
+                          f"metadata key {key!r} ({hint}); the key is ignored", UserWarning, stacklevel=stacklevel)
             continue
         if target in values and values[target] != value:
             raise TypeError(f"the {kind} {name!r} of plugin {plugin!r} gives {target} twice with different values "
                             f"({renamed.get(target, target)}={values[target]!r}, {key}={value!r})")
         if key in cls.DEPRECATED_ALIASES:
             warnings.warn(f"pml-plugins: plugin {plugin!r} registered the {kind} {name!r} with {key}=...; "
-                          f"the field is {target} (LossSpec.{target})", DeprecationWarning, stacklevel=3)
+                          f"the field is {target} (LossSpec.{target})", DeprecationWarning, stacklevel=stacklevel)
         values[target] = value
         renamed[target] = key
     return cls(**values)
