@@ -65,7 +65,7 @@ def main() -> None:
         sampler=samplers.MPerClassSampler(y_tr, m=16, batch_size=64, length_before_new_iter=len(y_tr)),
         dataloader_num_workers=0,
         data_device=torch.device("cpu"),
-        
+
     )
     trainer.train(num_epochs=args.epochs)
     print(f"Recall@1 after: {recall_at_1(model, x_te, y_te):.4f}")

@@ -6,11 +6,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from pytorch_metric_learning.utils.inference import CustomKNN, FaissKNN
 from pytorch_metric_learning.distances import CosineSimilarity
+from pytorch_metric_learning.utils.inference import CustomKNN, FaissKNN
 
-from pml_plugins import knn_search
 from pml_plugins import knn as knn_module
+from pml_plugins import knn_search
 from pml_plugins.knn import KNN
 
 faiss_missing = not knn_module.faiss_available()

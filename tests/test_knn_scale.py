@@ -11,8 +11,15 @@ import torch
 
 from pml_plugins import knn as knn_module
 from pml_plugins.cli import main
-from pml_plugins.knn import (GPU_MAX_K, KNN, KNNIndex, check_index_params, faiss_placement, knn_search,
-                             parse_index_params)
+from pml_plugins.knn import (
+    GPU_MAX_K,
+    KNN,
+    KNNIndex,
+    check_index_params,
+    faiss_placement,
+    knn_search,
+    parse_index_params,
+)
 from pml_plugins.metrics import AccuracyCalculator
 
 needs_faiss = pytest.mark.skipif(not knn_module.faiss_available(), reason="no FAISS")

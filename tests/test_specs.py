@@ -187,7 +187,9 @@ def test_plugin_api_version_compatibility(fresh_registry, declared, loads):
     assert reg.api_version_supported(declared) is loads
     name = f"api_{abs(hash(repr(declared)))}"
     if loads:
-        pml_plugins.register_plugin(_plugin(name, lambda register: register(_SpecLoss, name=name), api_version=declared))
+        pml_plugins.register_plugin(
+            _plugin(name, lambda register: register(_SpecLoss, name=name), api_version=declared)
+        )
         assert name in pml_plugins.list_losses()
     else:
         with pytest.warns(RuntimeWarning, match="is not supported"):

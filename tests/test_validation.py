@@ -25,8 +25,9 @@ def test_scalar_checks_accept_convert_and_refuse(check, good, bad_values, bad_ty
         with pytest.raises(ValueError, match=r"^x must be .*, got "):
             check("x", value)
     for value in bad_types:
-        with pytest.raises(TypeError, match=r"^x must be .*, got "):
+        with pytest.raises(v.ArgumentTypeError, match=r"^x must be .*, got ") as info:
             check("x", value)
+        assert isinstance(info.value, TypeError) and isinstance(info.value, ValueError)
 
 
 def test_messages_name_the_argument_and_the_range():

@@ -2,10 +2,10 @@
 every plugin's core range admits this core."""
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from packaging.requirements import Requirement
 
 import pml_plugins

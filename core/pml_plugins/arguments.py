@@ -113,5 +113,7 @@ def resolve_arguments(kind: str, name: str, cls: type, arguments: Optional[Mappi
                and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
                and n not in kwargs]
     if missing:
-        raise TypeError(f"{cls.__name__} needs argument(s) {missing}; signature: {cls.__name__}{describe_signature(cls)}")
+        raise TypeError(
+            f"{cls.__name__} needs argument(s) {missing}; signature: {cls.__name__}{describe_signature(cls)}"
+        )
     return kwargs, rest

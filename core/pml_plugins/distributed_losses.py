@@ -69,7 +69,8 @@ def env_from_torchrun(environ: Optional[Mapping[str, str]] = None) -> Distribute
     if missing:
         raise ValueError(
             f"--distributed needs the environment torchrun sets (missing {', '.join(missing)}): launch with "
-            f"`torchrun --nproc-per-node N -m pml_plugins train ... --distributed` (or python -m torch.distributed.run)")
+            f"`torchrun --nproc-per-node N -m pml_plugins train ... --distributed` (or python -m torch.distributed.run)"
+        )
     try:
         rank, world, local = (int(environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     except ValueError:

@@ -69,7 +69,8 @@ def register_metrics(register):  # type: ignore[empty-body]
     ``query_label_ids`` ``(Q,)``, each query's row in ``label_counts[0]``; ``k``, the k of
     PML's metrics; and ``cluster_labels`` when it needs clustering. All tensors are on the
     calculator's device, the query's own match already removed from the neighbours, and
-    ``K`` is at least the ``k`` the metric declared (capped at the number of references). Keep it vectorised (no loop over queries).
+    ``K`` is at least the ``k`` the metric declared (capped at the number of references). Keep it
+    vectorised (no loop over queries).
 
     ``fn`` returns either the final value (a float, or anything JSON-friendly), or a 1-D
     tensor of one score per query: the calculator then averages it over the queries that

@@ -163,7 +163,7 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
             self._metric_k[name] = kk
             setattr(self, f"calculate_{name}", functools.partial(self._calculate_recall, at=kk))
         self._plugin_metrics = _registered_metrics(plugin_metrics, taken=set(PML_METRICS) | set(self._metric_k))
-        for name, (fn, meta) in self._plugin_metrics.items():
+        for name in self._plugin_metrics:
             setattr(self, f"calculate_{name}", functools.partial(self._calculate_plugin_metric, name=name))
 
         if k == "all":

@@ -197,7 +197,7 @@ class Registrar:
     without error.
     """
 
-    def __init__(self, registry: "Registry", plugin: PluginRecord, kind: str):
+    def __init__(self, registry: Registry, plugin: PluginRecord, kind: str):
         self._registry = registry
         self._plugin = plugin
         self._kind = kind
@@ -214,7 +214,9 @@ class Registrar:
                     f"must be a subclass of pytorch_metric_learning's {base.__name__}"
                 )
         elif not callable(obj):
-            raise RegistrationError(f"plugin {self._plugin.name!r} registered {obj!r} as a metric, but it is not callable")
+            raise RegistrationError(
+                f"plugin {self._plugin.name!r} registered {obj!r} as a metric, but it is not callable"
+            )
         if name is None:
             suffix = {"loss": "Loss", "miner": "Miner"}.get(kind, "")
             name = snake_case(getattr(obj, "__name__", ""), suffix)
@@ -306,8 +308,14 @@ class Registry:
             :meth:`plugin_info` after loading.
         """
         with self._lock:
-            allow_set = {normalize_name(a) for a in allow} if allow is not None else _split_env_list(os.environ.get(ENV_ALLOW))
-            block_set = {normalize_name(b) for b in block} if block is not None else (_split_env_list(os.environ.get(ENV_BLOCK)) or set())
+            allow_set = (
+                {normalize_name(a) for a in allow} if allow is not None else _split_env_list(os.environ.get(ENV_ALLOW))
+            )
+            block_set = (
+                {normalize_name(b) for b in block}
+                if block is not None
+                else (_split_env_list(os.environ.get(ENV_BLOCK)) or set())
+            )
             if autoload is None:
                 autoload = not os.environ.get(ENV_DISABLE_AUTOLOAD)
             self._loaded = True
@@ -329,7 +337,10 @@ class Registry:
                 dist_version = dist.version if dist is not None else None
                 plugin_name = name
                 if plugin_name in self.plugins:
-                    if self.plugins[plugin_name].distribution == dist_name and self.plugins[plugin_name].module == ep.value:
+                    if (
+                        self.plugins[plugin_name].distribution == dist_name
+                        and self.plugins[plugin_name].module == ep.value
+                    ):
                         continue  # the same entry point seen twice (e.g. loaded already)
                     # two distributions use the same entry-point name: keep both, qualified
                     plugin_name = f"{name}@{normalize_name(dist_name or 'unknown')}"
@@ -361,7 +372,9 @@ class Registry:
                 name = getattr(plugin, "__name__", None) or type(plugin).__name__
             name = normalize_name(name)
             if name in self.plugins:
-                raise PluginError(f"a plugin named {name!r} is already registered; pass name=... or unregister it first")
+                raise PluginError(
+                    f"a plugin named {name!r} is already registered; pass name=... or unregister it first"
+                )
             record = PluginRecord(name=name, module=getattr(plugin, "__name__", type(plugin).__name__))
             self._add_plugin(plugin, record)
             if record.errors and not record.loaded:
@@ -556,7 +569,13 @@ def _dist_version(dist: str) -> str | None:
 registry = Registry()
 
 
-def load_plugins(allow: Iterable[str] | None = None, block: Iterable[str] | None = None, *, autoload: bool | None = None, reload: bool = False) -> list[dict[str, Any]]:
+def load_plugins(
+    allow: Iterable[str] | None = None,
+    block: Iterable[str] | None = None,
+    *,
+    autoload: bool | None = None,
+    reload: bool = False,
+) -> list[dict[str, Any]]:
     """Discover plugins now (otherwise done lazily on first use). ``reload=True`` starts over."""
     if reload:
         registry.reset()

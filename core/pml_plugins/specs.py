@@ -79,7 +79,7 @@ class Spec:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         return out if include_none else {k: v for k, v in out.items() if v is not None}
 
-    def replace(self, **changes: Any) -> "Spec":
+    def replace(self, **changes: Any) -> Spec:
         """A copy with ``changes`` (the spec is frozen)."""
         return dataclasses.replace(self, **changes)
 

@@ -8,8 +8,8 @@ Two kinds of helpers, public API for plugins (a leaf module: it imports nothing 
   :func:`check_non_negative_float`, :func:`check_finite_float`, :func:`check_probability`,
   :func:`check_choice`. Each takes the argument's name first and returns the value converted
   (``int`` / ``float``), so a constructor reads ``self.k = check_positive_int("k", k)``. A value of
-  the wrong type (``True`` is not a number here) raises ``TypeError``, one out of range
-  ``ValueError``; both messages say ``"<name> must be <what>, got <value>"``.
+  the wrong type (``True`` is not a number here) raises :class:`ArgumentTypeError`, one out of
+  range ``ValueError``; both messages say ``"<name> must be <what>, got <value>"``.
 """
 from __future__ import annotations
 
@@ -20,9 +20,26 @@ from typing import Any, Iterable, Optional
 import torch
 
 __all__ = [
-    "check_embeddings_and_labels", "check_int", "check_positive_int", "check_non_negative_int", "check_float",
-    "check_positive_float", "check_non_negative_float", "check_finite_float", "check_probability", "check_choice",
+    "ArgumentTypeError",
+    "check_embeddings_and_labels",
+    "check_int",
+    "check_positive_int",
+    "check_non_negative_int",
+    "check_float",
+    "check_positive_float",
+    "check_non_negative_float",
+    "check_finite_float",
+    "check_probability",
+    "check_choice",
 ]
+
+
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong type (``num_classes=2.5``, ``margin="0.1"``).
+
+    A ``TypeError``, and also a ``ValueError``: the plugins' own checks, which these helpers
+    replace, raised one or the other for a wrong type, and callers catch either.
+    """
 
 
 def _what(kind: str, minimum: Any, maximum: Any, min_inclusive: bool, max_inclusive: bool) -> str:
@@ -53,7 +70,7 @@ def check_int(name: str, value: Any, *, minimum: Optional[int] = None, maximum: 
     what = "a positive integer" if minimum == 1 and maximum is None else _what("an integer", minimum, maximum,
                                                                                 True, True)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise _fail(TypeError, name, what, value, allow_none, note)
+        raise _fail(ArgumentTypeError, name, what, value, allow_none, note)
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
         raise _fail(ValueError, name, what, value, allow_none, note)
     return int(value)
@@ -81,7 +98,7 @@ def check_float(name: str, value: Any, *, minimum: Optional[float] = None, maxim
         return None
     what = _what("a finite number", minimum, maximum, min_inclusive, max_inclusive)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise _fail(TypeError, name, what, value, allow_none, note)
+        raise _fail(ArgumentTypeError, name, what, value, allow_none, note)
     x = float(value)
     if (not math.isfinite(x) or (minimum is not None and (x < minimum if min_inclusive else x <= minimum))
             or (maximum is not None and (x > maximum if max_inclusive else x >= maximum))):
@@ -139,9 +156,14 @@ def check_embeddings_and_labels(
     tensor of the same length with values in ``[0, num_classes)`` when ``num_classes`` is given.
     """
     if not isinstance(embeddings, torch.Tensor):
-        raise TypeError(f"{embeddings_name} must be a torch.Tensor of shape (batch_size, embedding_size), got {type(embeddings).__name__}")
+        raise TypeError(
+            f"{embeddings_name} must be a torch.Tensor of shape (batch_size, embedding_size), "
+            f"got {type(embeddings).__name__}"
+        )
     if embeddings.ndim != 2:
-        raise ValueError(f"{embeddings_name} must be 2-D (batch_size, embedding_size), got shape {tuple(embeddings.shape)}")
+        raise ValueError(
+            f"{embeddings_name} must be 2-D (batch_size, embedding_size), got shape {tuple(embeddings.shape)}"
+        )
     if not embeddings.is_floating_point():
         raise TypeError(f"{embeddings_name} must be a floating-point tensor, got dtype {embeddings.dtype}")
     if embedding_size is not None and embeddings.shape[1] != embedding_size:
@@ -161,7 +183,8 @@ def check_embeddings_and_labels(
         raise ValueError(f"{labels_name} must be 1-D (batch_size,), got shape {tuple(labels.shape)}")
     if labels.shape[0] != embeddings.shape[0]:
         raise ValueError(
-            f"{labels_name} has {labels.shape[0]} entries but {embeddings_name} has {embeddings.shape[0]} rows; they must match"
+            f"{labels_name} has {labels.shape[0]} entries but {embeddings_name} has {embeddings.shape[0]} rows; "
+            "they must match"
         )
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"{labels_name} must be an integer tensor (class indices), got dtype {labels.dtype}")

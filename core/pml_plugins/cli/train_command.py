@@ -52,7 +52,9 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backbone", help="auto (default) | cnn | mlp | identity | timm:NAME")
     g.add_argument("--embedding-size", type=int, help="embedding dimension (default 64)")
     g.add_argument("--pooling", choices=["avg", "gem"], help="feature-map pooling in the head (default avg)")
-    g.add_argument("--head-norm", choices=["none", "l2", "layernorm", "layernorm+l2"], help="after the head's linear layer")
+    g.add_argument(
+        "--head-norm", choices=["none", "l2", "layernorm", "layernorm+l2"], help="after the head's linear layer"
+    )
     g.add_argument("--pretrained", nargs="?", const="cache", metavar="PATH",
                    help="timm: local weights file, or no value for already-cached weights (never downloads)")
     g.add_argument("--image-size", type=int, help="input size for image datasets (default: the backbone's)")

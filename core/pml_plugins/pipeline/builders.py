@@ -43,7 +43,9 @@ def _resolve_pml_objects(args: dict) -> dict:
             options = [n for n in dir(module) if inspect.isclass(getattr(module, n))]
             close = difflib.get_close_matches(name_node.id, options, n=3)
             hint = f" Did you mean {', '.join(close)}?" if close else ""
-            raise ValueError(f"{key}={value!r}: pytorch_metric_learning.{module_name} has no class {name_node.id!r}.{hint}")
+            raise ValueError(
+                f"{key}={value!r}: pytorch_metric_learning.{module_name} has no class {name_node.id!r}.{hint}"
+            )
         kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in (call.keywords if call else [])}
         out[key] = cls(**kwargs)
     return out

@@ -107,7 +107,9 @@ def run_compare(base: TrainConfig, losses: Sequence[str], out: Path, *, per_loss
     runs = floors + [(_label(name, demo_args.get(name)), name, base.retrieval_distance) for name in losses]
     try:
         for i, (label, loss, distance) in enumerate(runs):
-            run_dir = _safe(loss) if loss else ("untrained" if distance in (None, "cosine") else f"untrained_{distance}")
+            run_dir = (
+                _safe(loss) if loss else ("untrained" if distance in (None, "cosine") else f"untrained_{distance}")
+            )
             loss_args = dict(per_loss_args.get(loss, demo_args.get(loss, {}))) if loss else {}
             cfg = dataclasses.replace(base, loss=loss, loss_args=loss_args,
                                       epochs=base.epochs if loss else 0, miner=base.miner if loss else None,
@@ -171,7 +173,9 @@ def format_table(rows: Sequence[RunResult], ks: Iterable[int], max_status: int =
     widths = [max(len(str(x[i])) for x in [header, *body]) for i in range(len(header))]
     lines = []
     for j, row in enumerate([header, *body]):
-        cells = [str(c).ljust(widths[i]) if i in (0, len(row) - 1) else str(c).rjust(widths[i]) for i, c in enumerate(row)]
+        cells = [
+            str(c).ljust(widths[i]) if i in (0, len(row) - 1) else str(c).rjust(widths[i]) for i, c in enumerate(row)
+        ]
         lines.append("  ".join(cells).rstrip())
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
@@ -181,7 +185,10 @@ def format_table(rows: Sequence[RunResult], ks: Iterable[int], max_status: int =
 def format_markdown(rows: Sequence[RunResult], ks: Iterable[int], base: TrainConfig) -> str:
     header, body = table_rows(rows, ks)
     esc = lambda s: str(s).replace("|", "\\|")
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([" --- "] + [" ---: "] * (len(header) - 2) + [" --- "]) + "|"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join([" --- "] + [" ---: "] * (len(header) - 2) + [" --- "]) + "|",
+    ]
     lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in body]
     setting = (f"dataset `{base.dataset}`, backbone `{base.backbone}`, embedding size {base.embedding_size}, "
                f"{base.epochs} epochs, batch {base.batch_size}, {base.optimizer} lr {base.lr:g}, seed {base.seed}")
@@ -230,7 +237,11 @@ def plot_comparison(rows: Sequence[RunResult], path: Path, ks: Iterable[int]) ->
             if r.error:
                 continue
             ys = [100 * r.metrics.get(f"{prefix}{k}", float("nan")) for k in ks]
-            style = dict(color="black", linestyle="--" if r.name == FLOOR else ":", marker="x") if is_floor(r) else dict(marker="o")
+            style = (
+                dict(color="black", linestyle="--" if r.name == FLOOR else ":", marker="x")
+                if is_floor(r)
+                else dict(marker="o")
+            )
             line, = ax.plot(ks, ys, label=r.name, **style)
             colors[r.name] = line.get_color()
         ax.set_xscale("log", base=2)

@@ -86,8 +86,8 @@ def _flat(*modules: torch.nn.Module) -> torch.Tensor:
 def _check_one(entry: Any, rank: int, world: int, dtype: torch.dtype, miner_name: Optional[str], steps: int,
                database: bool = False) -> dict:
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
     from pytorch_metric_learning.utils import distributed as pml_dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
 
     from .. import distributed_losses as pd
 

@@ -109,8 +109,16 @@ class ClassAnchorMarginLoss(WeightRegularizerMixin, BaseMetricLossFunction):
                 "indices": c_f.torch_arange_from_size(embeddings),
                 "reduction_type": "element",
             },
-            "repeller_loss": {"losses": self.repeller_weight * l_r, "indices": None, "reduction_type": "already_reduced"},
-            "min_norm_loss": {"losses": self.min_norm_weight * l_n, "indices": None, "reduction_type": "already_reduced"},
+            "repeller_loss": {
+                "losses": self.repeller_weight * l_r,
+                "indices": None,
+                "reduction_type": "already_reduced",
+            },
+            "min_norm_loss": {
+                "losses": self.min_norm_weight * l_n,
+                "indices": None,
+                "reduction_type": "already_reduced",
+            },
         }
         self.add_weight_regularization_to_loss_dict(loss_dict, anchors)
         return loss_dict

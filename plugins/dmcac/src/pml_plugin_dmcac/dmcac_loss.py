@@ -68,8 +68,10 @@ class DMCACLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             check_non_negative_float(name, value)
         check_choice("retrieval", retrieval, RETRIEVAL_MODES)
         distance = kwargs.get("distance")
-        if distance is not None and not (type(distance) is CosineSimilarity):
-            raise ValueError("DMCACLoss uses cosine similarity (eq. 9, unit-norm embeddings); distance must be CosineSimilarity()")
+        if distance is not None and type(distance) is not CosineSimilarity:
+            raise ValueError(
+                "DMCACLoss uses cosine similarity (eq. 9, unit-norm embeddings); distance must be CosineSimilarity()"
+            )
         super().__init__(**kwargs)
         self.num_classes, self.embedding_size, self.num_views, self.k = num_classes, embedding_size, num_views, k
         self.temperature, self.retrieval = float(temperature), retrieval
@@ -160,7 +162,8 @@ class DMCACLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         if indices_tuple is not None and (ref_emb is None or ref_emb is embeddings):
             raise ValueError(
                 "indices_tuple is not supported without ref_emb: DMCACLoss reads it as links from each "
-                "row to ref_emb rows (pass DatabaseKNNMiner(k)(emb, labels, ref_emb, ref_labels) with the same ref_emb)")
+                "row to ref_emb rows (pass DatabaseKNNMiner(k)(emb, labels, ref_emb, ref_labels) with the same ref_emb)"
+            )
         return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:

@@ -4,9 +4,10 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Optional
 
 import torch
+from tqdm.auto import tqdm
+
 from pml_plugins.distributed_losses import gather_in_rank_order, is_distributed
 from pml_plugins.validation import check_positive_int
-from tqdm.auto import tqdm
 
 
 def make_embed_fn(trunk: torch.nn.Module, embedder: Optional[torch.nn.Module] = None,
@@ -98,7 +99,9 @@ class DatabaseRefresher:
         chunks, labels = [], []
         try:
             with torch.no_grad():
-                for batch in tqdm(loader, desc="DMCAC database refresh", disable=None if self.progress else True, leave=False):
+                for batch in tqdm(
+                    loader, desc="DMCAC database refresh", disable=None if self.progress else True, leave=False
+                ):
                     x, y = batch[0], batch[1]
                     if self.device is not None:
                         x = x.to(self.device)

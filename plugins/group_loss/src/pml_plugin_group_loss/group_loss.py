@@ -4,13 +4,19 @@ from __future__ import annotations
 import warnings
 from typing import Optional
 
-import pml_plugins
-from pml_plugins.validation import check_non_negative_float, check_non_negative_int, check_positive_float, check_positive_int
 import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
 from pytorch_metric_learning.utils import common_functions as c_f
+
+import pml_plugins
+from pml_plugins.validation import (
+    check_non_negative_float,
+    check_non_negative_int,
+    check_positive_float,
+    check_positive_int,
+)
 
 from .functional import class_ranks, group_nll, initial_assignment, pearson_similarity, replicator_dynamics
 
@@ -70,7 +76,14 @@ class GroupLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         if self.weight_init_func is not None:
             self.weight_init_func(self.classifier.weight)
         self.add_to_recordable_attributes(
-            list_of_names=["num_classes", "embedding_size", "temperature", "num_anchors", "num_iterations", "ce_weight"],
+            list_of_names=[
+                "num_classes",
+                "embedding_size",
+                "temperature",
+                "num_anchors",
+                "num_iterations",
+                "ce_weight",
+            ],
             is_stat=False,
         )
 
@@ -102,7 +115,9 @@ class GroupLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         if isinstance(labels, torch.Tensor) and isinstance(embeddings, torch.Tensor):
             labels = c_f.to_device(labels, embeddings)
         ref_emb, ref_labels = c_f.set_ref_emb(embeddings, labels, ref_emb, ref_labels)
-        loss_dict = self.compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels, logits=logits, prior=prior)
+        loss_dict = self.compute_loss(
+            embeddings, labels, indices_tuple, ref_emb, ref_labels, logits=logits, prior=prior
+        )
         self.add_embedding_regularization_to_loss_dict(loss_dict, embeddings)
         return self.reducer(loss_dict, embeddings, labels)
 

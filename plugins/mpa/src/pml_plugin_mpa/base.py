@@ -10,7 +10,12 @@ from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
 from pytorch_metric_learning.utils import common_functions as c_f
 
 import pml_plugins
-from pml_plugins.validation import check_finite_float, check_non_negative_float, check_positive_float, check_positive_int
+from pml_plugins.validation import (
+    check_finite_float,
+    check_non_negative_float,
+    check_positive_float,
+    check_positive_int,
+)
 
 from .functional import class_similarity, proxy_regularizer
 
