@@ -72,7 +72,10 @@ def _run(cmd, **kwargs) -> subprocess.CompletedProcess:
 
 
 def _dist_name(project: Path) -> str:
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python < 3.11: the testing extra installs tomli
+        import tomli as tomllib
 
     return tomllib.loads((project / "pyproject.toml").read_text())["project"]["name"]
 

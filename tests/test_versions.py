@@ -5,8 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import tomllib
 from packaging.requirements import Requirement
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11: the testing extra installs tomli
+    import tomli as tomllib
 
 import pml_plugins
 
