@@ -89,7 +89,9 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=11316)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--with-clustering", action="store_true", help="also compute NMI and AMI (FAISS k-means)")
-    parser.add_argument("--torch-knn", action="store_true", help="add a run of ours with the exact torch kNN (no FAISS)")
+    parser.add_argument(
+        "--torch-knn", action="store_true", help="add a run of ours with the exact torch kNN (no FAISS)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -104,12 +106,18 @@ def main() -> None:
         pml_knn = CustomKNN(LpDistance(normalize_embeddings=False), batch_size=2048)
         run("warm-up", AccuracyCalculator(exclude=exclude, device=device, plugin_metrics=False), x, labels)
     else:
-        from pytorch_metric_learning.utils.inference import FaissKNN  # noqa: PLC0415
+        from pytorch_metric_learning.utils.inference import FaissKNN
 
         pml_knn = FaissKNN()
 
-    runs = [run("PML 2.9 AccuracyCalculator (PML defaults)",
-                pml_ac.AccuracyCalculator(k="max_bin_count", exclude=exclude, device=device, knn_func=pml_knn), x, labels)]
+    runs = [
+        run(
+            "PML 2.9 AccuracyCalculator (PML defaults)",
+            pml_ac.AccuracyCalculator(k="max_bin_count", exclude=exclude, device=device, knn_func=pml_knn),
+            x,
+            labels,
+        )
+    ]
     runs.append(run("pml_plugins AccuracyCalculator (+nDCG, Recall)",
                     AccuracyCalculator(exclude=exclude, device=device, plugin_metrics=False), x, labels))
     if args.torch_knn:
@@ -122,8 +130,10 @@ def main() -> None:
     print("| calculator | metrics | kNN k | total (s) | kNN (s) | other (s) | other / kNN | speed-up vs PML |")
     print("|---|---|---|---|---|---|---|---|")
     for r in runs:
-        print(f"| {r['name']} | {len(r['results'])} | {r['k']} | {r['total']:.2f} | {r['knn']:.2f} | {r['other']:.2f} | "
-              f"{100 * r['other'] / r['knn']:.1f}% | {pml_run['total'] / r['total']:.2f}x |")
+        print(
+            f"| {r['name']} | {len(r['results'])} | {r['k']} | {r['total']:.2f} | {r['knn']:.2f} | {r['other']:.2f} | "
+            f"{100 * r['other'] / r['knn']:.1f}% | {pml_run['total'] / r['total']:.2f}x |"
+        )
     print()
     shared = [k for k in pml_run["results"]]
     print("| metric | PML | pml_plugins | abs diff |")
@@ -143,8 +153,11 @@ def main() -> None:
         t = runs[2]["results"]
         print(f"torch kNN vs FAISS kNN, max abs diff over all metrics: "
               f"{max(abs(t[k] - ours['results'][k]) for k in t):.1e}")
-    print(f"end-to-end speed-up: {pml_run['total'] / ours['total']:.2f}x; our non-kNN time is "
-          f"{100 * ours['other'] / ours['knn']:.1f}% of our kNN time (PML: {100 * pml_run['other'] / pml_run['knn']:.1f}%)")
+    print(
+        f"end-to-end speed-up: {pml_run['total'] / ours['total']:.2f}x; our non-kNN time is "
+        f"{100 * ours['other'] / ours['knn']:.1f}% of our kNN time "
+        f"(PML: {100 * pml_run['other'] / pml_run['knn']:.1f}%)"
+    )
 
 
 if __name__ == "__main__":

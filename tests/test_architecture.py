@@ -13,16 +13,6 @@ import pytest
 CORE = Path(__file__).resolve().parents[1] / "core" / "pml_plugins"
 PACKAGE = "pml_plugins"
 
-#: Known exceptions owned by another branch (issue 16 splits knn.py into a knn/ package with a
-#: public progress helper and FAISS import). Entries that no longer occur are ignored, so the
-#: list only ever shrinks; delete an entry when its module is gone.
-PENDING_PRIVATE = {
-    ("pml_plugins.knn_self", "pml_plugins.knn", "_bar"),
-    ("pml_plugins.metrics", "pml_plugins.knn", "_import_faiss"),
-}
-PENDING_CYCLES = {frozenset({"pml_plugins.knn", "pml_plugins.knn_self"})}
-
-
 def _modules() -> dict[str, Path]:
     out = {}
     for path in sorted(CORE.rglob("*.py")):
@@ -136,7 +126,7 @@ def test_graph_sees_relative_and_lazy_imports():
 
 
 def test_no_import_cycle_among_core_modules():
-    cycles = [c for c in _cycles(_graph()) if frozenset(c) not in PENDING_CYCLES]
+    cycles = _cycles(_graph())
     assert not cycles, f"import cycles among core modules: {cycles}"
 
 
@@ -145,15 +135,12 @@ def test_no_private_name_is_imported_from_another_module():
     for module in MODULES:
         for target, name in _imports(module):
             if name and name.startswith("_") and not name.startswith("__") and target != module:
-                if (module, target, name) not in PENDING_PRIVATE:
-                    bad.append(f"{module}: from {target} import {name}")
+                bad.append(f"{module}: from {target} import {name}")
         aliases = _module_aliases(module)
         for node in ast.walk(ast.parse(MODULES[module].read_text())):
             if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
                     and node.attr.startswith("_") and not node.attr.startswith("__")):
-                target = aliases[node.value.id]
-                if (module, target, node.attr) not in PENDING_PRIVATE:
-                    bad.append(f"{module}: {node.value.id}.{node.attr} ({target})")
+                bad.append(f"{module}: {node.value.id}.{node.attr} ({aliases[node.value.id]})")
     assert not bad, "private names used across modules:\n" + "\n".join(sorted(set(bad)))
 
 
