@@ -4,15 +4,20 @@ Discovery iterates the ``pml_plugins`` entry-point group itself (instead of plug
 ``load_setuptools_entrypoints``, which stops at the first plugin that fails to import and
 silently drops a duplicate entry-point name), so one broken plugin is recorded and skipped
 while every other plugin still loads.
+
+One cohesive thing, kept in one module on purpose: the :class:`Registry` (discovery, error
+isolation, lookup, building), the :class:`Registrar` its hooks call, and the module-level
+functions that front the process-wide instance. What it reads of the environment and of the
+installed distributions is in :mod:`pml_plugins.discovery`; name spelling in
+:mod:`pml_plugins.names`; the argument rules in :mod:`pml_plugins.arguments`; what an entry
+declares in :mod:`pml_plugins.specs`.
 """
 from __future__ import annotations
 
 import difflib
 import fnmatch
-import importlib.metadata as importlib_metadata
 import inspect
 import os
-import re
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -23,20 +28,33 @@ import pluggy
 
 from . import hookspecs
 from .arguments import describe_signature, resolve_arguments, signature_parameters
+from .discovery import (
+    BUILTIN_PLUGIN,
+    ENTRY_POINT_GROUP,
+    ENV_ALLOW,
+    ENV_BLOCK,
+    ENV_DISABLE_AUTOLOAD,
+    PLUGIN_API_VERSION,
+    PluginRecord,
+    api_version_supported,
+    core_requirement,
+    dist_version,
+    entry_points,
+    split_env_list,
+)
 from .names import normalize_name, snake_case
-from .specs import SPEC_OF_KIND, LossSpec, Spec, spec_from_metadata
+from .specs import KINDS, SPEC_OF_KIND, LossSpec, Spec, spec_from_metadata
 
-ENTRY_POINT_GROUP = "pml_plugins"
-#: Version of the hook contract, ``"major.minor"``. A plugin module may declare the version it was
-#: written for as ``pml_plugins_api_version`` (an int major, or ``"major.minor"``); it loads when the
-#: major is the core's and the minor at most the core's. 1.1 added typed specs (``register(..., spec=)``).
-PLUGIN_API_VERSION = "1.1"
-#: Environment variables that control discovery (mirroring pytest's).
-ENV_DISABLE_AUTOLOAD = "PML_PLUGINS_DISABLE_AUTOLOAD"
-ENV_ALLOW = "PML_PLUGINS_ALLOW"
-ENV_BLOCK = "PML_PLUGINS_BLOCK"
-BUILTIN_PLUGIN = "builtin"
-KINDS = ("loss", "miner", "metric")
+# names other modules and users import from here (they moved to leaf modules)
+__all__ = [
+    "BUILTIN_PLUGIN", "ENTRY_POINT_GROUP", "ENV_ALLOW", "ENV_BLOCK", "ENV_DISABLE_AUTOLOAD", "KINDS",
+    "PLUGIN_API_VERSION", "PluginRecord", "api_version_supported", "describe_signature", "normalize_name",
+    "snake_case", "PluginError", "UnknownNameError", "AmbiguousNameError", "RegistrationError", "Entry",
+    "BuildResult", "Registrar", "Registry", "registry", "load_plugins", "register_plugin", "unregister_plugin",
+    "plugin_info", "list_losses", "list_miners", "list_metrics", "get_loss", "get_miner", "get_metric",
+    "get_entry", "create_loss", "create_miner", "create_metric",
+]
+
 _HOOK_OF_KIND = {"loss": "register_losses", "miner": "register_miners", "metric": "register_metrics"}
 
 
@@ -58,26 +76,6 @@ class AmbiguousNameError(PluginError, LookupError, ValueError):
 class RegistrationError(PluginError, TypeError):
     """A plugin tried to register something invalid."""
 
-
-
-def _parse_api_version(value: Any) -> Optional[tuple[int, int]]:
-    """``1`` -> (1, 0); ``"1.1"`` / ``(1, 1)`` -> (1, 1); None when it is not a version."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return (value, 0)
-    if isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, int) for v in value):
-        return value
-    if isinstance(value, str) and re.fullmatch(r"\d+(\.\d+)?", value.strip()):
-        major, _, minor = value.strip().partition(".")
-        return (int(major), int(minor or 0))
-    return None
-
-
-def api_version_supported(declared: Any) -> bool:
-    """Whether a plugin written for API ``declared`` loads in this core (same major, minor not newer)."""
-    mine, theirs = _parse_api_version(PLUGIN_API_VERSION), _parse_api_version(declared)
-    return theirs is not None and mine is not None and theirs[0] == mine[0] and theirs[1] <= mine[1]
 
 
 @dataclass(frozen=True)
@@ -134,43 +132,6 @@ class BuildResult:
     arguments: dict
     #: arguments the constructor does not take, kept for the loss's ``training_setup`` (``with_options``)
     options: dict
-
-
-@dataclass
-class PluginRecord:
-    """What one plugin is and what it did."""
-
-    name: str
-    distribution: str | None = None
-    version: str | None = None
-    module: str | None = None
-    api_version: int | None = None
-    #: The core versions the plugin's distribution declares it was built for (its requirement on pml-plugins).
-    requires_core: str | None = None
-    errors: list[str] = field(default_factory=list)
-    loaded: bool = False
-    registered: dict[str, list[str]] = field(default_factory=lambda: {k: [] for k in KINDS})
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "distribution": self.distribution,
-            "version": self.version,
-            "module": self.module,
-            "api_version": self.api_version,
-            "requires_core": self.requires_core,
-            "loaded": self.loaded,
-            "losses": list(self.registered["loss"]),
-            "miners": list(self.registered["miner"]),
-            "metrics": list(self.registered["metric"]),
-            "errors": list(self.errors),
-        }
-
-
-def _split_env_list(value: str | None) -> set[str] | None:
-    if value is None or not value.strip():
-        return None
-    return {normalize_name(v) for v in value.split(",") if v.strip()}
 
 
 def _base_class_for(kind: str) -> type | None:
@@ -309,12 +270,12 @@ class Registry:
         """
         with self._lock:
             allow_set = (
-                {normalize_name(a) for a in allow} if allow is not None else _split_env_list(os.environ.get(ENV_ALLOW))
+                {normalize_name(a) for a in allow} if allow is not None else split_env_list(os.environ.get(ENV_ALLOW))
             )
             block_set = (
                 {normalize_name(b) for b in block}
                 if block is not None
-                else (_split_env_list(os.environ.get(ENV_BLOCK)) or set())
+                else (split_env_list(os.environ.get(ENV_BLOCK)) or set())
             )
             if autoload is None:
                 autoload = not os.environ.get(ENV_DISABLE_AUTOLOAD)
@@ -323,8 +284,8 @@ class Registry:
                 from . import builtin
 
                 self._add_plugin(builtin, PluginRecord(name=BUILTIN_PLUGIN, distribution="pml-plugins",
-                                                       version=_dist_version("pml-plugins"), module=builtin.__name__))
-            for ep in _entry_points():
+                                                       version=dist_version("pml-plugins"), module=builtin.__name__))
+            for ep in entry_points():
                 name = normalize_name(ep.name)
                 if name in block_set or name == BUILTIN_PLUGIN:
                     continue
@@ -334,7 +295,7 @@ class Registry:
                     continue
                 dist = getattr(ep, "dist", None)
                 dist_name = dist.metadata["Name"] if dist is not None else None
-                dist_version = dist.version if dist is not None else None
+                ep_version = dist.version if dist is not None else None
                 plugin_name = name
                 if plugin_name in self.plugins:
                     if (
@@ -346,8 +307,8 @@ class Registry:
                     plugin_name = f"{name}@{normalize_name(dist_name or 'unknown')}"
                     if plugin_name in self.plugins:
                         continue
-                record = PluginRecord(name=plugin_name, distribution=dist_name, version=dist_version, module=ep.value,
-                                      requires_core=_core_requirement(dist))
+                record = PluginRecord(name=plugin_name, distribution=dist_name, version=ep_version, module=ep.value,
+                                      requires_core=core_requirement(dist))
                 try:
                     obj = ep.load()
                 except Exception as exc:  # a broken plugin must not break the host
@@ -402,7 +363,7 @@ class Registry:
             self._record_error(
                 record,
                 f"plugin API version {api} is not supported by pml-plugins "
-                f"{_dist_version('pml-plugins')} (API version {PLUGIN_API_VERSION}); "
+                f"{dist_version('pml-plugins')} (API version {PLUGIN_API_VERSION}); "
                 f"install a release of {record.distribution or record.name} built for API {PLUGIN_API_VERSION}",
             )
             return
@@ -537,32 +498,6 @@ class Registry:
     def _check_kind(kind: str) -> None:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-
-
-def _entry_points() -> list[Any]:
-    eps = importlib_metadata.entry_points()
-    if hasattr(eps, "select"):
-        selected = list(eps.select(group=ENTRY_POINT_GROUP))
-    else:  # Python < 3.10
-        selected = list(eps.get(ENTRY_POINT_GROUP, []))
-    return sorted(selected, key=lambda ep: (ep.name, ep.value))
-
-
-def _core_requirement(dist: Any) -> str | None:
-    """The version range a plugin distribution requires of pml-plugins, e.g. ``>=0.1,<0.2``."""
-    for requirement in (getattr(dist, "requires", None) or []):
-        spec = requirement.split(";", 1)[0].strip()
-        match = re.match(r"^([A-Za-z0-9._-]+)\s*(\[[^\]]*\])?\s*\(?([^)]*)\)?$", spec)
-        if match and normalize_name(match.group(1)).replace(".", "_") == "pml_plugins":
-            return match.group(3).strip() or "any version"
-    return None
-
-
-def _dist_version(dist: str) -> str | None:
-    try:
-        return importlib_metadata.version(dist)
-    except importlib_metadata.PackageNotFoundError:
-        return None
 
 
 #: The process-wide registry behind the module-level functions.

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Callable, ClassVar, Mapping, Optional, Tuple, Union
 
-__all__ = ["Spec", "LossSpec", "MinerSpec", "MetricSpec", "SPEC_OF_KIND", "spec_from_metadata"]
+__all__ = ["Spec", "LossSpec", "MinerSpec", "MetricSpec", "KINDS", "SPEC_OF_KIND", "spec_from_metadata"]
 
 
 def _frozen_mapping(value: Any, name: str) -> Mapping[str, Any]:
@@ -196,6 +196,8 @@ class MetricSpec(Spec):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
 
+#: The kinds of things a plugin registers, in hook order.
+KINDS = ("loss", "miner", "metric")
 #: The spec class of each registry kind.
 SPEC_OF_KIND: Mapping[str, type] = MappingProxyType({"loss": LossSpec, "miner": MinerSpec, "metric": MetricSpec})
 
