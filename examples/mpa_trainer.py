@@ -49,7 +49,7 @@ def main() -> None:
     model = torch.nn.Sequential(trunk, embedder)
     loss = pml_plugins.create_loss(args.loss, num_classes=5, embedding_size=args.embedding_size,
                                    proxies_per_class=args.proxies_per_class)
-    proxy_lr = pml_plugins.get_entry("loss", args.loss).metadata["loss_lr"]  # 1e-2, the paper's
+    proxy_lr = pml_plugins.get_entry("loss", args.loss).spec.loss_lr  # 1e-2, the paper's
     optimizers = {
         "trunk_optimizer": torch.optim.AdamW(trunk.parameters(), lr=1e-3),
         "embedder_optimizer": torch.optim.AdamW(embedder.parameters(), lr=1e-3),
