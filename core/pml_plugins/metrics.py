@@ -66,7 +66,7 @@ class SklearnKMeans:
         self.seed = seed
 
     def __call__(self, x: torch.Tensor, nmb_clusters: int) -> torch.Tensor:
-        from sklearn.cluster import KMeans  # noqa: PLC0415
+        from sklearn.cluster import KMeans
 
         data = c_f.to_numpy(x).astype(np.float32)
         km = KMeans(n_clusters=nmb_clusters, n_init=1, max_iter=self.niter, random_state=self.seed)
@@ -169,7 +169,7 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
             self._metric_k[name] = kk
             setattr(self, f"calculate_{name}", functools.partial(self._calculate_recall, at=kk))
         self._plugin_metrics = _registered_metrics(plugin_metrics, taken=set(PML_METRICS) | set(self._metric_k))
-        for name, (fn, meta) in self._plugin_metrics.items():
+        for name in self._plugin_metrics:
             setattr(self, f"calculate_{name}", functools.partial(self._calculate_plugin_metric, name=name))
 
         pml_k = None if k == "all" else k
@@ -186,20 +186,24 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
                          kmeans_func=kmeans_func)
         # PML metrics first (its order), then nDCG and Recall by k, then plugin metrics
         order = {n: i for i, n in enumerate([*PML_METRICS, *self._metric_k, *self._plugin_metrics])}
-        self.original_function_dict = dict(sorted(self.original_function_dict.items(), key=lambda kv: order.get(kv[0], len(order))))
+        self.original_function_dict = dict(
+            sorted(self.original_function_dict.items(), key=lambda kv: order.get(kv[0], len(order)))
+        )
         self.curr_function_dict = self.get_function_dict()
 
     # -- what each metric needs ------------------------------------------------------------
     def requires_knn(self) -> list[str]:
         # PML's list omits mean_reciprocal_rank, so include=("mean_reciprocal_rank",) crashed there
-        plugin = [n for n, (_, meta) in self._plugin_metrics.items() if meta.get("requires_knn", True)]
+        plugin = [n for n, (_, spec) in self._plugin_metrics.items() if spec.requires_knn]
         return [*_PML_KNN_METRICS, *self._metric_k, *plugin]
 
     def requires_clustering(self) -> list[str]:
-        plugin = [n for n, (_, meta) in self._plugin_metrics.items() if meta.get("requires_clustering", False)]
+        plugin = [n for n, (_, spec) in self._plugin_metrics.items() if spec.requires_clustering]
         return ["NMI", "AMI", *plugin]
 
-    def _pml_k(self, max_bin_count: int, match_counts: torch.Tensor, num_reference: int, ref_includes_query: bool) -> int:
+    def _pml_k(
+        self, max_bin_count: int, match_counts: torch.Tensor, num_reference: int, ref_includes_query: bool
+    ) -> int:
         """The k PML would search for its own metrics (with its warnings), capped by the reference size."""
         available = num_reference - int(ref_includes_query)
         k = super().determine_k(match_counts, num_reference, ref_includes_query) if len(match_counts) else 0
@@ -232,8 +236,8 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
                 rank = True
             elif m in self._metric_k:
                 needs.append(self._metric_k[m])
-            elif m in self._plugin_metrics and self._plugin_metrics[m][1].get("k") is not None:
-                want = self._plugin_metrics[m][1]["k"]
+            elif m in self._plugin_metrics and self._plugin_metrics[m][1].k is not None:
+                want = self._plugin_metrics[m][1].k
                 needs.append(max_bin_count - self_count if want == "max_bin_count" else int(want))
             else:  # PML's metrics in a subclass's version, or a subclass's own: PML's columns
                 needs.append(k_pml)
@@ -263,7 +267,9 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
         if len(query) != len(query_labels) or len(reference) != len(reference_labels):
             raise ValueError("embeddings and labels must have the same length")
         if query.shape[1] != reference.shape[1]:
-            raise ValueError(f"query and reference must have the same embedding size, got {query.shape[1]} and {reference.shape[1]}")
+            raise ValueError(
+                f"query and reference must have the same embedding size, got {query.shape[1]} and {reference.shape[1]}"
+            )
         if query_labels.shape[1:] != reference_labels.shape[1:]:
             raise ValueError("query_labels and reference_labels must have the same number of label columns")
         if ref_includes_query and not (
@@ -288,12 +294,16 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
             "label_comparison_fn": self.label_comparison_fn,
         }
         if any(m in self.requires_knn() for m in metrics):
-            kwargs.update(self._knn_context(query, query_labels, reference, reference_labels, ref_includes_query, metrics))
+            kwargs.update(
+                self._knn_context(query, query_labels, reference, reference_labels, ref_includes_query, metrics)
+            )
         if any(m in self.requires_clustering() for m in metrics):
             kwargs["cluster_labels"] = self.get_cluster_labels(**kwargs)
         return self._get_accuracy(self.curr_function_dict, **kwargs)
 
-    def _knn_context(self, query, query_labels, reference, reference_labels, ref_includes_query, metrics) -> dict[str, Any]:
+    def _knn_context(
+        self, query, query_labels, reference, reference_labels, ref_includes_query, metrics
+    ) -> dict[str, Any]:
         stats = _label_stats(query_labels, reference_labels, ref_includes_query, self.label_comparison_fn)
         match_counts = stats["label_counts"][1]
         max_bin_count = int(match_counts.max()) if len(match_counts) else 0
@@ -341,7 +351,9 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
         }
 
     # -- averaging as PML does it ------------------------------------------------------------
-    def _average(self, per_query: torch.Tensor, mask: torch.Tensor, label_ids: torch.Tensor, unique_labels: torch.Tensor) -> Any:
+    def _average(
+        self, per_query: torch.Tensor, mask: torch.Tensor, label_ids: torch.Tensor, unique_labels: torch.Tensor
+    ) -> Any:
         """Mean over the queries in ``mask``; per class first with ``avg_of_avgs``/``return_per_class``."""
         values = per_query[mask]
         if values.numel() == 0:
@@ -356,7 +368,9 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
         return torch.mean(per_class).item()
 
     def _pml_average(self, per_query: torch.Tensor, **kwargs) -> Any:
-        return self._average(per_query, kwargs["not_lone_query_mask"], kwargs["query_label_ids"], kwargs["label_counts"][0])
+        return self._average(
+            per_query, kwargs["not_lone_query_mask"], kwargs["query_label_ids"], kwargs["label_counts"][0]
+        )
 
     def _ours(self, knn_labels: Any, kwargs: dict[str, Any]) -> bool:
         """Whether a ``calculate_`` call comes from our ``get_accuracy`` with its own columns (fast
@@ -626,13 +640,13 @@ def _ideal_dcg(gain_fn: Callable, query_labels: torch.Tensor, reference_labels: 
 
 
 # -- plugin metrics --------------------------------------------------------------------------------
-def _registered_metrics(selection: bool | Iterable[str], taken: set[str]) -> dict[str, tuple[Callable, dict]]:
+def _registered_metrics(selection: bool | Iterable[str], taken: set[str]) -> dict[str, tuple[Callable, Any]]:
     """Metrics from the registry, by the name they appear under in the calculator."""
     if selection is False or selection is None:
         return {}
-    from . import registry as reg  # noqa: PLC0415
+    from . import registry as reg
 
-    out: dict[str, tuple[Callable, dict]] = {}
+    out: dict[str, tuple[Callable, Any]] = {}
     if selection is True:
         names = reg.registry.names("metric")
     else:
@@ -645,12 +659,16 @@ def _registered_metrics(selection: bool | Iterable[str], taken: set[str]) -> dic
         obj = entry.obj
         if inspect.isclass(obj):
             obj = obj()
-        meta = dict(entry.metadata)
-        k = meta.get("k")
+        spec = entry.spec
+        k = spec.k
         if k is not None and k != "max_bin_count" and not (isinstance(k, int) and k > 0):
-            warnings.warn(f"metric {entry.qualified_name!r}: metadata k must be a positive int or 'max_bin_count', got {k!r}; ignored",
-                          RuntimeWarning, stacklevel=3)
-            meta.pop("k")
-        out[key] = (obj, meta)
+            warnings.warn(
+                f"metric {entry.qualified_name!r}: MetricSpec.k must be a positive int or 'max_bin_count', "
+                f"got {k!r}; ignored",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            spec = spec.replace(k=None)
+        out[key] = (obj, spec)
     return out
 

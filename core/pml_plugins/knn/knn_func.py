@@ -155,8 +155,9 @@ class KNN:
             scores, indices = drop_self_matches(scores, indices)
         return scores, indices
 
-    def _search(self, query: Any, k: int, reference: Any,
-                ref_includes_query: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _search(
+        self, query: Any, k: int, reference: Any, ref_includes_query: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         o = self.options
         if reference is None:
             if self.reference is None:
