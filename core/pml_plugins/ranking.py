@@ -9,7 +9,8 @@ relevant one (usually a handful), sort those, and read each relevant reference's
 order among the relevant ones. Memory is bounded by the block (``block_elements`` scores, and
 the kept references, at most as many). With integer labels compared for equality, each query's
 relevant references are looked up among the references sorted by label, without a
-``block x N`` label comparison.
+``block x N`` label comparison. ``queries`` restricts the pass to some queries (the calculator
+ranks only those whose relevant references were not all among the searched neighbours).
 
 Order of references, exactly as PML's default kNN (FAISS's flat indexes, which ``FaissKNN``
 and :class:`pml_plugins.knn.KNN` use) returns them -- checked on data with many exact ties:
