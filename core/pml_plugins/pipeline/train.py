@@ -223,11 +223,11 @@ def _build_trainer(run: _Run) -> tuple[EmbeddingTrainer, TrainingSetup, str]:
         base = sampler if sampler is not None else ddp.GlobalRandomSampler(len(train_dataset), cfg.seed)
         sampler = ddp.RankSliceSampler(base, cfg.batch_size, env.rank, env.world_size)
         local_batch = sampler.local_batch_size
+        divisor = env.world_size if cfg.distributed_efficient else env.world_size ** 2
         resolved["distributed"].update({
             "global_batch_size": cfg.batch_size, "local_batch_size": local_batch,
             "efficient": cfg.distributed_efficient, "loss_semantics": semantics or "not declared",
-            "loss_parameter_gradients":
-                f"all-reduced sum / {env.world_size if cfg.distributed_efficient else env.world_size ** 2}"})
+            "loss_parameter_gradients": f"all-reduced sum / {divisor}"})
 
     models = {"trunk": run.trunk, "embedder": run.embedder}
     has_loss_params = any(p.requires_grad for p in loss.parameters())
