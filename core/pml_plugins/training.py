@@ -9,6 +9,9 @@ must be refreshed, a custom sampler) registers a ``training_setup`` callable in 
 The main job (``pml-plugins train``) calls ``training_setup(loss, context)`` once, before building
 PML's trainer, with a :class:`TrainingContext`, and merges the returned :class:`TrainingSetup`
 into the trainer. The core never imports the plugin: the callable is all it knows.
+
+A setup that keeps state across epochs (a database, counters) sets ``state_dict`` /
+``load_state_dict`` so that ``OUT/checkpoint.pt`` holds it and ``train --resume`` restores it.
 """
 from __future__ import annotations
 
@@ -59,3 +62,9 @@ class TrainingSetup:
     before_training: Optional[Callable[[], Any]] = None
     #: Rows per sample in a batch (A for multi-view batches); the batch size counts samples.
     views_per_sample: int = 1
+    #: What the setup keeps between epochs that the loss's own ``state_dict`` does not hold (e.g.
+    #: DMCAC's database and refresh counters), for checkpoints: ``state_dict()`` returns tensors
+    #: and plain types only (checkpoints load with ``torch.load(..., weights_only=True)``);
+    #: ``load_state_dict(state)`` restores it when a run resumes, instead of ``before_training``.
+    state_dict: Optional[Callable[[], dict]] = None
+    load_state_dict: Optional[Callable[[dict], Any]] = None
