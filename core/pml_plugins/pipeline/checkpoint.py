@@ -33,7 +33,7 @@ import torch
 FORMAT = "pml-plugins checkpoint v1"
 CHECKPOINT_NAME = "checkpoint.pt"
 #: config keys that may differ between a run and its resumption (where it runs, how it reports)
-RESUME_FREE_KEYS = ("out", "device", "num_workers", "eval_batch_size", "threads")
+RESUME_FREE_KEYS = ("out", "device", "num_workers", "eval_batch_size", "threads", "keep_last")
 
 PathLike = Union[str, os.PathLike]
 
@@ -141,7 +141,7 @@ def checkpoint_path(path: PathLike) -> Path:
     return path
 
 
-def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict:
+def load_checkpoint(path: PathLike, map_location: Any = "cpu", mmap: bool = False) -> dict:
     """Read a checkpoint safely (``weights_only=True``); every failure is one clear ``ValueError``.
 
     ``path`` is a ``.pt`` file or a run folder. A file that needs pickle to load (Python objects
@@ -149,7 +149,7 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict:
     """
     path = checkpoint_path(path)
     where = f"checkpoint {str(path)!r}"
-    obj = safe_torch_load(path, where, map_location)
+    obj = safe_torch_load(path, where, map_location, mmap=mmap)
     if not isinstance(obj, dict) or not isinstance(obj.get("trunk"), Mapping) or not isinstance(obj.get("embedder"), Mapping):
         kind = type(obj).__name__ if not isinstance(obj, dict) else f"dict with keys {sorted(map(str, obj))[:8]}"
         raise ValueError(f"{where} is not a pml-plugins checkpoint (expected a dict with trunk and embedder "
@@ -157,7 +157,7 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict:
     return obj
 
 
-def safe_torch_load(path: PathLike, where: Optional[str] = None, map_location: Any = "cpu") -> Any:
+def safe_torch_load(path: PathLike, where: Optional[str] = None, map_location: Any = "cpu", mmap: bool = False) -> Any:
     """``torch.load(path, weights_only=True)`` whose every failure is one ``ValueError`` line
     starting with ``where`` (default: the path): empty, not a zip archive, truncated, corrupt,
     or needing pickle (refused, never unpickled)."""
@@ -177,7 +177,7 @@ def safe_torch_load(path: PathLike, where: Optional[str] = None, map_location: A
     if problem:
         raise ValueError(f"{where} is truncated or corrupt ({problem}); use an earlier checkpoint or train again")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:
         # torch's message here suggests weights_only=False: never repeat that advice
         raise ValueError(f"{where} holds Python objects that need pickle to load; refused (it was not unpickled: "
@@ -268,8 +268,11 @@ def plain_config(cfg: Mapping[str, Any]) -> dict:
 
 
 def _plain(value: Any) -> Any:
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
+    if value is None:
+        return None
+    for kind in (bool, int, float, str):  # subclasses (torch's TorchVersion is a str) need pickle: plain them
+        if isinstance(value, kind):
+            return kind(value)
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     if isinstance(value, Mapping):
@@ -279,14 +282,14 @@ def _plain(value: Any) -> Any:
 
 def check_plain(obj: Any, where: str = "checkpoint") -> None:
     """Raise TypeError naming the first value ``weights_only=True`` could not load."""
-    if obj is None or isinstance(obj, (bool, int, float, str, bytes, torch.Tensor, torch.Size, torch.dtype,
-                                       torch.device)):
+    if obj is None or type(obj) in (bool, int, float, str, bytes, torch.Size, torch.dtype, torch.device) \
+            or isinstance(obj, torch.Tensor):
         return
-    if isinstance(obj, (list, tuple)):
+    if type(obj) in (list, tuple):
         for i, v in enumerate(obj):
             check_plain(v, f"{where}[{i}]")
         return
-    if isinstance(obj, dict):
+    if isinstance(obj, dict) and type(obj).__module__ in ("builtins", "collections"):
         for k, v in obj.items():
             check_plain(v, f"{where}[{k!r}]")
         return
