@@ -16,6 +16,7 @@ Under DDP, rank 0 writes, every rank reads, and the ranks agree on when a signal
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -134,11 +135,26 @@ def begin_epoch_fn(cfg_seed: int, trainer_ref: Callable[[], Any], rank: int = 0)
         generator = getattr(trainer, "data_generator", None)
         if generator is not None:
             generator.manual_seed(seed)
-        sampler = getattr(trainer, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch - 1)
+        reset_sampler(getattr(trainer, "sampler", None), epoch)
 
     return begin
+
+
+def reset_sampler(sampler: Any, epoch: int) -> None:
+    """Make a sampler's draw for ``epoch`` independent of earlier epochs: ``set_epoch(epoch - 1)``
+    where it has one (DDP's samplers), and PML's ``MPerClassSampler``, which shuffles its label list
+    in place every epoch, gets its first order back. Wrappers (``.base``) are followed."""
+    seen = 0
+    while sampler is not None and seen < 8:
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch - 1)
+        labels = getattr(sampler, "labels", None)
+        if labels is not None and hasattr(sampler, "labels_to_indices"):
+            initial = getattr(sampler, "_initial_labels", None)
+            if initial is None:
+                sampler._initial_labels = initial = copy.copy(labels)
+            sampler.labels = copy.copy(initial)
+        sampler, seen = getattr(sampler, "base", None), seen + 1
 
 
 # -- what a checkpoint holds -------------------------------------------------------------------------

@@ -129,6 +129,9 @@ class DatabaseRefresher:
                 self.loss.set_database(db, labels, index=index)
             else:
                 self.loss.set_database(db, labels)
+            if isinstance(getattr(self.loss, "db_embeddings", None), torch.Tensor):
+                # the saved rows are already normalised; normalising again can move the last bit
+                self.loss.db_embeddings = db.to(self.loss.db_embeddings.device)
 
     def end_of_epoch_hook(self, trainer: Any = None) -> None:
         """PML ``end_of_epoch_hook``: refresh after every ``every_epochs``-th epoch."""
