@@ -168,6 +168,10 @@ def resumed_settings(out: str, flag_out: Any = None) -> dict[str, Any]:
 
     if flag_out is not None and flag_out != out:
         raise ValueError(f"--resume {out} continues the run in {out}; --out {flag_out} is another folder")
+    from pathlib import Path
+
+    if not Path(out).is_dir():
+        raise FileNotFoundError(f"--resume: run folder {out!r} does not exist")
     state = load_checkpoint(out, mmap=True)
     if not is_resumable(state):
         raise ValueError(f"{out}/checkpoint.pt holds final weights only (written by an older pml-plugins): it cannot "

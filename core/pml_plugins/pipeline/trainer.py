@@ -117,7 +117,7 @@ class EmbeddingTrainer(MetricLossOnly):
     def initialize_dataloader(self) -> None:
         """PML's data loader; a shuffling one draws from its own generator, which ``begin_epoch``
         seeds (the order of epoch e then depends on nothing a training step draws)."""
-        super().initialize_dataloader()
+        self.data_generator = None
         if self.sampler is None:
             self.data_generator = torch.Generator()
             self.dataloader = torch.utils.data.DataLoader(
@@ -125,7 +125,11 @@ class EmbeddingTrainer(MetricLossOnly):
                 num_workers=self.dataloader_num_workers, collate_fn=self.collate_fn, pin_memory=False,
                 generator=self.data_generator)
         else:
-            self.data_generator = None
+            self.dataloader = c_f.get_train_dataloader(self.dataset, self.batch_size, self.sampler,
+                                                       self.dataloader_num_workers, self.collate_fn)
+        if not self.iterations_per_epoch:
+            self.iterations_per_epoch = len(self.dataloader)
+        self.dataloader_iter = None  # train() starts a fresh iterator every epoch
 
     def _replay(self, steps: int, total: float, rng: Optional[dict]) -> tuple[int, float]:
         """Draw (and drop) the first ``steps`` batches of this epoch, then restore the random
