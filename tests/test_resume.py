@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pml_plugins
 import pytest
 import torch
-
 from pml_plugins import distributed as pd
 from pml_plugins.cli import main as cli_main
 from pml_plugins.pipeline.resume import TEST_SIGNAL_ENV
@@ -38,7 +38,7 @@ def _env(signal_at: str | None = None) -> dict:
 
 
 def _cli(args: list[str], signal_at: str | None = None, timeout: int = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pml_plugins", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "pml_plugins", *args], check=False, capture_output=True, text=True,
                           timeout=timeout, env=_env(signal_at))
 
 
@@ -185,7 +185,7 @@ def test_ddp_resume_two_gloo_processes(tmp_path):
                 "-m", "pml_plugins", "train", "--distributed"]
 
     def launch(extra: list[str], signal_at: str | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run([*torchrun, *extra], capture_output=True, text=True, timeout=300, env=_env(signal_at))
+        return subprocess.run([*torchrun, *extra], check=False, capture_output=True, text=True, timeout=300, env=_env(signal_at))
 
     whole = launch([*args, "--out", str(tmp_path / "whole")])
     assert whole.returncode == 0, whole.stderr[-3000:]
@@ -197,3 +197,80 @@ def test_ddp_resume_two_gloo_processes(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.stdout.count("resuming group_loss after epoch 1") == 1  # rank 0 logs
     assert _record(tmp_path / "run") == _record(tmp_path / "whole")
+
+
+# -- the training-setup state hook, in process (a real SIGINT sent to this process) ----------------
+CALLS: dict = {}
+
+
+def _counting_setup(loss, context):
+    """A setup that keeps state across epochs: steps seen (as DMCAC keeps its refresh counters)."""
+    state = {"seen": 0}
+    bad = bool(context.options.get("bad", False))
+
+    def count(trainer):
+        state["seen"] += 1
+
+    def state_dict():
+        return {"seen": object()} if bad else {"seen": torch.tensor(state["seen"])}
+
+    def load_state_dict(saved):
+        state["seen"] = int(saved["seen"])
+        CALLS["loaded"] = state["seen"]
+
+    def end_of_epoch(trainer):
+        CALLS.setdefault("seen_at_epoch_end", []).append(state["seen"])
+
+    return pml_plugins.TrainingSetup(end_of_iteration_hook=count, end_of_epoch_hook=end_of_epoch,
+                                     before_training=lambda: CALLS.update(before=CALLS.get("before", 0) + 1),
+                                     state_dict=state_dict, load_state_dict=load_state_dict)
+
+
+class _CountingPlugin:
+    @pml_plugins.hookimpl
+    def register_losses(self, register):
+        from pytorch_metric_learning.losses import ContrastiveLoss
+
+        register(ContrastiveLoss, name="counting_test", training_setup=_counting_setup)
+
+
+@pytest.fixture
+def counting_plugin():
+    name = pml_plugins.register_plugin(_CountingPlugin(), name="resume_test_plugin")
+    CALLS.clear()
+    yield
+    pml_plugins.unregister_plugin(name)
+
+
+def test_training_setup_state_is_saved_and_restored_instead_of_before_training(tmp_path, monkeypatch, capsys,
+                                                                                counting_plugin):
+    out = tmp_path / "run"
+    monkeypatch.setenv(TEST_SIGNAL_ENV, "2:1:SIGINT")
+    assert cli_main(["train", "--loss", "counting_test", *TINY, "--out", str(out)]) == 130
+    assert "resume with: pml-plugins train --resume" in capsys.readouterr().err
+    assert CALLS == {"before": 1, "seen_at_epoch_end": [4]}
+    plugin = _checkpoint(out)["plugin"]
+    assert int(plugin["seen"]) == 6  # 4 steps of epoch 1, 2 of epoch 2 (the one under way finished)
+    monkeypatch.delenv(TEST_SIGNAL_ENV)
+    CALLS.clear()
+    assert cli_main(["train", "--resume", str(out), "--no-progress"]) == 0
+    assert CALLS == {"loaded": 6, "seen_at_epoch_end": [8, 12]}  # restored, not before_training
+
+
+def test_training_setup_state_that_needs_pickle_is_refused(tmp_path, capsys, counting_plugin):
+    assert cli_main(["train", "--loss", "counting_test", "--loss-option", "bad=True", *TINY,
+                     "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "the training setup's state_dict()['seen'] is a builtins.object" in err and "plain types" in err
+
+
+def test_a_checkpoint_of_another_loss_or_size_does_not_fit(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli_main(["train", "--loss", "proxy_anchor", *TINY, "--epochs", "1", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert cli_main(["train", "--resume", str(out), "--loss", "contrastive", "--force", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit this loss (ContrastiveLoss): unexpected proxies" in err, err
+    assert cli_main(["train", "--resume", str(out), "--embedding-size", "8", "--force", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit this embedding head" in err and "(16, 64) in the checkpoint, (8, 64) here" in err, err

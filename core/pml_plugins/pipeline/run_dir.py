@@ -61,9 +61,11 @@ def read_run_config(run_dir: Path) -> tuple[TrainConfig, dict]:
     return cfg, resolved
 
 
-def load_run(run_dir: Path, *, device: torch.device = torch.device("cpu")) -> LoadedRun:
-    """Rebuild the run's trunk and embedder from its config and load ``checkpoint.pt`` into them."""
+def load_run(run_dir: Path, *, device: Optional[torch.device] = None) -> LoadedRun:
+    """Rebuild the run's trunk and embedder from its config and load ``checkpoint.pt`` into them
+    (on ``device``, default the CPU)."""
     run_dir = Path(run_dir)
+    device = device if device is not None else torch.device("cpu")
     cfg, resolved = read_run_config(run_dir)
     state = load_checkpoint(run_dir)  # every failure: one clear ValueError
     backbone = resolved.get("backbone") or ("identity" if data_mod.parse_dataset_spec(cfg.dataset)[0] == "embeddings"
@@ -97,9 +99,10 @@ def load_split(run: LoadedRun, data: Optional[str] = None, split: str = "test") 
 
 
 @torch.no_grad()
-def embed_dataset(run: LoadedRun, dataset: Any, *, batch_size: int = 256, device: torch.device = torch.device("cpu"),
+def embed_dataset(run: LoadedRun, dataset: Any, *, batch_size: int = 256, device: Optional[torch.device] = None,
                   progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``(embeddings, labels)`` of every item of ``dataset`` (eval mode, no grad, in order)."""
+    device = device if device is not None else torch.device("cpu")
     import tqdm  # noqa: PLC0415
 
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
