@@ -1,5 +1,6 @@
 """Checkpoints: random states, atomic writes, --keep-last, safe loading with one-line errors,
 evaluate RUN_DIR / embed RUN_DIR reproducing a run's numbers."""
+
 from __future__ import annotations
 
 import json
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from pml_plugins.cli import main as cli_main
 from pml_plugins.pipeline import checkpoint as ck
 
@@ -23,8 +25,14 @@ def _draws() -> tuple:
     from pytorch_metric_learning.utils import common_functions as c_f
 
     pml = c_f.NUMPY_RANDOM
-    return (torch.rand(5).tolist(), np.random.rand(5).tolist(), [random.random() for _ in range(5)],
-            random.gauss(0, 1), np.random.randn(3).tolist(), pml.randint(0, 10**9, 4).tolist())
+    return (
+        torch.rand(5).tolist(),
+        np.random.rand(5).tolist(),
+        [random.random() for _ in range(5)],
+        random.gauss(0, 1),
+        np.random.randn(3).tolist(),
+        pml.randint(0, 10**9, 4).tolist(),
+    )
 
 
 def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
@@ -115,8 +123,8 @@ def _bad_files(tmp_path: Path) -> dict[str, Path]:
     with zipfile.ZipFile(good) as zf:  # flip bytes inside the big tensor's data
         info = max(zf.infolist(), key=lambda i: i.compress_size)
     start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + 100
-    corrupt[start:start + 64] = bytes(64)
-    corrupt[start:start + 8] = b"\x01\x02\x03\x04\x05\x06\x07\x08"
+    corrupt[start : start + 64] = bytes(64)
+    corrupt[start : start + 8] = b"\x01\x02\x03\x04\x05\x06\x07\x08"
     files["corrupt"] = tmp_path / "corrupt.pt"
     files["corrupt"].write_bytes(bytes(corrupt))
     files["random"] = tmp_path / "random.pt"
@@ -130,8 +138,14 @@ def _bad_files(tmp_path: Path) -> dict[str, Path]:
     return files
 
 
-EXPECTED = {"truncated": "truncated or corrupt", "corrupt": "truncated or corrupt", "random": "not a zip archive",
-            "empty": "is empty", "pickle": "need pickle", "not_a_checkpoint": "not a pml-plugins checkpoint"}
+EXPECTED = {
+    "truncated": "truncated or corrupt",
+    "corrupt": "truncated or corrupt",
+    "random": "not a zip archive",
+    "empty": "is empty",
+    "pickle": "need pickle",
+    "not_a_checkpoint": "not a pml-plugins checkpoint",
+}
 
 
 def test_every_bad_checkpoint_gets_one_clear_line(tmp_path):
@@ -177,22 +191,27 @@ def test_check_plain_names_an_object_that_needs_pickle():
 # -- the CLI on bad files and on a real run ----------------------------------------------------------
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "pml_plugins", *args], check=False, capture_output=True, text=True, timeout=120,
-                          env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "pml_plugins", *args], check=False, capture_output=True, text=True, timeout=120, env=env
+    )
 
 
 def test_evaluate_on_bad_checkpoints_prints_one_line(tmp_path, capsys):
     files = _bad_files(tmp_path)
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.json").write_text(json.dumps({"loss": "proxy_anchor", "dataset": "digits",
-                                                 "resolved": {"backbone": "cnn"}}))
+    (run / "config.json").write_text(
+        json.dumps({"loss": "proxy_anchor", "dataset": "digits", "resolved": {"backbone": "cnn"}})
+    )
     labels = tmp_path / "labels.npy"
     np.save(labels, np.zeros(3))
     for kind in ("truncated", "corrupt", "random", "empty", "pickle"):
         (run / "checkpoint.pt").write_bytes(files[kind].read_bytes())
-        for args in (["evaluate", str(run)], ["evaluate", "--embeddings", str(files[kind]), "--labels", str(labels)],
-                     ["embed", str(run), "--out", str(tmp_path / "e.npy")]):
+        for args in (
+            ["evaluate", str(run)],
+            ["evaluate", "--embeddings", str(files[kind]), "--labels", str(labels)],
+            ["embed", str(run), "--out", str(tmp_path / "e.npy")],
+        ):
             capsys.readouterr()
             assert cli_main(args) == 2, (kind, args)
             err = capsys.readouterr().err.strip()
@@ -212,8 +231,25 @@ def test_evaluate_on_bad_checkpoints_prints_one_line(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run") / "pa"
-    assert cli_main(["train", "--loss", "proxy_anchor", "--epochs", "1", "--iterations-per-epoch", "4",
-                     "--embedding-size", "16", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        cli_main(
+            [
+                "train",
+                "--loss",
+                "proxy_anchor",
+                "--epochs",
+                "1",
+                "--iterations-per-epoch",
+                "4",
+                "--embedding-size",
+                "16",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -242,8 +278,21 @@ def test_embed_writes_what_evaluate_ranks(trained, tmp_path, capsys):
     p_at_1 = float((labels[sim.argmax(1)] == labels).mean())
     expected = json.loads((trained / "metrics.json").read_text())["metrics"]["precision_at_1"]
     assert p_at_1 == pytest.approx(expected, abs=1.5 / len(labels))  # ties aside, the same neighbours
-    assert cli_main(["embed", str(trained), "--out", str(tmp_path / "all.npy"), "--split", "all", "--normalize",
-                     "--no-progress"]) == 0
+    assert (
+        cli_main(
+            [
+                "embed",
+                str(trained),
+                "--out",
+                str(tmp_path / "all.npy"),
+                "--split",
+                "all",
+                "--normalize",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     allx = np.load(tmp_path / "all.npy")
     assert allx.shape == (1797, 16) and np.allclose(np.linalg.norm(allx, axis=1), 1, atol=1e-5)
 
@@ -258,7 +307,9 @@ def test_a_checkpoint_from_another_embedding_size_is_refused(trained, tmp_path, 
     (run / "config.json").write_text(json.dumps(cfg))
     from pml_plugins.pipeline.run_dir import load_run
 
-    with pytest.raises(ValueError, match=r"does not fit this embedding head: .*\(16, 64\) in the checkpoint, \(32, 64\)"):
+    with pytest.raises(
+        ValueError, match=r"does not fit this embedding head: .*\(16, 64\) in the checkpoint, \(32, 64\)"
+    ):
         load_run(run)
     assert cli_main(["evaluate", str(run)]) == 2
     err = capsys.readouterr().err

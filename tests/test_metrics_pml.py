@@ -17,18 +17,25 @@ from pml_plugins import AccuracyCalculator
 from pml_plugins.knn import KNN
 
 CPU = torch.device("cpu")
-KNN_METRICS = ("precision_at_1", "r_precision", "mean_average_precision_at_r", "mean_average_precision", "mean_reciprocal_rank")
+KNN_METRICS = (
+    "precision_at_1",
+    "r_precision",
+    "mean_average_precision_at_r",
+    "mean_average_precision",
+    "mean_reciprocal_rank",
+)
 
 
 def ours(**kw):
     kw.setdefault("device", CPU)
     kw.setdefault("plugin_metrics", False)
+    kw.setdefault("k", "max_bin_count")  # as pml() below; the default k=None: tests/test_metrics_default_k.py
     return AccuracyCalculator(**kw)
 
 
 def pml(**kw):
     kw.setdefault("device", CPU)
-    kw.setdefault("k", "max_bin_count")  # what our default k=None means
+    kw.setdefault("k", "max_bin_count")
     return pml_ac.AccuracyCalculator(**kw)
 
 
@@ -82,7 +89,9 @@ def test_plain_values_bitwise_and_clustering_identical():
     assert set(b) < set(a) and {"ndcg_at_10", "recall_at_1"} < set(a)
 
 
-@pytest.mark.parametrize("include", [("precision_at_1",), ("r_precision", "mean_average_precision"), ("mean_average_precision_at_r",)])
+@pytest.mark.parametrize(
+    "include", [("precision_at_1",), ("r_precision", "mean_average_precision"), ("mean_average_precision_at_r",)]
+)
 def test_include_exclude(include):
     x, labels = data(seed=2)
     a = ours(include=include).get_accuracy(x, labels)
@@ -133,8 +142,10 @@ def test_lone_queries_only_and_partly():
     assert_same(a, b, KNN_METRICS)
 
 
-@pytest.mark.parametrize("knn_func", [lambda: CustomKNN(CosineSimilarity()), lambda: CustomKNN(LpDistance(), batch_size=64),
-                                      lambda: KNN("cosine")])
+@pytest.mark.parametrize(
+    "knn_func",
+    [lambda: CustomKNN(CosineSimilarity()), lambda: CustomKNN(LpDistance(), batch_size=64), lambda: KNN("cosine")],
+)
 def test_custom_knn_func(knn_func):
     x, labels = data(seed=6)
     a = ours(knn_func=knn_func(), exclude=("NMI", "AMI")).get_accuracy(x, labels)
@@ -214,9 +225,10 @@ def test_default_k_never_full_ranking():
             return super().__call__(query, k, reference, ref_includes_query)
 
     max_bin_count = int(torch.bincount(labels).max())
-    ours(knn_func=Recording(), ndcg_ks=(), recall_ks=()).get_accuracy(x, labels)
-    ours(knn_func=Recording()).get_accuracy(x, labels)
-    ours(knn_func=Recording(), include=("precision_at_1", "ndcg_at_8"), ndcg_ks=(8,), recall_ks=()).get_accuracy(x, labels)
+    ours(knn_func=Recording(), ndcg_ks=(), recall_ks=(), k=None).get_accuracy(x, labels)
+    ours(knn_func=Recording(), k=None).get_accuracy(x, labels)
+    ours(knn_func=Recording(), include=("precision_at_1", "ndcg_at_8"), ndcg_ks=(8,), recall_ks=(),
+         k=None).get_accuracy(x, labels)
     assert asked == [max_bin_count - 1, 100, 8]
     assert max(asked) < len(x) - 1
 

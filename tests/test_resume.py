@@ -6,6 +6,7 @@ metrics, final loss and epoch count of the same run left uninterrupted (same see
 the plain path (random sampler; m-per-class sampler), a plugin with state (DMCAC's database),
 ``compare``, and a 2-process gloo DDP run.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,9 +18,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pml_plugins
 import pytest
 import torch
+
+import pml_plugins
 from pml_plugins import distributed as pd
 from pml_plugins.cli import main as cli_main
 from pml_plugins.pipeline.resume import TEST_SIGNAL_ENV
@@ -38,8 +40,14 @@ def _env(signal_at: str | None = None) -> dict:
 
 
 def _cli(args: list[str], signal_at: str | None = None, timeout: int = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pml_plugins", *args], check=False, capture_output=True, text=True,
-                          timeout=timeout, env=_env(signal_at))
+    return subprocess.run(
+        [sys.executable, "-m", "pml_plugins", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_env(signal_at),
+    )
 
 
 def _record(out: Path) -> dict:
@@ -81,13 +89,30 @@ def test_sigint_finishes_the_step_saves_and_exits_130(tmp_path):
 
 def test_sigterm_and_kill_9_from_outside(tmp_path):
     """Signals sent by another process at whatever moment the run is in, after its first checkpoint."""
-    args = ["train", "--loss", "proxy_anchor", "--epochs", "6", "--iterations-per-epoch", "6", "--embedding-size", "16",
-            "--device", "cpu", "--no-progress"]
+    args = [
+        "train",
+        "--loss",
+        "proxy_anchor",
+        "--epochs",
+        "6",
+        "--iterations-per-epoch",
+        "6",
+        "--embedding-size",
+        "16",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     assert cli_main([*args, "--out", str(tmp_path / "whole")]) == 0
     for sig, code in ((signal.SIGTERM, 130), (signal.SIGKILL, -signal.SIGKILL)):
         out = tmp_path / sig.name
-        proc = subprocess.Popen([sys.executable, "-m", "pml_plugins", *args, "--out", str(out)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pml_plugins", *args, "--out", str(out)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
+        )
         deadline = time.monotonic() + 120
         while not (out / "checkpoint.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
@@ -139,8 +164,10 @@ def test_resume_refuses_changed_settings_unless_forced(tmp_path, capsys):
 
 def test_keep_last_and_what_a_checkpoint_holds(tmp_path):
     out = tmp_path / "run"
-    assert cli_main(["train", "--loss", "proxy_anchor", *TINY, "--lr-step", "1", "--keep-last", "2",
-                     "--out", str(out)]) == 0
+    assert (
+        cli_main(["train", "--loss", "proxy_anchor", *TINY, "--lr-step", "1", "--keep-last", "2", "--out", str(out)])
+        == 0
+    )
     names = sorted(p.name for p in out.glob("checkpoint*"))
     assert names == ["checkpoint-epoch0002.pt", "checkpoint-epoch0003.pt", "checkpoint.pt"]
     state = _checkpoint(out)
@@ -154,8 +181,20 @@ def test_keep_last_and_what_a_checkpoint_holds(tmp_path):
 
 
 def test_compare_resumes_and_produces_the_same_table(tmp_path, capsys):
-    args = ["compare", "--losses", "contrastive,proxy_anchor", "--epochs", "2", "--iterations-per-epoch", "3",
-            "--embedding-size", "16", "--device", "cpu", "--no-progress"]
+    args = [
+        "compare",
+        "--losses",
+        "contrastive,proxy_anchor",
+        "--epochs",
+        "2",
+        "--iterations-per-epoch",
+        "3",
+        "--embedding-size",
+        "16",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     assert cli_main([*args, "--out", str(tmp_path / "whole")]) == 0
     killed = _cli([*args, "--out", str(tmp_path / "run")], signal_at="2:1:SIGKILL")  # in contrastive's epoch 2
     assert killed.returncode == -signal.SIGKILL
@@ -179,13 +218,38 @@ def test_ddp_resume_two_gloo_processes(tmp_path):
     digits = load_digits()
     data = tmp_path / "digits.npz"
     np.savez(data, features=(digits.data / 16).astype(np.float32), labels=digits.target)
-    args = ["--loss", "group_loss", "--dataset", f"embeddings:{data}", "--epochs", "2", "--iterations-per-epoch", "2",
-            "--batch-size", "32", "--device", "cpu", "--no-progress"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                "-m", "pml_plugins", "train", "--distributed"]
+    args = [
+        "--loss",
+        "group_loss",
+        "--dataset",
+        f"embeddings:{data}",
+        "--epochs",
+        "2",
+        "--iterations-per-epoch",
+        "2",
+        "--batch-size",
+        "32",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "pml_plugins",
+        "train",
+        "--distributed",
+    ]
 
     def launch(extra: list[str], signal_at: str | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run([*torchrun, *extra], check=False, capture_output=True, text=True, timeout=300, env=_env(signal_at))
+        return subprocess.run(
+            [*torchrun, *extra], check=False, capture_output=True, text=True, timeout=300, env=_env(signal_at)
+        )
 
     whole = launch([*args, "--out", str(tmp_path / "whole")])
     assert whole.returncode == 0, whole.stderr[-3000:]
@@ -221,9 +285,13 @@ def _counting_setup(loss, context):
     def end_of_epoch(trainer):
         CALLS.setdefault("seen_at_epoch_end", []).append(state["seen"])
 
-    return pml_plugins.TrainingSetup(end_of_iteration_hook=count, end_of_epoch_hook=end_of_epoch,
-                                     before_training=lambda: CALLS.update(before=CALLS.get("before", 0) + 1),
-                                     state_dict=state_dict, load_state_dict=load_state_dict)
+    return pml_plugins.TrainingSetup(
+        end_of_iteration_hook=count,
+        end_of_epoch_hook=end_of_epoch,
+        before_training=lambda: CALLS.update(before=CALLS.get("before", 0) + 1),
+        state_dict=state_dict,
+        load_state_dict=load_state_dict,
+    )
 
 
 class _CountingPlugin:
@@ -242,8 +310,9 @@ def counting_plugin():
     pml_plugins.unregister_plugin(name)
 
 
-def test_training_setup_state_is_saved_and_restored_instead_of_before_training(tmp_path, monkeypatch, capsys,
-                                                                                counting_plugin):
+def test_training_setup_state_is_saved_and_restored_instead_of_before_training(
+    tmp_path, monkeypatch, capsys, counting_plugin
+):
     out = tmp_path / "run"
     monkeypatch.setenv(TEST_SIGNAL_ENV, "2:1:SIGINT")
     assert cli_main(["train", "--loss", "counting_test", *TINY, "--out", str(out)]) == 130
@@ -258,8 +327,12 @@ def test_training_setup_state_is_saved_and_restored_instead_of_before_training(t
 
 
 def test_training_setup_state_that_needs_pickle_is_refused(tmp_path, capsys, counting_plugin):
-    assert cli_main(["train", "--loss", "counting_test", "--loss-option", "bad=True", *TINY,
-                     "--out", str(tmp_path / "run")]) == 2
+    assert (
+        cli_main(
+            ["train", "--loss", "counting_test", "--loss-option", "bad=True", *TINY, "--out", str(tmp_path / "run")]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "the training setup's state_dict()['seen'] is a builtins.object" in err and "plain types" in err
 

@@ -26,7 +26,8 @@ from .registry import (
     register_plugin,
     unregister_plugin,
 )
-from .training import TrainingContext, TrainingSetup
+from .specs import LossSpec, MetricSpec, MinerSpec
+from .training_protocol import TrainingContext, TrainingSetup
 from .validation import check_embeddings_and_labels
 
 __version__ = "0.1.0"
@@ -50,6 +51,9 @@ __all__ = [
     "create_miner",
     "create_metric",
     "Entry",
+    "LossSpec",
+    "MinerSpec",
+    "MetricSpec",
     "PluginError",
     "UnknownNameError",
     "AmbiguousNameError",
@@ -58,15 +62,22 @@ __all__ = [
     "TrainingContext",
     "TrainingSetup",
     "AccuracyCalculator",
+    "CrossBatchMemory",
+    "SelfSupervisedLoss",
     "knn_search",
     "binarize_embeddings",
 ]
 
 
 def __getattr__(name: str):
-    # AccuracyCalculator is imported lazily: PML's calculator pulls in scikit-learn (seconds)
+    # imported lazily: PML's calculator pulls in scikit-learn (seconds), its losses package
+    # (behind the wrappers) all of PML's losses
     if name == "AccuracyCalculator":
         from .metrics import AccuracyCalculator
 
         return AccuracyCalculator
+    if name in ("CrossBatchMemory", "SelfSupervisedLoss"):
+        from . import wrappers
+
+        return getattr(wrappers, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

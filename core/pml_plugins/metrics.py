@@ -21,9 +21,13 @@ kNN search serves every metric. It also fixes PML 2.9's calculator where it is w
 * ``include=("mean_reciprocal_rank",)`` alone works (PML's ``requires_knn`` omits it);
 * without FAISS the kNN falls back to an exact torch search (and k-means to scikit-learn)
   instead of raising ``NameError``;
-* the default ``k=None`` searches only as many neighbours as the requested metrics need
-  (max of the ks, and of R where R-precision / MAP@R / MAP / MRR are requested, i.e. PML's
-  ``k="max_bin_count"``) instead of a full N x N ranking. ``k="all"`` is PML's ``k=None``.
+* the default ``k=None`` means what it means in PML, the full ranking, but is computed
+  without PML's N x N kNN: ``mean_average_precision`` and ``mean_reciprocal_rank`` come from a
+  blocked pass over the references (:mod:`pml_plugins.ranking`) that orders ties as PML's
+  FAISS kNN does, and the search itself asks only for the neighbours the other metrics need
+  (PML's metrics and PML-style subclass metrics still receive exactly PML's columns; a
+  metric that needs the whole ranking as columns gets it, as under PML). ``k="all"`` is a
+  synonym of ``k=None``.
 """
 from __future__ import annotations
 
@@ -37,7 +41,8 @@ import torch
 from pytorch_metric_learning.utils import accuracy_calculator as pml_ac
 from pytorch_metric_learning.utils import common_functions as c_f
 
-from .knn import KNN, _import_faiss
+from .knn import KNN, import_faiss
+from .ranking import Relevance, full_ranking_precisions
 
 __all__ = ["AccuracyCalculator", "SklearnKMeans", "DEFAULT_NDCG_KS", "DEFAULT_RECALL_KS", "PML_METRICS"]
 
@@ -61,7 +66,7 @@ class SklearnKMeans:
         self.seed = seed
 
     def __call__(self, x: torch.Tensor, nmb_clusters: int) -> torch.Tensor:
-        from sklearn.cluster import KMeans  # noqa: PLC0415
+        from sklearn.cluster import KMeans
 
         data = c_f.to_numpy(x).astype(np.float32)
         km = KMeans(n_clusters=nmb_clusters, n_init=1, max_iter=self.niter, random_state=self.seed)
@@ -109,8 +114,9 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
             ``mean_reciprocal_rank``, ``NMI``, ``AMI``), ``ndcg_at_<k>``, ``recall_at_<k>`` and
             the names of registered plugin metrics.
         k: neighbours for ``mean_average_precision`` and ``mean_reciprocal_rank`` (and the
-            cap for R-precision / MAP@R), as in PML: an int, ``"max_bin_count"``, ``"all"``
-            (PML's ``k=None``: the full ranking), or ``None`` (default): ``"max_bin_count"``.
+            cap for R-precision / MAP@R), as in PML: ``None`` (default: the full ranking, PML's
+            values, computed in bounded memory), ``"max_bin_count"``, or an int (capped at the
+            number of references; PML pads a larger k with index -1). ``"all"``: same as None.
             The search itself uses the largest k any requested metric needs.
         knn_func: PML-style ``knn_func(query, k, reference, ref_includes_query)``. Default:
             :class:`pml_plugins.knn.KNN` with ``metric="euclidean"`` (PML's default ranking),
@@ -163,67 +169,80 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
             self._metric_k[name] = kk
             setattr(self, f"calculate_{name}", functools.partial(self._calculate_recall, at=kk))
         self._plugin_metrics = _registered_metrics(plugin_metrics, taken=set(PML_METRICS) | set(self._metric_k))
-        for name, (fn, meta) in self._plugin_metrics.items():
+        for name in self._plugin_metrics:
             setattr(self, f"calculate_{name}", functools.partial(self._calculate_plugin_metric, name=name))
 
-        if k == "all":
-            pml_k = None
-        elif k is None:
-            pml_k = "max_bin_count"
-        else:
-            pml_k = k
+        pml_k = None if k == "all" else k
         if device is not None and not isinstance(device, torch.device):
             device = torch.device(device)
         if knn_func is None:
             knn_func = KNN(metric="euclidean")
         if kmeans_func is None:
             dev = c_f.use_cuda_if_available() if device is None else device
-            kmeans_func = (pml_ac.FaissKMeans(niter=20, gpu=dev.type == "cuda") if _import_faiss() is not None
+            kmeans_func = (pml_ac.FaissKMeans(niter=20, gpu=dev.type == "cuda") if import_faiss() is not None
                            else SklearnKMeans(niter=20))
         super().__init__(include=include, exclude=exclude, avg_of_avgs=avg_of_avgs, return_per_class=return_per_class,
                          k=pml_k, label_comparison_fn=label_comparison_fn, device=device, knn_func=knn_func,
                          kmeans_func=kmeans_func)
-        self.k = "all" if k == "all" else k  # PML's check ran on pml_k; keep what the user asked for
         # PML metrics first (its order), then nDCG and Recall by k, then plugin metrics
         order = {n: i for i, n in enumerate([*PML_METRICS, *self._metric_k, *self._plugin_metrics])}
-        self.original_function_dict = dict(sorted(self.original_function_dict.items(), key=lambda kv: order.get(kv[0], len(order))))
+        self.original_function_dict = dict(
+            sorted(self.original_function_dict.items(), key=lambda kv: order.get(kv[0], len(order)))
+        )
         self.curr_function_dict = self.get_function_dict()
 
     # -- what each metric needs ------------------------------------------------------------
     def requires_knn(self) -> list[str]:
         # PML's list omits mean_reciprocal_rank, so include=("mean_reciprocal_rank",) crashed there
-        plugin = [n for n, (_, meta) in self._plugin_metrics.items() if meta.get("requires_knn", True)]
+        plugin = [n for n, (_, spec) in self._plugin_metrics.items() if spec.requires_knn]
         return [*_PML_KNN_METRICS, *self._metric_k, *plugin]
 
     def requires_clustering(self) -> list[str]:
-        plugin = [n for n, (_, meta) in self._plugin_metrics.items() if meta.get("requires_clustering", False)]
+        plugin = [n for n, (_, spec) in self._plugin_metrics.items() if spec.requires_clustering]
         return ["NMI", "AMI", *plugin]
 
-    def _pml_k(self, max_bin_count: int, match_counts: torch.Tensor, num_reference: int, ref_includes_query: bool) -> int:
+    def _pml_k(
+        self, max_bin_count: int, match_counts: torch.Tensor, num_reference: int, ref_includes_query: bool
+    ) -> int:
         """The k PML would search for its own metrics (with its warnings), capped by the reference size."""
-        self_count = int(ref_includes_query)
-        available = num_reference - self_count
-        if self.k == "all":
-            k = available
-        elif self.k is None:
-            k = max_bin_count - self_count
-        else:
-            k = super().determine_k(match_counts, num_reference, ref_includes_query)
+        available = num_reference - int(ref_includes_query)
+        k = super().determine_k(match_counts, num_reference, ref_includes_query) if len(match_counts) else 0
         return max(0, min(int(k), available))
 
-    def _search_k(self, metrics: Iterable[str], k_pml: int, max_bin_count: int, available: int, ref_includes_query: bool) -> int:
-        needs = [0]
+    def _is_ours(self, metric: str) -> bool:
+        """Whether ``calculate_<metric>`` is this class's own (not a subclass's override)."""
+        own = AccuracyCalculator.__dict__.get(f"calculate_{metric}")
+        return own is not None and getattr(type(self), f"calculate_{metric}", None) is own
+
+    def _ranking_metric(self) -> str | None:
+        """The metric whose full ranking the blocked pass reproduces for this ``knn_func``, or None."""
+        return getattr(self.knn_func, "full_ranking_metric", None)
+
+    def _plan(self, metrics: Iterable[str], k_pml: int, max_bin_count: int, available: int,
+              ref_includes_query: bool) -> tuple[int, bool]:
+        """``(search_k, rank)``: the neighbours to search, and whether MAP/MRR come from the blocked pass."""
+        ranked = ("mean_average_precision", "mean_reciprocal_rank")
+        can_rank = self.k is None and self._ranking_metric() is not None
+        self_count = int(ref_includes_query)
+        needs, rank = [0], False
         for m in metrics:
-            if m == "precision_at_1":
+            if m not in self.requires_knn():
+                continue
+            if m == "precision_at_1" and self._is_ours(m):
                 needs.append(1)
+            elif m in _R_METRICS and self._is_ours(m):
+                needs.append(min(k_pml, max_bin_count - self_count))  # R-precision masks columns beyond R
+            elif m in ranked and self._is_ours(m) and can_rank:
+                rank = True
             elif m in self._metric_k:
                 needs.append(self._metric_k[m])
-            elif m in self._plugin_metrics and self._plugin_metrics[m][1].get("k") is not None:
-                want = self._plugin_metrics[m][1]["k"]
-                needs.append(max_bin_count - int(ref_includes_query) if want == "max_bin_count" else int(want))
-            elif m in self.requires_knn():
+            elif m in self._plugin_metrics and self._plugin_metrics[m][1].k is not None:
+                want = self._plugin_metrics[m][1].k
+                needs.append(max_bin_count - self_count if want == "max_bin_count" else int(want))
+            else:  # PML's metrics in a subclass's version, or a subclass's own: PML's columns
                 needs.append(k_pml)
-        return min(max(1, max(needs)), available)
+        search_k = min(max(1, max(needs)), available)
+        return search_k, rank and search_k < k_pml
 
     # -- the computation -------------------------------------------------------------------
     def get_accuracy(
@@ -248,7 +267,9 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
         if len(query) != len(query_labels) or len(reference) != len(reference_labels):
             raise ValueError("embeddings and labels must have the same length")
         if query.shape[1] != reference.shape[1]:
-            raise ValueError(f"query and reference must have the same embedding size, got {query.shape[1]} and {reference.shape[1]}")
+            raise ValueError(
+                f"query and reference must have the same embedding size, got {query.shape[1]} and {reference.shape[1]}"
+            )
         if query_labels.shape[1:] != reference_labels.shape[1:]:
             raise ValueError("query_labels and reference_labels must have the same number of label columns")
         if ref_includes_query and not (
@@ -273,18 +294,22 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
             "label_comparison_fn": self.label_comparison_fn,
         }
         if any(m in self.requires_knn() for m in metrics):
-            kwargs.update(self._knn_context(query, query_labels, reference, reference_labels, ref_includes_query, metrics))
+            kwargs.update(
+                self._knn_context(query, query_labels, reference, reference_labels, ref_includes_query, metrics)
+            )
         if any(m in self.requires_clustering() for m in metrics):
             kwargs["cluster_labels"] = self.get_cluster_labels(**kwargs)
         return self._get_accuracy(self.curr_function_dict, **kwargs)
 
-    def _knn_context(self, query, query_labels, reference, reference_labels, ref_includes_query, metrics) -> dict[str, Any]:
+    def _knn_context(
+        self, query, query_labels, reference, reference_labels, ref_includes_query, metrics
+    ) -> dict[str, Any]:
         stats = _label_stats(query_labels, reference_labels, ref_includes_query, self.label_comparison_fn)
         match_counts = stats["label_counts"][1]
         max_bin_count = int(match_counts.max()) if len(match_counts) else 0
         available = len(reference) - int(ref_includes_query)
         k_pml = self._pml_k(max_bin_count, match_counts, len(reference), ref_includes_query)
-        search_k = self._search_k(metrics, k_pml, max_bin_count, available, ref_includes_query)
+        search_k, rank = self._plan(metrics, k_pml, max_bin_count, available, ref_includes_query)
         if search_k >= 1:
             knn_distances, knn_indices = self.knn_func(query, search_k, reference, ref_includes_query)
             knn_indices = knn_indices.to(self.device).long()
@@ -299,11 +324,19 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
             relevance = self.label_comparison_fn(query_labels[:, None], knn_labels).bool()
         if not bool(stats["not_lone_query_mask"].any()):
             c_f.LOGGER.warning("None of the query labels are in the reference set.")
+        full_ranking = None
+        if rank and bool(stats["not_lone_query_mask"].any()):
+            full_ranking = full_ranking_precisions(
+                query, reference, _relevance(stats, query_labels, reference_labels, self.label_comparison_fn),
+                self._ranking_metric(), ref_includes_query, progress=getattr(self.knn_func, "progress", None))
+        # PML's metrics and subclass metrics see exactly PML's columns; ours read the rest
+        pml_labels = knn_labels[:, :k_pml]
+        self._pml_knn_labels = pml_labels
         return {
             "label_counts": stats["label_counts"],
-            "knn_labels": knn_labels,
-            "knn_distances": knn_distances,
-            "knn_indices": knn_indices,
+            "knn_labels": pml_labels,
+            "knn_distances": knn_distances[:, :k_pml],
+            "knn_indices": knn_indices[:, :k_pml],
             "lone_query_labels": stats["lone_query_labels"],
             "not_lone_query_mask": stats["not_lone_query_mask"],
             # pml-plugins extras (documented in hookspecs.register_metrics)
@@ -311,10 +344,16 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
             "num_relevant": stats["num_relevant"],
             "query_label_ids": stats["query_label_ids"],
             "k": k_pml,
+            "searched_knn_labels": knn_labels,
+            "searched_knn_distances": knn_distances,
+            "searched_knn_indices": knn_indices,
+            "full_ranking": full_ranking,
         }
 
     # -- averaging as PML does it ------------------------------------------------------------
-    def _average(self, per_query: torch.Tensor, mask: torch.Tensor, label_ids: torch.Tensor, unique_labels: torch.Tensor) -> Any:
+    def _average(
+        self, per_query: torch.Tensor, mask: torch.Tensor, label_ids: torch.Tensor, unique_labels: torch.Tensor
+    ) -> Any:
         """Mean over the queries in ``mask``; per class first with ``avg_of_avgs``/``return_per_class``."""
         values = per_query[mask]
         if values.numel() == 0:
@@ -329,23 +368,43 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
         return torch.mean(per_class).item()
 
     def _pml_average(self, per_query: torch.Tensor, **kwargs) -> Any:
-        return self._average(per_query, kwargs["not_lone_query_mask"], kwargs["query_label_ids"], kwargs["label_counts"][0])
+        return self._average(
+            per_query, kwargs["not_lone_query_mask"], kwargs["query_label_ids"], kwargs["label_counts"][0]
+        )
 
-    # -- PML's metrics, vectorised over the shared relevance matrix ----------------------------
-    def calculate_precision_at_1(self, relevance, **kwargs):
-        return self._pml_average(relevance[:, :1].sum(1).type(torch.float64) / 1, **kwargs)
+    def _ours(self, knn_labels: Any, kwargs: dict[str, Any]) -> bool:
+        """Whether a ``calculate_`` call comes from our ``get_accuracy`` with its own columns (fast
+        path); a direct call, or a subclass handing other labels, runs PML's own code."""
+        return "relevance" in kwargs and knn_labels is getattr(self, "_pml_knn_labels", None)
+
+    # PML 2.9's signatures, positional order and names; our inputs arrive as keyword arguments
+    def calculate_precision_at_1(self, knn_labels, query_labels, not_lone_query_mask, label_counts, **kwargs):
+        if not self._ours(knn_labels, kwargs):
+            return super().calculate_precision_at_1(knn_labels, query_labels, not_lone_query_mask, label_counts,
+                                                    **kwargs)
+        relevance = kwargs["relevance"][:, :1]
+        return self._pml_average(relevance.sum(1).type(torch.float64) / 1, not_lone_query_mask=not_lone_query_mask,
+                                 label_counts=label_counts, **kwargs)
 
     def _relevance_mask(self, relevance, num_relevant, k):
         rel = relevance[:, :k]
         cols = torch.arange(rel.shape[1], device=rel.device)
         return rel, cols[None, :] < num_relevant[:, None]
 
-    def calculate_r_precision(self, relevance, num_relevant, k, **kwargs):
-        rel, mask = self._relevance_mask(relevance, num_relevant, k)
+    def calculate_r_precision(self, knn_labels, query_labels, not_lone_query_mask, ref_includes_query, label_counts,
+                              **kwargs):
+        if not self._ours(knn_labels, kwargs):
+            return super().calculate_r_precision(knn_labels, query_labels, not_lone_query_mask, ref_includes_query,
+                                                 label_counts, **kwargs)
+        rel, mask = self._relevance_mask(kwargs["relevance"], kwargs["num_relevant"], kwargs["k"])
         matches = torch.sum(rel * mask, dim=1)
-        return self._pml_average(matches.type(torch.float64) / torch.sum(mask, dim=1), **kwargs)
+        return self._pml_average(matches.type(torch.float64) / torch.sum(mask, dim=1),
+                                 not_lone_query_mask=not_lone_query_mask, label_counts=label_counts, **kwargs)
 
-    def _map(self, relevance, num_relevant, k, at_r, **kwargs):
+    def _map(self, at_r: bool, **kwargs):
+        relevance, num_relevant, k = kwargs["relevance"], kwargs["num_relevant"], kwargs["k"]
+        if not at_r and kwargs.get("full_ranking") is not None:
+            return self._pml_average(kwargs["full_ranking"][0] / num_relevant, **kwargs)
         rel, mask = self._relevance_mask(relevance, num_relevant, k)
         equality = rel * mask if at_r else rel
         cumulative_correct = torch.cumsum(equality, dim=1)
@@ -354,30 +413,75 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
         summed = torch.sum(precision_at_ks * mask if at_r else precision_at_ks, dim=1)
         return self._pml_average(summed / num_relevant, **kwargs)
 
-    def calculate_mean_average_precision_at_r(self, relevance, num_relevant, k, **kwargs):
-        return self._map(relevance, num_relevant, k, True, **kwargs)
+    def calculate_mean_average_precision_at_r(self, knn_labels, query_labels, not_lone_query_mask,
+                                              ref_includes_query, label_counts, **kwargs):
+        if not self._ours(knn_labels, kwargs):
+            return super().calculate_mean_average_precision_at_r(knn_labels, query_labels, not_lone_query_mask,
+                                                                 ref_includes_query, label_counts, **kwargs)
+        return self._map(True, not_lone_query_mask=not_lone_query_mask, label_counts=label_counts, **kwargs)
 
-    def calculate_mean_average_precision(self, relevance, num_relevant, k, **kwargs):
-        return self._map(relevance, num_relevant, k, False, **kwargs)
+    def calculate_mean_average_precision(self, knn_labels, query_labels, not_lone_query_mask, ref_includes_query,
+                                         label_counts, **kwargs):
+        if not self._ours(knn_labels, kwargs):
+            return super().calculate_mean_average_precision(knn_labels, query_labels, not_lone_query_mask,
+                                                            ref_includes_query, label_counts, **kwargs)
+        return self._map(False, not_lone_query_mask=not_lone_query_mask, label_counts=label_counts, **kwargs)
 
-    def calculate_mean_reciprocal_rank(self, relevance, k, **kwargs):
-        rel = relevance[:, :k]
+    def calculate_mean_reciprocal_rank(self, knn_labels, query_labels, not_lone_query_mask, label_counts, **kwargs):
+        if not self._ours(knn_labels, kwargs):
+            return super().calculate_mean_reciprocal_rank(knn_labels, query_labels, not_lone_query_mask,
+                                                          label_counts, **kwargs)
+        avg = {"not_lone_query_mask": not_lone_query_mask, "label_counts": label_counts, **kwargs}
+        if kwargs.get("full_ranking") is not None:
+            first = kwargs["full_ranking"][1]
+            # float32 like PML's 1 / (argmax + 1.0)
+            reciprocal = torch.where(first > 0, 1.0 / first.clamp(min=1).to(torch.float32), torch.zeros(()))
+            return self._pml_average(reciprocal, **avg)
+        rel = kwargs["relevance"][:, :kwargs["k"]]
         if rel.shape[1] == 0:
-            return self._pml_average(torch.zeros(len(rel)), **kwargs)
+            return self._pml_average(torch.zeros(len(rel)), **avg)
         # descending weights make argmax pick the first relevant rank (as PML)
         first = torch.argmax(rel * torch.arange(rel.shape[1], 0, -1, device=rel.device), dim=1) + 1.0
         found = rel.any(dim=1)
         reciprocal = torch.where(found, 1.0 / first, torch.zeros_like(first))
-        return self._pml_average(reciprocal, **kwargs)
+        return self._pml_average(reciprocal, **avg)
 
     # -- new metrics -------------------------------------------------------------------------
-    def _calculate_recall(self, relevance, at, **kwargs):
-        """Recall@k: 1 when any of the ``at`` nearest references is relevant."""
-        return self._pml_average(relevance[:, :at].any(dim=1).type(torch.float64), **kwargs)
+    def _with_extras(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """PML's keyword arguments (``knn_labels``, ``query_labels``, ``label_counts``,
+        ``not_lone_query_mask``, ``ref_includes_query``), as PML's own code or tests pass them to
+        ``_get_accuracy``, completed with the inputs our metrics read (computed from them)."""
+        if "relevance" in kwargs:
+            return kwargs
+        knn_labels = c_f.numpy_to_torch(kwargs["knn_labels"])
+        query_labels = c_f.numpy_to_torch(kwargs["query_labels"]).to(knn_labels.device)
+        unique = torch.as_tensor(kwargs["label_counts"][0], device=knn_labels.device)
+        counts = torch.as_tensor(kwargs["label_counts"][1], device=knn_labels.device)
+        match = c_f.torch_all_from_dim_to_end(query_labels[:, None] == unique[None], 2)  # (Q, labels)
+        query_label_ids = torch.argmax(match.to(torch.uint8), dim=1)
+        self_count = int(bool(kwargs.get("ref_includes_query", False)))
+        num_relevant = torch.where(match.any(1), counts[query_label_ids] - self_count, torch.zeros_like(counts[:1]))
+        return {**kwargs, "knn_labels": knn_labels, "query_labels": query_labels, "label_counts": (unique, counts),
+                "not_lone_query_mask": torch.as_tensor(kwargs["not_lone_query_mask"], device=knn_labels.device),
+                "relevance": self.label_comparison_fn(query_labels[:, None], knn_labels).bool(),
+                "num_relevant": num_relevant, "query_label_ids": query_label_ids, "k": knn_labels.shape[1],
+                "searched_knn_labels": knn_labels, "reference_labels": kwargs.get("reference_labels"),
+                "ref_includes_query": bool(kwargs.get("ref_includes_query", False))}
 
-    def _calculate_ndcg(self, relevance, num_relevant, at, knn_labels, query_labels, reference_labels,
-                        ref_includes_query, **kwargs):
+    def _calculate_recall(self, at, **kwargs):
+        """Recall@k: 1 when any of the ``at`` nearest references is relevant."""
+        kwargs = self._with_extras(kwargs)
+        return self._pml_average(kwargs["relevance"][:, :at].any(dim=1).type(torch.float64), **kwargs)
+
+    def _calculate_ndcg(self, at, **kwargs):
         """nDCG@k, eq. 19-20 of the Multi-Proxy Anchor paper."""
+        kwargs = self._with_extras(kwargs)
+        relevance, num_relevant, searched_knn_labels = kwargs["relevance"], kwargs["num_relevant"], kwargs[
+            "searched_knn_labels"]
+        query_labels, reference_labels = kwargs["query_labels"], kwargs["reference_labels"]
+        ref_includes_query = kwargs["ref_includes_query"]
+        if self.gain_fn is not None and reference_labels is None:
+            return pml_ac.nan_accuracy(kwargs["label_counts"][0], self.return_per_class)  # ideal DCG needs them
         device = relevance.device
         discount = 1.0 / torch.log2(torch.arange(2, at + 2, device=device, dtype=torch.float64))  # eq. 19 denominators
         if self.gain_fn is None:
@@ -385,7 +489,7 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
             ideal_per_count = torch.cat([discount.new_zeros(1), torch.cumsum(discount, 0)])
             ideal = ideal_per_count[num_relevant.clamp(0, at)]  # min(k, R) relevant items first
         else:
-            gains = _gains(self.gain_fn, query_labels[:, None], knn_labels[:, :at])
+            gains = _gains(self.gain_fn, query_labels[:, None], searched_knn_labels[:, :at])
             ideal = _ideal_dcg(self.gain_fn, query_labels, reference_labels, ref_includes_query, discount)
         dcg = torch.sum(gains * discount[: gains.shape[1]], dim=1)  # eq. 19
         mask = ideal > 0
@@ -396,6 +500,11 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
 
     def _calculate_plugin_metric(self, name, **kwargs):
         fn, meta = self._plugin_metrics[name]
+        if "knn_labels" in kwargs:
+            kwargs = self._with_extras(kwargs)
+        if "searched_knn_labels" in kwargs:  # a plugin metric sees every searched column (at least its k)
+            kwargs = {**kwargs, "knn_labels": kwargs["searched_knn_labels"],
+                      "knn_distances": kwargs["searched_knn_distances"], "knn_indices": kwargs["searched_knn_indices"]}
         value = fn(**kwargs)
         if isinstance(value, torch.Tensor):
             if value.ndim == 1 and len(value) == len(kwargs["query_labels"]):
@@ -474,6 +583,15 @@ def _finish(unique_query_labels, match_counts, lone, query_label_ids, self_count
     }
 
 
+def _relevance(stats: dict[str, Any], query_labels: torch.Tensor, reference_labels: torch.Tensor,
+               label_comparison_fn: Callable) -> Relevance:
+    """Which references are relevant to which queries, for the ranking pass."""
+    if stats["reference_label_ids"] is not None:
+        return Relevance.by_ids(stats["query_group_ids"], stats["reference_label_ids"])
+    return Relevance.by_mask(lambda start, stop: label_comparison_fn(query_labels[start:stop, None],
+                                                                     reference_labels[None]).bool())
+
+
 # -- graded relevance ------------------------------------------------------------------------------
 def _gains(gain_fn: Callable, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     g = gain_fn(a, b)
@@ -522,13 +640,13 @@ def _ideal_dcg(gain_fn: Callable, query_labels: torch.Tensor, reference_labels: 
 
 
 # -- plugin metrics --------------------------------------------------------------------------------
-def _registered_metrics(selection: bool | Iterable[str], taken: set[str]) -> dict[str, tuple[Callable, dict]]:
+def _registered_metrics(selection: bool | Iterable[str], taken: set[str]) -> dict[str, tuple[Callable, Any]]:
     """Metrics from the registry, by the name they appear under in the calculator."""
     if selection is False or selection is None:
         return {}
-    from . import registry as reg  # noqa: PLC0415
+    from . import registry as reg
 
-    out: dict[str, tuple[Callable, dict]] = {}
+    out: dict[str, tuple[Callable, Any]] = {}
     if selection is True:
         names = reg.registry.names("metric")
     else:
@@ -541,12 +659,16 @@ def _registered_metrics(selection: bool | Iterable[str], taken: set[str]) -> dic
         obj = entry.obj
         if inspect.isclass(obj):
             obj = obj()
-        meta = dict(entry.metadata)
-        k = meta.get("k")
+        spec = entry.spec
+        k = spec.k
         if k is not None and k != "max_bin_count" and not (isinstance(k, int) and k > 0):
-            warnings.warn(f"metric {entry.qualified_name!r}: metadata k must be a positive int or 'max_bin_count', got {k!r}; ignored",
-                          RuntimeWarning, stacklevel=3)
-            meta.pop("k")
-        out[key] = (obj, meta)
+            warnings.warn(
+                f"metric {entry.qualified_name!r}: MetricSpec.k must be a positive int or 'max_bin_count', "
+                f"got {k!r}; ignored",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            spec = spec.replace(k=None)
+        out[key] = (obj, spec)
     return out
 

@@ -1,4 +1,5 @@
 """``pml-plugins embed RUN_DIR --out emb.npy``: a trained run's embeddings, for other tools."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,17 +9,27 @@ from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("embed", help="write a trained run's embeddings (and labels) as .npy files",
-                       description="Rebuild the model of a train --out folder from its config.json and "
-                                   "checkpoint.pt, embed a dataset split and write the embeddings (N, D) to --out "
-                                   "and their labels (N,) next to them (NAME.labels.npy).")
+    p = sub.add_parser(
+        "embed",
+        help="write a trained run's embeddings (and labels) as .npy files",
+        description="Rebuild the model of a train --out folder from its config.json and "
+        "checkpoint.pt, embed a dataset split and write the embeddings (N, D) to --out "
+        "and their labels (N,) next to them (NAME.labels.npy).",
+    )
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a train --out folder")
     p.add_argument("--data", metavar="DATASET", help="a --dataset spec of train (default: the run's dataset)")
-    p.add_argument("--split", choices=("test", "train", "all"), default="test",
-                   help="which split to embed (default test: the unseen classes; all: train then test)")
+    p.add_argument(
+        "--split",
+        choices=("test", "train", "all"),
+        default="test",
+        help="which split to embed (default test: the unseen classes; all: train then test)",
+    )
     p.add_argument("--out", required=True, type=Path, metavar="FILE.npy", help="embeddings file to write")
-    p.add_argument("--normalize", action="store_true",
-                   help="L2-normalise the rows (what cosine retrieval ranks; default: as the model outputs them)")
+    p.add_argument(
+        "--normalize",
+        action="store_true",
+        help="L2-normalise the rows (what cosine retrieval ranks; default: as the model outputs them)",
+    )
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -27,14 +38,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def labels_path(out: Path) -> Path:
     """``emb.npy`` -> ``emb.labels.npy``."""
-    return out.with_name(out.name[: -len(".npy")] + ".labels.npy" if out.name.endswith(".npy") else out.name + ".labels.npy")
+    return out.with_name(
+        out.name[: -len(".npy")] + ".labels.npy" if out.name.endswith(".npy") else out.name + ".labels.npy"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np  # noqa: PLC0415
-    import torch  # noqa: PLC0415
+    import numpy as np
+    import torch
 
-    from ..pipeline.run_dir import embed_dataset, load_run, load_split  # noqa: PLC0415
+    from ..pipeline.run_dir import embed_dataset, load_run, load_split
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
@@ -58,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
         tmp = path.with_name(path.name + ".tmp.npy")
         np.save(tmp, array)
         os.replace(tmp, path)
-    print(f"wrote {args.out} {tuple(embeddings.shape)} and {labels_path(args.out)} ({args.split} split of "
-          f"{args.data or run_.config.dataset}; the run's retrieval distance: {run_.retrieval_distance})")
+    print(
+        f"wrote {args.out} {tuple(embeddings.shape)} and {labels_path(args.out)} ({args.split} split of "
+        f"{args.data or run_.config.dataset}; the run's retrieval distance: {run_.retrieval_distance})"
+    )
     return 0

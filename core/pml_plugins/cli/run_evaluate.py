@@ -4,6 +4,7 @@ The model comes from ``config.json`` + ``checkpoint.pt``, the data from the run'
 ``--data``), and the metrics from the same evaluation code, distance, k values and thread count
 as the run's, so a finished run's numbers come back exactly as ``metrics.json`` holds them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,16 +22,18 @@ def run_dir_argument(args: argparse.Namespace) -> Path | None:
 
 def evaluate_run(args: argparse.Namespace, run_dir: Path) -> int:
     """Evaluate the run in ``run_dir`` (see the module docstring); prints a table or ``--json``."""
-    import torch  # noqa: PLC0415
+    import torch
 
-    from ..pipeline.evaluate import evaluate  # noqa: PLC0415
-    from ..pipeline.run_dir import load_run, load_split  # noqa: PLC0415
+    from ..pipeline.evaluate import evaluate
+    from ..pipeline.run_dir import load_run, load_split
 
     if args.embeddings is not None or args.labels is not None or args.reference is not None:
         raise ValueError("give a run folder or --embeddings/--labels, not both")
     if args.knn_index != "flat" or args.knn_param:
-        raise ValueError("evaluate RUN_DIR repeats the run's exact evaluation; --knn-index / --knn-param apply to "
-                         "--embeddings (write them with pml-plugins embed RUN_DIR --out emb.npy)")
+        raise ValueError(
+            "evaluate RUN_DIR repeats the run's exact evaluation; --knn-index / --knn-param apply to "
+            "--embeddings (write them with pml-plugins embed RUN_DIR --out emb.npy)"
+        )
     device = torch.device(args.device)
     previous = torch.get_num_threads()
     run = load_run(run_dir, device=device)
@@ -40,17 +43,32 @@ def evaluate_run(args: argparse.Namespace, run_dir: Path) -> int:
         distance = args.distance or run.retrieval_distance
         dataset = load_split(run, args.data, "test")
         cfg = run.config
-        metrics = evaluate(run.trunk, run.embedder, dataset, device=device, retrieval_distance=distance, ks=cfg.ks,
-                           batch_size=cfg.eval_batch_size, progress=not args.json, with_bits=cfg.eval_binarize)
+        metrics = evaluate(
+            run.trunk,
+            run.embedder,
+            dataset,
+            device=device,
+            retrieval_distance=distance,
+            ks=cfg.ks,
+            batch_size=cfg.eval_batch_size,
+            progress=not args.json,
+            with_bits=cfg.eval_binarize,
+        )
     finally:
         torch.set_num_threads(previous)
     what = f"{args.data or cfg.dataset} test split"
     if args.json:
-        print(json.dumps({"run": str(run_dir), "data": what, "distance": distance, "epoch": run.epoch,
-                          "metrics": metrics}, indent=2))
+        print(
+            json.dumps(
+                {"run": str(run_dir), "data": what, "distance": distance, "epoch": run.epoch, "metrics": metrics},
+                indent=2,
+            )
+        )
         return 0
-    print(f"{run_dir}: {cfg.loss} after {run.epoch if run.epoch is not None else '?'} epochs; {what}, "
-          f"{len(dataset)} queries, {distance} distance")
+    print(
+        f"{run_dir}: {cfg.loss} after {run.epoch if run.epoch is not None else '?'} epochs; {what}, "
+        f"{len(dataset)} queries, {distance} distance"
+    )
     width = max([len(k) for k in metrics] + [6])
     print(f"{'metric':{width}s}  {'value':>8s}  {'x100':>6s}")
     for name, value in metrics.items():

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from typing import Any
+
+from ..progress import show_progress
 
 _EPILOG = """examples:
   pml-plugins train --loss proxy_anchor                       # the digits default, a few seconds
@@ -56,7 +56,9 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backbone", help="auto (default) | cnn | mlp | identity | timm:NAME")
     g.add_argument("--embedding-size", type=int, help="embedding dimension (default 64)")
     g.add_argument("--pooling", choices=["avg", "gem"], help="feature-map pooling in the head (default avg)")
-    g.add_argument("--head-norm", choices=["none", "l2", "layernorm", "layernorm+l2"], help="after the head's linear layer")
+    g.add_argument(
+        "--head-norm", choices=["none", "l2", "layernorm", "layernorm+l2"], help="after the head's linear layer"
+    )
     g.add_argument("--pretrained", nargs="?", const="cache", metavar="PATH",
                    help="timm: local weights file, or no value for already-cached weights (never downloads)")
     g.add_argument("--image-size", type=int, help="input size for image datasets (default: the backbone's)")
@@ -149,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = build_config(fvals, flags)
     if cfg.out is None:
         cfg.out = f"pml-plugins-runs/{(cfg.loss or 'untrained').replace(':', '_')}"
-    progress = not args.no_progress and sys.stderr.isatty() or (not args.no_progress and _force_progress())
+    progress = show_progress(args.no_progress)
     result = run_training(cfg, progress=progress, log=lambda msg: print(msg, flush=True),
                           resume=bool(args.resume), force=args.force)
     if result.config.get("resolved", {}).get("distributed", {}).get("rank", 0) != 0:
@@ -163,13 +165,13 @@ def run(args: argparse.Namespace) -> int:
 
 def resumed_settings(out: str, flag_out: Any = None) -> dict[str, Any]:
     """The settings stored in ``OUT/checkpoint.pt`` (what ``--resume OUT`` continues with)."""
+    from pathlib import Path
+
     from ..pipeline.checkpoint import is_resumable, load_checkpoint
     from ..pipeline.config import config_fields
 
     if flag_out is not None and flag_out != out:
         raise ValueError(f"--resume {out} continues the run in {out}; --out {flag_out} is another folder")
-    from pathlib import Path
-
     if not Path(out).is_dir():
         raise FileNotFoundError(f"--resume: run folder {out!r} does not exist")
     state = load_checkpoint(out, mmap=True)
@@ -179,8 +181,3 @@ def resumed_settings(out: str, flag_out: Any = None) -> dict[str, Any]:
     fields = set(config_fields())
     return {k: v for k, v in (state.get("config") or {}).items() if k in fields and k != "out"}
 
-
-def _force_progress() -> bool:
-    import os
-
-    return os.environ.get("PML_PLUGINS_PROGRESS", "") not in ("", "0")

@@ -16,6 +16,7 @@ Ctrl-C saved mid-epoch, else 0), ``trunk``, ``embedder``, ``loss`` (state dicts)
 ``trainer`` (epoch losses and times so far), ``best`` (best validation metric so far: None, the
 pipeline evaluates once at the end), ``config`` (the run's settings).
 """
+
 from __future__ import annotations
 
 import io
@@ -40,29 +41,43 @@ PathLike = Union[str, os.PathLike]
 
 # -- random states ---------------------------------------------------------------------------------
 def _pml_numpy_random() -> Any:
-    from pytorch_metric_learning.utils import common_functions as c_f  # noqa: PLC0415
+    from pytorch_metric_learning.utils import common_functions as c_f
 
     return c_f.NUMPY_RANDOM
 
 
 def _numpy_state(rs: Any) -> dict:
     name, keys, pos, has_gauss, cached = rs.get_state()
-    return {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    return {
+        "name": str(name),
+        "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached),
+    }
 
 
 def _set_numpy_state(rs: Any, state: Mapping) -> None:
-    rs.set_state((state["name"], state["keys"].numpy().astype(np.uint32), int(state["pos"]),
-                  int(state["has_gauss"]), float(state["cached_gaussian"])))
+    rs.set_state(
+        (
+            state["name"],
+            state["keys"].numpy().astype(np.uint32),
+            int(state["pos"]),
+            int(state["has_gauss"]),
+            float(state["cached_gaussian"]),
+        )
+    )
 
 
 def capture_rng_state() -> dict:
     """Every random state training draws from: torch (CPU and CUDA), numpy's global RNG,
     Python's ``random`` and PML's ``NUMPY_RANDOM`` (when it is its own ``RandomState``)."""
     version, internal, gauss = random.getstate()
-    state = {"torch": torch.get_rng_state(), "numpy": _numpy_state(np.random),
-             "python": {"version": int(version), "state": torch.tensor(internal, dtype=torch.int64),
-                        "gauss": gauss}}
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": _numpy_state(np.random),
+        "python": {"version": int(version), "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+    }
     pml = _pml_numpy_random()
     if isinstance(pml, np.random.RandomState):
         state["pml_numpy"] = _numpy_state(pml)
@@ -118,11 +133,13 @@ def _keep_numbered(path: Path, epoch: int, keep_last: int) -> None:
     try:
         os.link(path, tmp)
     except OSError:  # no hard links here (some network / FAT file systems): a copy
-        import shutil  # noqa: PLC0415
+        import shutil
 
         shutil.copyfile(path, tmp)
     os.replace(tmp, target)
-    numbered = sorted(p for p in path.parent.glob("checkpoint-epoch*.pt") if p.stem[len("checkpoint-epoch"):].isdigit())
+    numbered = sorted(
+        p for p in path.parent.glob("checkpoint-epoch*.pt") if p.stem[len("checkpoint-epoch") :].isdigit()
+    )
     for old in numbered[:-keep_last]:
         old.unlink(missing_ok=True)
 
@@ -134,8 +151,10 @@ def checkpoint_path(path: PathLike) -> Path:
     if path.is_dir():
         path = path / CHECKPOINT_NAME
         if not path.is_file():
-            raise FileNotFoundError(f"run folder {str(path.parent)!r} has no {CHECKPOINT_NAME} (was the run "
-                                    f"stopped before its first epoch ended?)")
+            raise FileNotFoundError(
+                f"run folder {str(path.parent)!r} has no {CHECKPOINT_NAME} (was the run "
+                f"stopped before its first epoch ended?)"
+            )
     elif not path.exists():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     return path
@@ -150,10 +169,15 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu", mmap: bool = Fals
     path = checkpoint_path(path)
     where = f"checkpoint {str(path)!r}"
     obj = safe_torch_load(path, where, map_location, mmap=mmap)
-    if not isinstance(obj, dict) or not isinstance(obj.get("trunk"), Mapping) or not isinstance(obj.get("embedder"), Mapping):
+    if (
+        not isinstance(obj, dict)
+        or not isinstance(obj.get("trunk"), Mapping)
+        or not isinstance(obj.get("embedder"), Mapping)
+    ):
         kind = type(obj).__name__ if not isinstance(obj, dict) else f"dict with keys {sorted(map(str, obj))[:8]}"
-        raise ValueError(f"{where} is not a pml-plugins checkpoint (expected a dict with trunk and embedder "
-                         f"state dicts, got {kind})")
+        raise ValueError(
+            f"{where} is not a pml-plugins checkpoint (expected a dict with trunk and embedder state dicts, got {kind})"
+        )
     return obj
 
 
@@ -171,8 +195,10 @@ def safe_torch_load(path: PathLike, where: Optional[str] = None, map_location: A
     with open(path, "rb") as fh:
         head = fh.read(4)
     if head[:2] != b"PK":
-        raise ValueError(f"{where} is not a torch checkpoint (it is not a zip archive: {size} bytes of another "
-                         f"format or random data)")
+        raise ValueError(
+            f"{where} is not a torch checkpoint (it is not a zip archive: {size} bytes of another "
+            f"format or random data)"
+        )
     problem = _zip_problem(path)
     if problem:
         raise ValueError(f"{where} is truncated or corrupt ({problem}); use an earlier checkpoint or train again")
@@ -180,8 +206,10 @@ def safe_torch_load(path: PathLike, where: Optional[str] = None, map_location: A
         obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:
         # torch's message here suggests weights_only=False: never repeat that advice
-        raise ValueError(f"{where} holds Python objects that need pickle to load; refused (it was not unpickled: "
-                         f"pml-plugins checkpoints hold tensors and plain types only)") from None
+        raise ValueError(
+            f"{where} holds Python objects that need pickle to load; refused (it was not unpickled: "
+            f"pml-plugins checkpoints hold tensors and plain types only)"
+        ) from None
     except (RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError, zipfile.BadZipFile) as exc:
         raise ValueError(f"{where} is corrupt and cannot be read ({_first_line(exc)})") from None
     return obj
@@ -213,8 +241,9 @@ def is_resumable(state: Mapping) -> bool:
 
 
 # -- modules ---------------------------------------------------------------------------------------
-def load_module_state(module: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str,
-                      source: str = "the checkpoint") -> None:
+def load_module_state(
+    module: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str, source: str = "the checkpoint"
+) -> None:
     """``module.load_state_dict(state)`` with one-line errors: missing / unexpected keys, or the
     first parameter whose shape differs (another loss, embedding size or backbone)."""
     own = module.state_dict()
@@ -231,14 +260,15 @@ def load_module_state(module: torch.nn.Module, state: Mapping[str, torch.Tensor]
         saved = state[key]
         if not isinstance(saved, torch.Tensor) or tuple(saved.shape) != tuple(value.shape):
             shape = tuple(saved.shape) if isinstance(saved, torch.Tensor) else type(saved).__name__
-            raise ValueError(f"{source} does not fit this {what}: {key} has shape {shape} in the checkpoint, "
-                             f"{tuple(value.shape)} here (another embedding size, loss or backbone?)")
+            raise ValueError(
+                f"{source} does not fit this {what}: {key} has shape {shape} in the checkpoint, "
+                f"{tuple(value.shape)} here (another embedding size, loss or backbone?)"
+            )
     module.load_state_dict(state)
 
 
 # -- config ----------------------------------------------------------------------------------------
-def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any],
-                ignore: tuple = RESUME_FREE_KEYS) -> list[str]:
+def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any], ignore: tuple = RESUME_FREE_KEYS) -> list[str]:
     """``["lr: 0.001 (checkpoint) != 0.01 (now)", ...]`` for every setting that differs."""
     diffs = []
     for key in sorted(set(saved) | set(current)):
@@ -282,8 +312,11 @@ def _plain(value: Any) -> Any:
 
 def check_plain(obj: Any, where: str = "checkpoint") -> None:
     """Raise TypeError naming the first value ``weights_only=True`` could not load."""
-    if obj is None or type(obj) in (bool, int, float, str, bytes, torch.Size, torch.dtype, torch.device) \
-            or isinstance(obj, torch.Tensor):
+    if (
+        obj is None
+        or type(obj) in (bool, int, float, str, bytes, torch.Size, torch.dtype, torch.device)
+        or isinstance(obj, torch.Tensor)
+    ):
         return
     if type(obj) in (list, tuple):
         for i, v in enumerate(obj):
@@ -293,8 +326,10 @@ def check_plain(obj: Any, where: str = "checkpoint") -> None:
         for k, v in obj.items():
             check_plain(v, f"{where}[{k!r}]")
         return
-    raise TypeError(f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}: a checkpoint holds tensors "
-                    f"and plain types only (a plugin's state_dict must return those)")
+    raise TypeError(
+        f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}: a checkpoint holds tensors "
+        f"and plain types only (a plugin's state_dict must return those)"
+    )
 
 
 def roundtrip_bytes(state: Mapping[str, Any]) -> dict:
@@ -305,6 +340,21 @@ def roundtrip_bytes(state: Mapping[str, Any]) -> dict:
     return torch.load(buf, weights_only=True)
 
 
-__all__ = ["CHECKPOINT_NAME", "FORMAT", "RESUME_FREE_KEYS", "capture_rng_state", "restore_rng_state", "save_checkpoint",
-           "load_checkpoint", "safe_torch_load", "checkpoint_path", "load_module_state", "config_diff", "plain_config", "check_plain",
-           "is_resumable", "numbered_name", "roundtrip_bytes"]
+__all__ = [
+    "CHECKPOINT_NAME",
+    "FORMAT",
+    "RESUME_FREE_KEYS",
+    "capture_rng_state",
+    "restore_rng_state",
+    "save_checkpoint",
+    "load_checkpoint",
+    "safe_torch_load",
+    "checkpoint_path",
+    "load_module_state",
+    "config_diff",
+    "plain_config",
+    "check_plain",
+    "is_resumable",
+    "numbered_name",
+    "roundtrip_bytes",
+]

@@ -14,6 +14,7 @@ How a resumed run ends with the numbers of an uninterrupted one (same seed, CPU)
 A ``kill -9`` loses the partial epoch it hits: the run resumes from the last epoch's checkpoint.
 Under DDP, rank 0 writes, every rank reads, and the ranks agree on when a signal stops them.
 """
+
 from __future__ import annotations
 
 import copy
@@ -27,8 +28,19 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
-from .checkpoint import (CHECKPOINT_NAME, FORMAT, RESUME_FREE_KEYS, capture_rng_state, check_plain, config_diff, is_resumable,
-                         load_checkpoint, load_module_state, plain_config, save_checkpoint)
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    FORMAT,
+    RESUME_FREE_KEYS,
+    capture_rng_state,
+    check_plain,
+    config_diff,
+    is_resumable,
+    load_checkpoint,
+    load_module_state,
+    plain_config,
+    save_checkpoint,
+)
 
 #: test hook: ``"EPOCH:ITERATION:SIGNAL"`` makes the run send itself SIGNAL (e.g. SIGKILL, SIGINT)
 #: just before step ITERATION (0-based) of epoch EPOCH, a real signal at a chosen point
@@ -64,7 +76,7 @@ class StopSignal:
         self.requested: Optional[str] = None
         self._previous: dict = {}
 
-    def __enter__(self) -> "StopSignal":
+    def __enter__(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -118,7 +130,7 @@ def test_signal_hook() -> Optional[Callable[[int, int], None]]:
 
 def reseed(seed: int, rank: int = 0) -> None:
     """Every random state from ``seed`` (DDP: torch's per rank, for distinct augmentation streams)."""
-    from .train import set_seed  # noqa: PLC0415
+    from .train import set_seed
 
     set_seed(seed)
     if rank:
@@ -160,36 +172,62 @@ def reset_sampler(sampler: Any, epoch: int) -> None:
 # -- what a checkpoint holds -------------------------------------------------------------------------
 def unwrap(module: Any) -> Any:
     """The loss or model inside a DDP / distributed-loss wrapper."""
-    from .. import distributed as dist_mod  # noqa: PLC0415
+    from .. import distributed_losses
 
-    if isinstance(module, dist_mod.DistributedLossWrapper):
+    if isinstance(module, distributed_losses.DistributedLossWrapper):
         return module.loss
-    return getattr(module, "module", module) if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
+    return (
+        getattr(module, "module", module) if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
+    )
 
 
-def training_state(trainer: Any, *, trunk: torch.nn.Module, embedder: torch.nn.Module, loss: torch.nn.Module,
-                   setup: Any, config: Mapping, resolved: Mapping, epoch: int, iteration: int, total: float,
-                   rng: Any) -> dict:
+def training_state(
+    trainer: Any,
+    *,
+    trunk: torch.nn.Module,
+    embedder: torch.nn.Module,
+    loss: torch.nn.Module,
+    setup: Any,
+    config: Mapping,
+    resolved: Mapping,
+    epoch: int,
+    iteration: int,
+    total: float,
+    rng: Any,
+) -> dict:
     """The checkpoint dict (tensors and plain types only; checked)."""
     schedulers = trainer.lr_schedulers or {}
     plugin = setup.state_dict() if getattr(setup, "state_dict", None) is not None else None
-    state = {"format": FORMAT, "epoch": int(epoch), "iteration": int(iteration),
-             "trunk": trunk.state_dict(), "embedder": embedder.state_dict(), "loss": loss.state_dict(),
-             "optimizers": {k: o.state_dict() for k, o in trainer.optimizers.items()},
-             "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
-             "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
-             "plugin": plugin, "rng": rng,
-             "trainer": {"epoch_seconds": [float(s) for s in trainer.epoch_seconds], "last_loss": float(trainer.last_loss),
-                         "partial_loss_sum": float(total), "iterations_per_epoch": int(trainer.iterations_per_epoch)},
-             "best": None,  # the pipeline evaluates once, after training: no validation metric per epoch
-             "config": plain_config(config), "resolved": plain_config(resolved)}
+    state = {
+        "format": FORMAT,
+        "epoch": int(epoch),
+        "iteration": int(iteration),
+        "trunk": trunk.state_dict(),
+        "embedder": embedder.state_dict(),
+        "loss": loss.state_dict(),
+        "optimizers": {k: o.state_dict() for k, o in trainer.optimizers.items()},
+        "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
+        "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
+        "plugin": plugin,
+        "rng": rng,
+        "trainer": {
+            "epoch_seconds": [float(s) for s in trainer.epoch_seconds],
+            "last_loss": float(trainer.last_loss),
+            "partial_loss_sum": float(total),
+            "iterations_per_epoch": int(trainer.iterations_per_epoch),
+        },
+        "best": None,  # the pipeline evaluates once, after training: no validation metric per epoch
+        "config": plain_config(config),
+        "resolved": plain_config(resolved),
+    }
     check_plain(state["plugin"], "the training setup's state_dict()")
     check_plain(state)  # a checkpoint that needs pickle would be refused when read back: fail now
     return state
 
 
-def make_saver(trainer_ref: Callable[[], Any], *, out: Path, keep_last: int, env: Any, log: Optional[Callable],
-               **parts: Any) -> Callable[[int, int, float], None]:
+def make_saver(
+    trainer_ref: Callable[[], Any], *, out: Path, keep_last: int, env: Any, log: Optional[Callable], **parts: Any
+) -> Callable[[int, int, float], None]:
     """``save(epoch, iteration, total)`` for the trainer. Under DDP every rank calls it (the random
     states of all ranks are gathered) and rank 0 writes."""
 
@@ -218,8 +256,16 @@ def rank_rng(state: Mapping, rank: int) -> Optional[dict]:
     return rng
 
 
-def restore_training(state: Mapping, trainer: Any, *, trunk: torch.nn.Module, embedder: torch.nn.Module,
-                     loss: torch.nn.Module, setup: Any, source: str) -> None:
+def restore_training(
+    state: Mapping,
+    trainer: Any,
+    *,
+    trunk: torch.nn.Module,
+    embedder: torch.nn.Module,
+    loss: torch.nn.Module,
+    setup: Any,
+    source: str,
+) -> None:
     """Load a checkpoint's weights and states into the built run (one-line errors on mismatch)."""
     load_module_state(trunk, state["trunk"], "trunk", source)
     load_module_state(embedder, state["embedder"], "embedding head", source)
@@ -240,8 +286,10 @@ def restore_training(state: Mapping, trainer: Any, *, trunk: torch.nn.Module, em
         trainer.scaler.load_state_dict(state["scaler"])
     if state.get("plugin") is not None:
         if getattr(setup, "load_state_dict", None) is None:
-            raise ValueError(f"{source} holds training-setup state, but this loss's training setup has no "
-                             f"load_state_dict (another loss or plugin version?)")
+            raise ValueError(
+                f"{source} holds training-setup state, but this loss's training setup has no "
+                f"load_state_dict (another loss or plugin version?)"
+            )
         setup.load_state_dict(state["plugin"])
     info = state.get("trainer") or {}
     trainer.epoch_seconds = list(info.get("epoch_seconds", []))
@@ -276,14 +324,18 @@ def find_resumable(cfg_dict: Mapping, out: Optional[str], mode: Any, force: bool
     if not is_resumable(state):
         if mode == "auto":
             return None
-        raise ValueError(f"checkpoint {str(path)!r} holds final weights only (written by an older pml-plugins): "
-                         f"it cannot be resumed")
+        raise ValueError(
+            f"checkpoint {str(path)!r} holds final weights only (written by an older pml-plugins): it cannot be resumed"
+        )
     diffs = differences(state.get("config") or {}, cfg_dict)
     if diffs and not force:
         if mode == "auto":
             return None
-        raise ValueError(f"--resume {out}: the settings differ from the checkpoint's: " + "; ".join(diffs)
-                         + " (use --force to continue anyway; it is recorded in the run folder)")
+        raise ValueError(
+            f"--resume {out}: the settings differ from the checkpoint's: "
+            + "; ".join(diffs)
+            + " (use --force to continue anyway; it is recorded in the run folder)"
+        )
     state["forced_differences"] = diffs
     return state
 
@@ -295,8 +347,14 @@ def record_resume(out: Path, state: Mapping, forced: list) -> None:
         history = json.loads(path.read_text()) if path.is_file() else []
     except (json.JSONDecodeError, OSError):
         history = []
-    history.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "from_epoch": int(state.get("epoch", 0)),
-                    "from_iteration": int(state.get("iteration", 0)), "forced_differences": list(forced)})
+    history.append(
+        {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "from_epoch": int(state.get("epoch", 0)),
+            "from_iteration": int(state.get("iteration", 0)),
+            "forced_differences": list(forced),
+        }
+    )
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(history, indent=2) + "\n")
     os.replace(tmp, path)
@@ -309,5 +367,16 @@ def interrupted_message(out: Optional[str], epoch: int, iteration: int, resume_h
     return f"interrupted: {saved}" + (f"; resume with: {hint}" if hint and out else "")
 
 
-__all__ = ["TrainingInterrupted", "StopSignal", "epoch_seed", "find_resumable", "restore_training", "make_saver",
-           "training_state", "record_resume", "interrupted_message", "TEST_SIGNAL_ENV", "RESUME_FREE"]
+__all__ = [
+    "TrainingInterrupted",
+    "StopSignal",
+    "epoch_seed",
+    "find_resumable",
+    "restore_training",
+    "make_saver",
+    "training_state",
+    "record_resume",
+    "interrupted_message",
+    "TEST_SIGNAL_ENV",
+    "RESUME_FREE",
+]

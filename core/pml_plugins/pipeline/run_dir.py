@@ -1,5 +1,6 @@
 """A finished (or checkpointed) run folder, read back: its config, its model with the trained
 weights, its data and its retrieval distance, for ``evaluate RUN_DIR`` and ``embed RUN_DIR``."""
+
 from __future__ import annotations
 
 import json
@@ -40,11 +41,15 @@ def read_run_config(run_dir: Path) -> tuple[TrainConfig, dict]:
     if not run_dir.exists():
         raise FileNotFoundError(f"run folder {str(run_dir)!r} does not exist")
     if not run_dir.is_dir():
-        raise ValueError(f"{str(run_dir)!r} is not a run folder (give the folder train --out wrote, "
-                         f"with config.json and checkpoint.pt)")
+        raise ValueError(
+            f"{str(run_dir)!r} is not a run folder (give the folder train --out wrote, "
+            f"with config.json and checkpoint.pt)"
+        )
     path = run_dir / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"run folder {str(run_dir)!r} has no config.json (is it a pml-plugins train --out folder?)")
+        raise FileNotFoundError(
+            f"run folder {str(run_dir)!r} has no config.json (is it a pml-plugins train --out folder?)"
+        )
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -68,12 +73,19 @@ def load_run(run_dir: Path, *, device: Optional[torch.device] = None) -> LoadedR
     device = device if device is not None else torch.device("cpu")
     cfg, resolved = read_run_config(run_dir)
     state = load_checkpoint(run_dir)  # every failure: one clear ValueError
-    backbone = resolved.get("backbone") or ("identity" if data_mod.parse_dataset_spec(cfg.dataset)[0] == "embeddings"
-                                            else "cnn")
+    backbone = resolved.get("backbone") or (
+        "identity" if data_mod.parse_dataset_spec(cfg.dataset)[0] == "embeddings" else "cnn"
+    )
     # the checkpoint holds every weight: no pretrained file is needed (nor read) to rebuild the model
-    model = models_mod.build_model(backbone, embedding_size=cfg.embedding_size,
-                                   input_shape=data_mod.feature_shape(cfg.dataset), image_size=cfg.image_size,
-                                   pooling=cfg.pooling, head_norm=cfg.head_norm, pretrained=None)
+    model = models_mod.build_model(
+        backbone,
+        embedding_size=cfg.embedding_size,
+        input_shape=data_mod.feature_shape(cfg.dataset),
+        image_size=cfg.image_size,
+        pooling=cfg.pooling,
+        head_norm=cfg.head_norm,
+        pretrained=None,
+    )
     source = f"checkpoint {str(run_dir / 'checkpoint.pt')!r}"
     load_module_state(model.trunk, state["trunk"], "trunk", source)
     load_module_state(model.embedder, state["embedder"], "embedding head", source)
@@ -81,10 +93,17 @@ def load_run(run_dir: Path, *, device: Optional[torch.device] = None) -> LoadedR
     distance = resolved.get("retrieval_distance") or cfg.retrieval_distance or "cosine"
     epoch = state.get("epoch")
     threads = resolved.get("threads")
-    return LoadedRun(path=run_dir, config=cfg, resolved=resolved, trunk=trunk, embedder=embedder,
-                     transforms=model.transforms, retrieval_distance=str(distance),
-                     epoch=int(epoch) if epoch is not None else None,
-                     threads=int(threads) if isinstance(threads, int) else None)
+    return LoadedRun(
+        path=run_dir,
+        config=cfg,
+        resolved=resolved,
+        trunk=trunk,
+        embedder=embedder,
+        transforms=model.transforms,
+        retrieval_distance=str(distance),
+        epoch=int(epoch) if epoch is not None else None,
+        threads=int(threads) if isinstance(threads, int) else None,
+    )
 
 
 def load_split(run: LoadedRun, data: Optional[str] = None, split: str = "test") -> Any:
@@ -99,11 +118,12 @@ def load_split(run: LoadedRun, data: Optional[str] = None, split: str = "test") 
 
 
 @torch.no_grad()
-def embed_dataset(run: LoadedRun, dataset: Any, *, batch_size: int = 256, device: Optional[torch.device] = None,
-                  progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def embed_dataset(
+    run: LoadedRun, dataset: Any, *, batch_size: int = 256, device: Optional[torch.device] = None, progress: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(embeddings, labels)`` of every item of ``dataset`` (eval mode, no grad, in order)."""
     device = device if device is not None else torch.device("cpu")
-    import tqdm  # noqa: PLC0415
+    import tqdm
 
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     chunks, labels = [], []

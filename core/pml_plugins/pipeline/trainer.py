@@ -134,7 +134,7 @@ class EmbeddingTrainer(MetricLossOnly):
     def _replay(self, steps: int, total: float, rng: Optional[dict]) -> tuple[int, float]:
         """Draw (and drop) the first ``steps`` batches of this epoch, then restore the random
         states saved after them: the data stream and every RNG are where the interrupted run was."""
-        from .checkpoint import restore_rng_state  # noqa: PLC0415
+        from .checkpoint import restore_rng_state
 
         if not 0 < steps < self.iterations_per_epoch:
             raise ValueError(f"cannot resume at step {steps} of an epoch of {self.iterations_per_epoch} steps")
