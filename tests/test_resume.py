@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import pml_plugins
-from pml_plugins import distributed as pd
+from pml_plugins import distributed_losses as pd
 from pml_plugins.cli import main as cli_main
 from pml_plugins.pipeline.resume import TEST_SIGNAL_ENV
 

@@ -55,6 +55,8 @@ class EmbeddingTrainer(MetricLossOnly):
         self._stop_error, self._before_step = stop_error, before_step
         self.epoch_seconds: list[float] = []
         self.last_loss = math.nan
+        #: the last epoch whose checkpoint was written (None before the first)
+        self.saved_epoch: Optional[int] = None
         super().__init__(*args, **kwargs)
 
     def configure_checkpoints(self, *, begin_epoch: Optional[Callable[[int], None]] = None,
@@ -96,7 +98,8 @@ class EmbeddingTrainer(MetricLossOnly):
                                              f"{self.iteration + 1} (try a lower --lr / --loss-lr)")
                 total += loss
                 self.end_of_iteration_hook(self)
-                pbar.set_postfix(loss=f"{loss:.4f}")
+                pbar.set_postfix(loss=f"{loss:.4f}", **({"saved": f"epoch {self.saved_epoch}"}
+                                                        if self.saved_epoch is not None else {}))
                 self.step_lr_schedulers(end_of_epoch=False)
                 done = self.iteration + 1
                 if done < self.iterations_per_epoch and self._stop_requested():
@@ -150,6 +153,8 @@ class EmbeddingTrainer(MetricLossOnly):
     def _checkpoint(self, epoch: int, iteration: int, total: float) -> None:
         if self._save is not None:
             self._save(epoch, iteration, total)
+            if not iteration:
+                self.saved_epoch = epoch  # the progress bar shows it
 
     def _interrupted(self, epoch: int, iteration: int) -> BaseException:
         if self._stop_error is not None:
