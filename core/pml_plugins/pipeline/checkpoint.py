@@ -69,6 +69,17 @@ def _set_numpy_state(rs: Any, state: Mapping) -> None:
     )
 
 
+def seed_all(seed: int) -> None:
+    """Seed torch, numpy's global RNG, Python's ``random`` and PML's ``NUMPY_RANDOM`` (when it is
+    its own ``RandomState``; by default it is numpy's global RNG)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    pml = _pml_numpy_random()
+    if isinstance(pml, np.random.RandomState):
+        pml.seed(seed % (2**32))
+
+
 def capture_rng_state() -> dict:
     """Every random state training draws from: torch (CPU and CUDA), numpy's global RNG,
     Python's ``random`` and PML's ``NUMPY_RANDOM`` (when it is its own ``RandomState``)."""
@@ -344,6 +355,7 @@ __all__ = [
     "CHECKPOINT_NAME",
     "FORMAT",
     "RESUME_FREE_KEYS",
+    "seed_all",
     "capture_rng_state",
     "restore_rng_state",
     "save_checkpoint",

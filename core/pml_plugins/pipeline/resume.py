@@ -40,6 +40,7 @@ from .checkpoint import (
     load_module_state,
     plain_config,
     save_checkpoint,
+    seed_all,
 )
 
 #: test hook: ``"EPOCH:ITERATION:SIGNAL"`` makes the run send itself SIGNAL (e.g. SIGKILL, SIGINT)
@@ -130,9 +131,7 @@ def test_signal_hook() -> Optional[Callable[[int, int], None]]:
 
 def reseed(seed: int, rank: int = 0) -> None:
     """Every random state from ``seed`` (DDP: torch's per rank, for distinct augmentation streams)."""
-    from .train import set_seed
-
-    set_seed(seed)
+    seed_all(seed)
     if rank:
         torch.manual_seed(seed + rank)
 

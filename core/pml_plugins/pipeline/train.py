@@ -14,13 +14,11 @@ one job each: :mod:`.builders` (loss and miner from a name), :mod:`.sampling` (b
 from __future__ import annotations
 
 import platform
-import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
 from pytorch_metric_learning.utils import common_functions as c_f
 
@@ -33,6 +31,7 @@ from . import ddp
 from . import models as models_mod
 from . import resume as resume_mod
 from .builders import build_loss, build_miner, constructor_parameters
+from .checkpoint import seed_all
 from .config import TrainConfig
 from .evaluate import evaluate
 from .memory import PeakMemory
@@ -47,11 +46,7 @@ __all__ = ["RunResult", "run_training", "build_loss", "build_miner", "constructo
 # -- small utilities ---------------------------------------------------------------------------
 def set_seed(seed: int) -> None:
     """Seed every RNG the pipeline uses (PML's samplers use numpy's global RNG)."""
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-    if isinstance(c_f.NUMPY_RANDOM, np.random.RandomState):
-        c_f.NUMPY_RANDOM.seed(seed % (2**32))
+    seed_all(seed)
 
 
 def resolve_device(name: str) -> torch.device:
