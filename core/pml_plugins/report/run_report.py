@@ -133,8 +133,8 @@ def _embedding_sections(data: dict, *, seed: int, map_method: str) -> list[tuple
     xy, method = figures.project_2d(emb[rows], distance=distance, seed=seed, method=map_method)
     title = (f"{method} of {len(rows)} test embeddings" + (f" (a class-stratified sample of {len(labels)})"
              if len(rows) < len(labels) else "") + f"; {len(np.unique(labels))} unseen classes")
-    emb_map = img(figures.embedding_map(xy, labels[rows], names, title), f"{method} embedding map")
-    emb_map += ('<p class="note">The test classes are unseen in training; each is named at its median point and '
+    emb_map = img(figures.embedding_map(xy, labels[rows], names, title), f"{method} embedding map: {title}")
+    emb_map += (f'<p class="note">{esc(title)}. The test classes are unseen in training; each is named at its median point and '
                 f"drawn with its own colour and marker. At most {figures.MAX_MAP_POINTS} points are projected.</p>")
 
     classes = per_class(results, labels)
