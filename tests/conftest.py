@@ -115,3 +115,60 @@ def report_run(tmp_path_factory) -> tuple[Path, dict]:
 def report_run_builder():
     """:func:`build_report_run`, for tests that make run folders of their own."""
     return build_report_run
+
+
+def parse_html_tags(text: str) -> list[tuple[str, dict]]:
+    """Every start tag of ``text`` with its attributes, in order."""
+    from html.parser import HTMLParser
+
+    tags: list[tuple[str, dict]] = []
+
+    class _Tags(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            tags.append((tag, dict(attrs)))
+
+    _Tags().feed(text)
+    return tags
+
+
+def check_self_contained(text: str) -> list[tuple[str, dict]]:
+    """No script, no stylesheet or font link, no URL leaving the page; every image a valid PNG/SVG."""
+    import base64
+    import io
+    import re
+
+    from PIL import Image
+
+    tags = parse_html_tags(text)
+    assert not [t for t, _ in tags if t in ("script", "link", "iframe", "object", "embed", "base")]
+    assert not re.search(r"@import|url\(", text), "CSS must not reference anything"
+    for tag, attrs in tags:
+        for key in ("src", "href", "srcset", "data", "poster", "action"):
+            value = attrs.get(key)
+            if value is None:
+                continue
+            assert not re.match(r"^\s*([a-z][a-z0-9+.-]*:|//)", value, re.I) or value.startswith("data:image/"), \
+                f"<{tag} {key}={value[:80]!r}> leaves the page"
+            assert not value.startswith("/"), f"absolute path {value!r}"
+    images = [a for t, a in tags if t == "img"]
+    assert images
+    for attrs in images:
+        src = attrs["src"]
+        assert attrs.get("alt"), "every image has an alt text"
+        if src.startswith("data:image/png;base64,"):
+            data = base64.b64decode(src.split(",", 1)[1], validate=True)
+            assert data[:8] == b"\x89PNG\r\n\x1a\n"
+            with Image.open(io.BytesIO(data)) as im:
+                im.verify()
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+                assert im.width > 0 and im.height > 0
+        else:
+            assert src.startswith("data:image/svg+xml"), src[:40]
+    return tags
+
+
+@pytest.fixture(scope="session")
+def report_html_checker():
+    """:func:`check_self_contained`: asserts an HTML report is offline-safe; returns its tags."""
+    return check_self_contained

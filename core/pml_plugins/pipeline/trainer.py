@@ -38,12 +38,16 @@ class EmbeddingTrainer(MetricLossOnly):
         self._scaler = torch.amp.GradScaler("cuda") if amp_dtype is torch.float16 else None
         self.epoch_seconds: list[float] = []
         self.last_loss = math.nan
+        #: learning rate of each optimizer during the current epoch (before the epoch's scheduler step)
+        self.epoch_lr: dict[str, float] = {}
         super().__init__(*args, **kwargs)
 
     def train(self, start_epoch: int = 1, num_epochs: int = 1) -> None:
         self.initialize_dataloader()
         for self.epoch in range(start_epoch, num_epochs + 1):
             start = time.perf_counter()
+            self.epoch_lr = {k[: -len("_optimizer")] if k.endswith("_optimizer") else k: float(o.param_groups[0]["lr"])
+                             for k, o in self.optimizers.items()}
             self.set_to_train()
             pbar = tqdm.tqdm(range(self.iterations_per_epoch), desc=f"{self._desc} epoch {self.epoch}/{num_epochs}",
                              leave=False, disable=not self._progress, dynamic_ncols=True)
