@@ -5,17 +5,21 @@ from __future__ import annotations
 import csv
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from pml_plugins.cli import main
 from pml_plugins.pipeline.evaluate import make_accuracy_calculator, standard_metric_name
-from pml_plugins.report import (append_metrics_line, load_test_artifacts, read_metrics_jsonl, save_test_artifacts,
-                                write_report, write_tensorboard)
+from pml_plugins.report import (
+    append_metrics_line,
+    load_test_artifacts,
+    read_metrics_jsonl,
+    save_test_artifacts,
+    write_report,
+    write_tensorboard,
+)
 from pml_plugins.report.compare_report import COMPARE_SECTIONS
 from pml_plugins.report.retrieval import per_class, search
 from pml_plugins.report.run_report import RUN_SECTIONS
@@ -90,7 +94,7 @@ def test_per_class_against_brute_force():
             wrong += near[~hits].tolist()
         assert rows[c]["recall_at_1"] == pytest.approx(r1)
         assert rows[c]["map_at_r"] == pytest.approx(np.mean(aps))
-        top, count = max(((o, wrong.count(o)) for o in set(wrong)), key=lambda t: (t[1], -t[0]))
+        _top, count = max(((o, wrong.count(o)) for o in set(wrong)), key=lambda t: (t[1], -t[0]))
         assert rows[c]["confused_with"][0][1] == pytest.approx(count / len(wrong))
         assert wrong.count(rows[c]["confused_with"][0][0]) == count
 
@@ -149,7 +153,7 @@ def test_compare_report_links_intervals_and_run_reports(tmp_path, report_run_bui
     with open(cmp / "results.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["loss", "status", *keys, *[f"{k}_ci95" for k in keys], "seeds", "seconds_per_epoch", "error"])
-        for d, i in info.items():
+        for i in info.values():
             w.writerow([i["name"], "ok", *[i["metrics"][k] for k in keys], 0.012, 0.034, 3, 0.1, ""])
     (cmp / "results.json").write_text(json.dumps({"setting": {"dataset": "digits", "epochs": 3}}))
     code = main(["report", str(cmp), "--out", str(tmp_path / "elsewhere" / "c.html")])

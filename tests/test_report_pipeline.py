@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from pml_plugins.cli import main
 from pml_plugins.report import load_test_artifacts, read_metrics_jsonl
 from pml_plugins.report.compare_report import COMPARE_SECTIONS

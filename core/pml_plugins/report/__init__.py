@@ -10,11 +10,20 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-from .artifacts import (MAX_THUMBNAILS, METRICS_JSONL, TEST_ARTIFACTS, THUMBNAIL_SIZE, append_metrics_line,
-                        load_test_artifacts, make_thumbnails, read_metrics_jsonl, save_test_artifacts,
-                        thumbnail_sample)
+from .artifacts import (
+    MAX_THUMBNAILS,
+    METRICS_JSONL,
+    TEST_ARTIFACTS,
+    THUMBNAIL_SIZE,
+    append_metrics_line,
+    load_test_artifacts,
+    make_thumbnails,
+    read_metrics_jsonl,
+    save_test_artifacts,
+    thumbnail_sample,
+)
 from .tensorboard import TENSORBOARD_DIR, TensorBoardLogger, write_tensorboard
 
 REPORT_FILE = "report.html"
@@ -40,7 +49,7 @@ def _threads(n: int):
         torch.set_num_threads(previous)
 
 
-def write_report(directory: Any, out: Optional[Any] = None, *, seed: int = 0, run_reports: bool = True,
+def write_report(directory: Any, out: Any | None = None, *, seed: int = 0, run_reports: bool = True,
                  threads: int = 1) -> Path:
     """Write the report of a run folder or a comparison folder; returns the file written.
 
@@ -78,6 +87,20 @@ def _build(directory: Path, target: Path, seed: int, run_reports: bool) -> str:
     return text
 
 
-__all__ = ["write_report", "REPORT_FILE", "save_test_artifacts", "load_test_artifacts", "append_metrics_line",
-           "read_metrics_jsonl", "make_thumbnails", "thumbnail_sample", "TensorBoardLogger", "write_tensorboard",
-           "METRICS_JSONL", "TEST_ARTIFACTS", "TENSORBOARD_DIR", "MAX_THUMBNAILS", "THUMBNAIL_SIZE"]
+__all__ = [
+    "MAX_THUMBNAILS",
+    "METRICS_JSONL",
+    "REPORT_FILE",
+    "TENSORBOARD_DIR",
+    "TEST_ARTIFACTS",
+    "THUMBNAIL_SIZE",
+    "TensorBoardLogger",
+    "append_metrics_line",
+    "load_test_artifacts",
+    "make_thumbnails",
+    "read_metrics_jsonl",
+    "save_test_artifacts",
+    "thumbnail_sample",
+    "write_report",
+    "write_tensorboard",
+]

@@ -21,8 +21,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Union
 
 import numpy as np
 
@@ -89,8 +90,8 @@ def _clean(value: Any) -> Any:
 
 
 # -- test embeddings ---------------------------------------------------------------------------
-def save_test_artifacts(out: PathLike, embeddings: Any, labels: Any, thumbnails: Optional[Any] = None, *,
-                        thumbnail_index: Optional[Sequence[int]] = None, class_names: Optional[Sequence] = None,
+def save_test_artifacts(out: PathLike, embeddings: Any, labels: Any, thumbnails: Any | None = None, *,
+                        thumbnail_index: Sequence[int] | None = None, class_names: Sequence | None = None,
                         retrieval_distance: str = "cosine") -> Path:
     """Write ``OUT/test_embeddings.npz`` (see the module docstring); returns its path.
 
@@ -133,7 +134,7 @@ def save_test_artifacts(out: PathLike, embeddings: Any, labels: Any, thumbnails:
     return path
 
 
-def load_test_artifacts(run_dir: PathLike) -> Optional[dict[str, Any]]:
+def load_test_artifacts(run_dir: PathLike) -> dict[str, Any] | None:
     """The arrays of ``RUN_DIR/test_embeddings.npz`` as a dict, or None when the run has none."""
     path = Path(run_dir) / TEST_ARTIFACTS
     if not path.is_file():
@@ -154,7 +155,7 @@ def thumbnail_sample(n: int, seed: int = 0, limit: int = MAX_THUMBNAILS) -> np.n
     return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
 
 
-def make_thumbnails(dataset: Any, indices: Iterable[int], size: int = THUMBNAIL_SIZE) -> Optional[np.ndarray]:
+def make_thumbnails(dataset: Any, indices: Iterable[int], size: int = THUMBNAIL_SIZE) -> np.ndarray | None:
     """uint8 thumbnails of ``dataset[indices]`` for the report, or None for feature vectors.
 
     Image files (a dataset with ``paths``) are read again with PIL, without the model's
@@ -200,5 +201,5 @@ def _to_numpy(value: Any, name: str) -> np.ndarray:
         value = value.detach().cpu().numpy()
     try:
         return np.asarray(value)
-    except Exception as exc:  # noqa: BLE001 - say which argument could not be read
+    except Exception as exc:
         raise TypeError(f"{name} must be an array or tensor, got {type(value).__name__}") from exc

@@ -7,7 +7,6 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Optional
 
 from . import figures
 from .html import Raw, esc, img, page, table
@@ -42,7 +41,7 @@ def _run_name(run_dir: Path) -> str:
     return run_dir.name
 
 
-def _float(text: Optional[str]) -> Optional[float]:
+def _float(text: str | None) -> float | None:
     try:
         return float(text) if text not in (None, "") else None
     except ValueError:
@@ -57,7 +56,7 @@ def _sort_key(metric: str) -> tuple:
     return (bool(m and m.group(1)), order, int(digits[0]) if digits else 0)
 
 
-def build_compare_report(compare_dir: Path, link_base: Optional[Path] = None) -> str:
+def build_compare_report(compare_dir: Path, link_base: Path | None = None) -> str:
     """The HTML of the comparison in ``compare_dir`` (reads results.csv, results.json, runs/); links to
     the runs' ``report.html`` are relative to ``link_base`` (the report's folder, default ``compare_dir``)."""
     compare_dir = Path(compare_dir)
@@ -112,9 +111,9 @@ def build_compare_report(compare_dir: Path, link_base: Optional[Path] = None) ->
     setting = ""
     try:
         results = json.loads((compare_dir / "results.json").read_text())
-        setting = table(["setting", "value"], [(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
-                                                for k, v in (results.get("setting") or {}).items()
-                                                if v not in (None, {}, [])])
+        items = [(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
+                 for k, v in (results.get("setting") or {}).items() if v not in (None, {}, [])]
+        setting = table(["setting", "value"], items, cls="kv")
     except (OSError, json.JSONDecodeError):
         setting = '<p class="note">No results.json.</p>'
     if (compare_dir / "runs.csv").is_file():

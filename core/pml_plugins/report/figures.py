@@ -3,7 +3,8 @@ embedding map and the comparison's per-loss plots."""
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -23,13 +24,13 @@ def _plt():
     return plt
 
 
-def _numeric(value: Any) -> Optional[float]:
+def _numeric(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value) if math.isfinite(value) else None
 
 
-def training_curves(records: Sequence[Mapping[str, Any]]) -> Optional[bytes]:
+def training_curves(records: Sequence[Mapping[str, Any]]) -> bytes | None:
     """Loss, validation metrics, learning rates and seconds per epoch; None without records."""
     if not records:
         return None
@@ -66,7 +67,7 @@ def training_curves(records: Sequence[Mapping[str, Any]]) -> Optional[bytes]:
     return figure_png(fig)
 
 
-def metrics_vs_k(metrics: Mapping[str, Any]) -> Optional[bytes]:
+def metrics_vs_k(metrics: Mapping[str, Any]) -> bytes | None:
     """Recall@k and nDCG@k against k (log2 axis); None when the metrics have neither."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=90)
@@ -102,7 +103,7 @@ def map_sample(labels: np.ndarray, limit: int = MAX_MAP_POINTS, seed: int = 0) -
     keep = []
     for c in np.unique(labels):
         rows = np.flatnonzero(labels == c)
-        take = max(1, int(round(limit * len(rows) / n)))
+        take = max(1, round(limit * len(rows) / n))
         keep.append(rng.choice(rows, size=min(take, len(rows)), replace=False))
     return np.sort(np.concatenate(keep))[:max(limit, 0)] if keep else np.arange(0)
 
@@ -117,7 +118,7 @@ def project_2d(embeddings: np.ndarray, *, distance: str = "cosine", seed: int = 
         raise ValueError(f"method must be 'auto', 'umap' or 'tsne', got {method!r}")
     if method in ("auto", "umap"):
         try:
-            import umap  # noqa: PLC0415
+            import umap
 
             return umap.UMAP(n_components=2, random_state=seed).fit_transform(x), "UMAP"
         except ImportError:
@@ -151,7 +152,7 @@ def embedding_map(xy: np.ndarray, labels: np.ndarray, class_names: Sequence[str]
         if len(classes) <= 60:
             mx, my = np.median(pts, axis=0)
             ax.annotate(str(class_names[c]), (mx, my), fontsize=9, weight="bold", ha="center", va="center",
-                        bbox=dict(boxstyle="round,pad=0.15", fc="white", ec=color, alpha=0.85))
+                        bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": color, "alpha": 0.85})
     if not many:
         ax.legend(fontsize=8, markerscale=1.5, loc="best", title="class")
     ax.set_xticks([])
@@ -161,8 +162,8 @@ def embedding_map(xy: np.ndarray, labels: np.ndarray, class_names: Sequence[str]
     return figure_png(fig)
 
 
-def compare_plots(names: Sequence[str], values: Mapping[str, Sequence[Optional[float]]],
-                  errors: Mapping[str, Sequence[Optional[float]]]) -> Optional[bytes]:
+def compare_plots(names: Sequence[str], values: Mapping[str, Sequence[float | None]],
+                  errors: Mapping[str, Sequence[float | None]]) -> bytes | None:
     """One panel per metric: a point per loss, with its 95% interval as error bar where known."""
     metrics = [m for m in values if any(v is not None for v in values[m])]
     if not metrics or not names:

@@ -2,7 +2,7 @@
 sign (✓ / ✗) and a border style (solid / dashed) as well as by colour."""
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -17,7 +17,7 @@ GALLERY_K = 8
 
 
 def choose_queries(results: QueryResults, *, n_random: int = GALLERY_RANDOM, n_worst: int = GALLERY_WORST,
-                   seed: int = 0, allowed: Optional[np.ndarray] = None) -> tuple[list[int], list[int]]:
+                   seed: int = 0, allowed: np.ndarray | None = None) -> tuple[list[int], list[int]]:
     """Positions in ``results.queries``: ``(seeded sample, worst by AP@R)``, disjoint.
 
     ``allowed`` (row numbers) restricts both to queries that can be shown, e.g. with a thumbnail.
@@ -32,7 +32,7 @@ def choose_queries(results: QueryResults, *, n_random: int = GALLERY_RANDOM, n_w
     return sample, worst
 
 
-def _cell(kind: str, name: str, detail: str, thumb: Optional[np.ndarray], alt: str) -> str:
+def _cell(kind: str, name: str, detail: str, thumb: np.ndarray | None, alt: str) -> str:
     mark = {"query": "", "ok": "✓", "bad": "✗"}[kind]
     text = f'<span class="mark">{mark}</span> {esc(name)}<br>{esc(detail)}' if mark else f"{esc(name)}<br>{esc(detail)}"
     if thumb is not None:
@@ -49,8 +49,8 @@ def gallery_html(results: QueryResults, positions: Sequence[int], labels: np.nda
     for p in positions:
         q = int(results.queries[p])
         qname = str(class_names[labels[q]])
-        cells = [f'<div class="rowhead">AP@R {results.ap_at_r[p]:.2f}<br>R@1 '
-                 f'{"✓" if results.hits[p, 0] else "✗"}<br>#{q}</div>',
+        cells = [(f'<div class="rowhead">AP@R {results.ap_at_r[p]:.2f}<br>R@1 '
+                 f'{"✓" if results.hits[p, 0] else "✗"}<br>#{q}</div>'),
                  _cell("query", f"query {qname}", f"R={results.r[p]}", thumbnails.get(q), f"query #{q}, class {qname}")]
         for j in range(min(k, results.neighbours.shape[1])):
             n = int(results.neighbours[p, j])

@@ -8,7 +8,8 @@ from __future__ import annotations
 import base64
 import html
 import io
-from typing import Any, Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
@@ -19,7 +20,8 @@ h1{font-size:1.6em;border-bottom:2px solid #444;padding-bottom:.2em}h2{font-size
 border-bottom:1px solid #bbb}
 nav a{margin-right:1em}table{border-collapse:collapse;margin:.5em 0;font-size:.9em}
 th,td{border:1px solid #ccc;padding:.2em .5em;text-align:right}th{background:#f0f0f0}
-td:first-child,th:first-child{text-align:left}pre{background:#f6f6f6;padding:.6em;overflow:auto;font-size:.8em;
+td:first-child,th:first-child{text-align:left}table.kv td,table.kv th{text-align:left}
+pre{background:#f6f6f6;padding:.6em;overflow:auto;font-size:.8em;
 max-height:28em}
 .note{color:#555;font-size:.9em}.fig{max-width:100%;height:auto}
 .gallery{display:flex;flex-direction:column;gap:.4em}.grow{display:flex;align-items:flex-start;gap:.3em;flex-wrap:wrap}
@@ -41,7 +43,7 @@ def png_uri(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
-def img(data: bytes, alt: str, cls: str = "fig", title: Optional[str] = None) -> str:
+def img(data: bytes, alt: str, cls: str = "fig", title: str | None = None) -> str:
     t = f' title="{esc(title)}"' if title else ""
     return f'<img class="{cls}" src="{png_uri(data)}" alt="{esc(alt)}"{t}>'
 

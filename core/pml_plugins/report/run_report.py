@@ -5,7 +5,7 @@ import datetime as _dt
 import json
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -58,7 +58,7 @@ def _setting(run_dir: Path, config: dict) -> str:
     if resolved.get("command"):
         rows.append(("command", " ".join(map(str, resolved["command"]))))
     full = esc(json.dumps(config, indent=2, default=str))
-    return (table(["setting", "value"], rows) +
+    return (table(["setting", "value"], rows, cls="kv") +
             f"<details><summary>config.json</summary><pre>{full}</pre></details>")
 
 
@@ -134,8 +134,8 @@ def _embedding_sections(data: dict, *, seed: int, map_method: str) -> list[tuple
     title = (f"{method} of {len(rows)} test embeddings" + (f" (a class-stratified sample of {len(labels)})"
              if len(rows) < len(labels) else "") + f"; {len(np.unique(labels))} unseen classes")
     emb_map = img(figures.embedding_map(xy, labels[rows], names, title), f"{method} embedding map: {title}")
-    emb_map += (f'<p class="note">{esc(title)}. The test classes are unseen in training; each is named at its median point and '
-                f"drawn with its own colour and marker. At most {figures.MAX_MAP_POINTS} points are projected.</p>")
+    emb_map += (f'<p class="note">{esc(title)}. The test classes are unseen in training; each is named at its '
+                f"median point and drawn with its own colour and marker. At most {figures.MAX_MAP_POINTS} points are projected.</p>")
 
     classes = per_class(results, labels)
     body = []

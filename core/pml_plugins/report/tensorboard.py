@@ -4,8 +4,9 @@ class names and thumbnails for TensorBoard's projector. Open with
 ``tensorboard --logdir OUT/tensorboard``."""
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -48,8 +49,8 @@ class TensorBoardLogger:
             self._scalar(f"test/{key}", value, step)
         self.writer.flush()
 
-    def log_embeddings(self, embeddings: Any, labels: Sequence[int], class_names: Optional[Sequence[str]] = None,
-                       thumbnails: Optional[np.ndarray] = None, thumbnail_index: Optional[np.ndarray] = None,
+    def log_embeddings(self, embeddings: Any, labels: Sequence[int], class_names: Sequence[str] | None = None,
+                       thumbnails: np.ndarray | None = None, thumbnail_index: np.ndarray | None = None,
                        *, step: int = 0, seed: int = 0) -> None:
         """The test embeddings for the projector, labelled by class name, with thumbnails where
         the data has images (only the rows that have one are given, then)."""
@@ -82,7 +83,7 @@ class TensorBoardLogger:
         self.writer.close()
 
 
-def write_tensorboard(run_dir: Any, logdir: Optional[Any] = None) -> Path:
+def write_tensorboard(run_dir: Any, logdir: Any | None = None) -> Path:
     """TensorBoard events of a finished run folder, from its metrics.jsonl, metrics.json and
     test_embeddings.npz; written to ``logdir`` (default ``RUN_DIR/tensorboard``)."""
     import json
