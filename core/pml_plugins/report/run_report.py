@@ -135,7 +135,8 @@ def _embedding_sections(data: dict, *, seed: int, map_method: str) -> list[tuple
              if len(rows) < len(labels) else "") + f"; {len(np.unique(labels))} unseen classes")
     emb_map = img(figures.embedding_map(xy, labels[rows], names, title), f"{method} embedding map: {title}")
     emb_map += (f'<p class="note">{esc(title)}. The test classes are unseen in training; each is named at its '
-                f"median point and drawn with its own colour and marker. At most {figures.MAX_MAP_POINTS} points are projected.</p>")
+                f"median point and drawn with its own colour and marker. At most {figures.MAX_MAP_POINTS} points "
+                f"are projected.</p>")
 
     classes = per_class(results, labels)
     body = []
