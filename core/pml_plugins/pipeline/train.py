@@ -148,7 +148,7 @@ def _run(cfg: TrainConfig, name: str, *, progress: bool, log: Optional[Callable[
     train = cfg.loss is not None and cfg.epochs > 0
     retrieval = cfg.retrieval_distance or "cosine"
     trainer, mem = None, PeakMemory(run.device)
-    tb = _open_tensorboard(run)
+    tb = _start_logs(run)
     try:
         if train:
             trainer, setup, retrieval = _build_trainer(run, epoch_log=_epoch_log(run, tb))
@@ -174,7 +174,7 @@ def _run(cfg: TrainConfig, name: str, *, progress: bool, log: Optional[Callable[
     return result
 
 
-def _open_tensorboard(run: _Run) -> Optional[Any]:
+def _start_logs(run: _Run) -> Optional[Any]:
     """The run's TensorBoard writer (``--tensorboard``, rank 0, with an output folder), else None;
     also starts a fresh ``metrics.jsonl`` (a rerun into the same folder does not append to the old)."""
     cfg = run.cfg
