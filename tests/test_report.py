@@ -203,3 +203,32 @@ def test_tensorboard_events_read_back(report_run, tmp_path):
     sprite = logdir / re.search(r'image_path: "([^"]+)"', config).group(1)
     with Image.open(sprite) as im:
         assert im.width >= 12 * 29  # ceil(sqrt(896)) thumbnails of 12 px a side
+
+
+def test_image_file_thumbnails_and_rgb_projector(tmp_path):
+    from pml_plugins.pipeline.data import RelabeledImages
+    from pml_plugins.report import make_thumbnails
+
+    colours = [(255, 0, 0), (0, 0, 255), (0, 255, 0)]
+    paths = []
+    for i, (colour, size) in enumerate(zip(colours, [(64, 40), (20, 30), (100, 100)])):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", size, colour).save(paths[-1])
+    thumbs = make_thumbnails(RelabeledImages([str(p) for p in paths], np.array([0, 1, 1])), [2, 0, 1])
+    assert thumbs.shape == (3, 32, 32, 3) and thumbs.dtype == np.uint8
+    assert [tuple(t[16, 16]) for t in thumbs] == [colours[2], colours[0], colours[1]]
+    assert tuple(thumbs[1, 0, 16]) == (255, 255, 255)  # 64x40 -> 32x20, centred on a white square
+    assert make_thumbnails(torch.utils.data.TensorDataset(torch.zeros(3, 4)), [0]) is None
+
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install tensorboard)")
+    run = tmp_path / "run"
+    save_test_artifacts(run, np.eye(3, dtype=np.float32), [0, 1, 1], thumbs, thumbnail_index=[2, 0, 1],
+                        class_names=["red", "blue"])
+    logdir = write_tensorboard(run)
+    config = (logdir / "projector_config.pbtxt").read_text()
+    sprite = logdir / re.search(r'image_path: "([^"]+)"', config).group(1)
+    meta = (logdir / re.search(r'metadata_path: "([^"]+)"', config).group(1)).read_text().split()
+    assert meta == ["blue", "red", "blue"]  # rows 2, 0, 1: the rows that have a thumbnail, in their order
+    with Image.open(sprite) as im:
+        assert im.mode == "RGB" and im.size == (64, 64)
+        assert im.getpixel((16, 16)) == colours[2] and im.getpixel((48, 16)) == colours[0]
