@@ -232,3 +232,24 @@ def test_image_file_thumbnails_and_rgb_projector(tmp_path):
     with Image.open(sprite) as im:
         assert im.mode == "RGB" and im.size == (64, 64)
         assert im.getpixel((16, 16)) == colours[2] and im.getpixel((48, 16)) == colours[0]
+
+
+def test_search_bounds_queries_and_depth(monkeypatch):
+    from pml_plugins.report import retrieval
+
+    rng = np.random.default_rng(3)
+    labels = np.repeat([0, 1], [40, 10])
+    emb = rng.normal(size=(50, 4))
+    res = search(emb, labels, distance="cosine", k=3, max_queries=20, seed=5)
+    assert len(res.queries) == 20 and np.all(np.diff(res.queries) > 0)
+    assert res.queries.tolist() == search(emb, labels, k=3, max_queries=20, seed=5).queries.tolist()  # seeded
+    monkeypatch.setattr(retrieval, "MAX_DEPTH", 6)  # class 0 has R = 39 > 6 neighbours kept
+    res = search(emb, labels, distance="cosine", k=3)
+    assert res.neighbours.shape == (50, 6)
+    x = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    sim = x @ x.T
+    np.fill_diagonal(sim, -np.inf)
+    for q in (0, 45):
+        hits = labels[np.argsort(-sim[q], kind="stable")[:6]] == labels[q]
+        expected = sum(hits[:j + 1].sum() / (j + 1) for j in range(6) if hits[j]) / (np.sum(labels == labels[q]) - 1)
+        assert res.ap_at_r[q] == pytest.approx(expected)

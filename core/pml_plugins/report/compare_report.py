@@ -74,8 +74,12 @@ def build_compare_report(compare_dir: Path, link_base: Path | None = None) -> st
         by_name.setdefault(_run_name(d), []).append(d)
 
     def link(d: Path) -> Raw:
-        rel = Path(os.path.relpath((d / "report.html").resolve(), link_base.resolve()))
-        return Raw(f'<a href="{esc(rel.as_posix())}">{esc(d.relative_to(compare_dir).as_posix())}</a>')
+        # a run that failed before writing anything has only its traceback
+        has_report = (d / "config.json").is_file() or (d / "metrics.json").is_file()
+        target = d / ("report.html" if has_report else "error.txt")
+        rel = Path(os.path.relpath(target.resolve(), link_base.resolve()))
+        return Raw(f'<a href="{esc(rel.as_posix())}">{esc(d.relative_to(compare_dir).as_posix())}'
+                   f'{"" if has_report else " (error.txt)"}</a>')
 
     header = ["loss", "status", *[m for m in metrics], *(["seeds"] if seeds else []),
               *(["tied with best"] if "tied_with_best" in columns else []), "s/epoch", "report"]

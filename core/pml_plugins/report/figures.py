@@ -100,8 +100,11 @@ def map_sample(labels: np.ndarray, limit: int = MAX_MAP_POINTS, seed: int = 0) -
     if n <= limit:
         return np.arange(n)
     rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    if len(classes) * 2 > limit:  # many small classes: a plain seeded sample
+        return np.sort(rng.choice(n, size=limit, replace=False))
     keep = []
-    for c in np.unique(labels):
+    for c in classes:
         rows = np.flatnonzero(labels == c)
         take = max(1, round(limit * len(rows) / n))
         keep.append(rng.choice(rows, size=min(take, len(rows)), replace=False))
@@ -144,12 +147,17 @@ def embedding_map(xy: np.ndarray, labels: np.ndarray, class_names: Sequence[str]
     classes = np.unique(labels)
     cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
     many = len(classes) > 20
+    if many:  # one colour per class from a cycle, one scatter call (thousands of classes stay fast)
+        index = np.searchsorted(classes, labels)
+        ax.scatter(xy[:, 0], xy[:, 1], s=9, c=[cmap(i % cmap.N) for i in index], marker="o", alpha=0.75,
+                   linewidths=0)
     for j, c in enumerate(classes):
         pts = xy[labels == c]
         color = cmap(j % cmap.N)
-        ax.scatter(pts[:, 0], pts[:, 1], s=9 if many else 14, color=color, marker=_MARKERS[j % len(_MARKERS)],
-                   alpha=0.75, linewidths=0, label=None if many else str(class_names[c]))
-        if len(classes) <= 60:
+        if not many:
+            ax.scatter(pts[:, 0], pts[:, 1], s=14, color=color, marker=_MARKERS[j % len(_MARKERS)], alpha=0.75,
+                       linewidths=0, label=str(class_names[c]))
+        if len(classes) <= 60:  # names beyond that would cover the map
             mx, my = np.median(pts, axis=0)
             ax.annotate(str(class_names[c]), (mx, my), fontsize=9, weight="bold", ha="center", va="center",
                         bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": color, "alpha": 0.85})

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 #: most queries the report searches (a seeded sample beyond that)
-MAX_QUERIES = 10_000
+MAX_QUERIES = 5_000
 #: most neighbours kept per query
-MAX_DEPTH = 1_000
+MAX_DEPTH = 256
 
 
 @dataclass
@@ -60,12 +60,11 @@ def search(embeddings: np.ndarray, labels: np.ndarray, *, distance: str = "cosin
         scores.append(torch.sqrt(-s) if distance == "euclidean" else s)
     neighbours = torch.cat(nbrs).numpy()
     hits = labels[neighbours] == labels[queries][:, None]
-    ap = np.full(len(queries), np.nan)
-    for j, rj in enumerate(r):  # AP@R: the precision at each hit among the first R neighbours, over R
-        if rj == 0:
-            continue
-        h = hits[j, :min(int(rj), depth)]
-        ap[j] = float((np.cumsum(h) / np.arange(1, len(h) + 1))[h].sum() / rj)
+    # AP@R: the precision at each hit among the first R neighbours, summed, over R
+    within = np.arange(depth)[None, :] < np.minimum(r, depth)[:, None]
+    precision = np.cumsum(hits, axis=1) / np.arange(1, depth + 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ap = np.where(r > 0, (precision * (hits & within)).sum(axis=1) / r, np.nan)
     return QueryResults(queries=queries, neighbours=neighbours, scores=torch.cat(scores).numpy(), hits=hits,
                         ap_at_r=ap, r=r)
 

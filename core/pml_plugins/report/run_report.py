@@ -18,6 +18,9 @@ from .retrieval import per_class, search
 #: section ids of a run report, in order
 RUN_SECTIONS = ("setting", "metrics", "curves", "metrics-vs-k", "gallery", "embedding-map", "per-class")
 
+#: most classes the per-class table lists (the worst)
+MAX_CLASS_ROWS = 100
+
 _SETTING_KEYS = ("loss", "loss_args", "miner", "miner_args", "dataset", "backbone", "embedding_size", "epochs",
                  "batch_size", "sampler", "optimizer", "lr", "loss_lr", "weight_decay", "seed", "retrieval_distance",
                  "ks")
@@ -140,7 +143,7 @@ def _embedding_sections(data: dict, *, seed: int, map_method: str) -> list[tuple
 
     classes = per_class(results, labels)
     body = []
-    for row in classes:
+    for row in classes[:MAX_CLASS_ROWS]:
         confused = ", ".join(f"{names[c]} ({100 * share:.0f}%)" for c, share in row["confused_with"]) or "-"
         body.append((names[row["label"]], row["queries"], f"{100 * row['recall_at_1']:.1f}",
                      f"{100 * row['map_at_r']:.1f}" if np.isfinite(row["map_at_r"]) else "-", Raw(esc(confused))))
@@ -148,7 +151,9 @@ def _embedding_sections(data: dict, *, seed: int, map_method: str) -> list[tuple
     per = (f'<p class="note">Worst MAP@R first; "most confused with": the classes of the wrong neighbours among '
            f"each class's first R neighbours, as shares of them. Over these queries R@1 "
            f"{100 * results.hits[:, 0].mean():.1f}, MAP@R {100 * mean_ap:.1f} "
-           f"({time.perf_counter() - t0:.1f} s for search, gallery and map).</p>"
+           f"({time.perf_counter() - t0:.1f} s for search, gallery and map)."
+           + (f" The {MAX_CLASS_ROWS} worst of {len(classes)} classes are shown." if len(classes) > MAX_CLASS_ROWS
+              else "") + "</p>"
            + table(["class", "queries", "R@1 %", "MAP@R %", "most confused with"], body, cls="perclass"))
     return [("gallery", "Retrieval gallery", gallery), ("embedding-map", "Embedding map", emb_map),
             ("per-class", "Per-class results", per)]
