@@ -155,6 +155,9 @@ def test_compare_report_links_intervals_and_run_reports(tmp_path, report_run_bui
         w.writerow(["loss", "status", *keys, *[f"{k}_ci95" for k in keys], "seeds", "seconds_per_epoch", "error"])
         for i in info.values():
             w.writerow([i["name"], "ok", *[i["metrics"][k] for k in keys], 0.012, 0.034, 3, 0.1, ""])
+        w.writerow(["broken", "error", "", "", "", "", "", "", "ValueError: no"])
+    (cmp / "runs" / "broken").mkdir()
+    (cmp / "runs" / "broken" / "error.txt").write_text("Traceback ...\nValueError: no\n")
     (cmp / "results.json").write_text(json.dumps({"setting": {"dataset": "digits", "epochs": 3}}))
     code = main(["report", str(cmp), "--out", str(tmp_path / "elsewhere" / "c.html")])
     assert code == 0
@@ -163,8 +166,9 @@ def test_compare_report_links_intervals_and_run_reports(tmp_path, report_run_bui
     assert [a.get("id") for t, a in tags if t == "section"] == list(COMPARE_SECTIONS)
     assert f"{100 * info[16]['metrics']['recall_at_1']:.1f} ± 1.2" in text
     links = {a["href"] for t, a in tags if t == "a" and not a["href"].startswith("#")}
-    assert links == {"../cmp/runs/pca4/report.html", "../cmp/runs/pca16/report.html"}
-    for link in links:
+    assert links == {"../cmp/runs/pca4/report.html", "../cmp/runs/pca16/report.html", "../cmp/runs/broken/error.txt"}
+    assert not (cmp / "runs" / "broken" / "report.html").exists()
+    for link in links - {"../cmp/runs/broken/error.txt"}:
         run_text = (tmp_path / "elsewhere" / link).read_text()
         check_self_contained(run_text)
 
