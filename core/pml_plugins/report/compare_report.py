@@ -16,6 +16,21 @@ COMPARE_SECTIONS = ("setting", "comparison", "plots", "runs")
 _METRIC = re.compile(r"^(bits_)?(recall_at_\d+|map_at_r|ndcg_at_\d+|precision_at_1)$")
 
 
+_MAIN_SETTING = ("losses", "dataset", "backbone", "embedding_size", "epochs", "batch_size", "iterations_per_epoch",
+                 "optimizer", "lr", "seed", "seeds", "device", "ks")
+
+
+def _label(metric: str) -> str:
+    """``recall_at_4`` -> ``R@4``, ``map_at_r`` -> ``MAP@R``, ``bits_ndcg_at_2`` -> ``bits nDCG@2``."""
+    m = _METRIC.match(metric)
+    if not m:
+        return metric
+    base = m.group(2)
+    short = ("MAP@R" if base == "map_at_r" else "P@1" if base == "precision_at_1" else
+             base.replace("recall_at_", "R@").replace("ndcg_at_", "nDCG@"))
+    return ("bits " if m.group(1) else "") + short
+
+
 def is_compare_dir(path: Path) -> bool:
     return (Path(path) / "results.csv").is_file()
 
@@ -81,7 +96,7 @@ def build_compare_report(compare_dir: Path, link_base: Path | None = None) -> st
         return Raw(f'<a href="{esc(rel.as_posix())}">{esc(d.relative_to(compare_dir).as_posix())}'
                    f'{"" if has_report else " (error.txt)"}</a>')
 
-    header = ["loss", "status", *[m for m in metrics], *(["seeds"] if seeds else []),
+    header = ["loss", "status", *[_label(m) for m in metrics], *(["seeds"] if seeds else []),
               *(["tied with best"] if "tied_with_best" in columns else []), "s/epoch", "report"]
     body = []
     for r in rows:
@@ -101,13 +116,14 @@ def build_compare_report(compare_dir: Path, link_base: Path | None = None) -> st
     note = ("Metrics in % on the test split (unseen classes); "
             + ("± is the 95% confidence interval over the seeds." if has_ci else
                "one run per loss (no seeds), so no intervals."))
-    comparison = f'<p class="note">{note}</p>' + table(header, body)
+    comparison = f'<p class="note">{note}</p><div class="wide">' + table(header, body) + "</div>"
 
     ok = [r for r in rows if r.get("status") in ("ok", "floor")]
-    plot_metrics = [m for m in metrics if not m.startswith("bits_") and (m in ("map_at_r", "recall_at_1")
-                                                                        or m.startswith("recall_at_"))][:4]
-    png = figures.compare_plots([r["loss"] for r in ok], {m: [_float(r.get(m)) for r in ok] for m in plot_metrics},
-                                {m: [_float(r.get(f"{m}_ci95")) for r in ok] for m in plot_metrics})
+    recalls = [m for m in metrics if m.startswith("recall_at_")]
+    plot_metrics = [m for m in dict.fromkeys(["recall_at_1", *recalls[-1:], "map_at_r"]) if m in metrics]
+    png = figures.compare_plots([r["loss"] for r in ok],
+                                {_label(m): [_float(r.get(m)) for r in ok] for m in plot_metrics},
+                                {_label(m): [_float(r.get(f"{m}_ci95")) for r in ok] for m in plot_metrics})
     plots = img(png, "per-loss metrics with 95% intervals") if png else '<p class="note">No finished run.</p>'
 
     listing = table(["run", "report", "status"], [
@@ -115,9 +131,13 @@ def build_compare_report(compare_dir: Path, link_base: Path | None = None) -> st
     setting = ""
     try:
         results = json.loads((compare_dir / "results.json").read_text())
-        items = [(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
-                 for k, v in (results.get("setting") or {}).items() if v not in (None, {}, [])]
-        setting = table(["setting", "value"], items, cls="kv")
+        values = {k: v for k, v in (results.get("setting") or {}).items()
+                  if v not in (None, {}, []) and k not in ("loss", "loss_args", "out")}  # per run, not shared
+        values = {"losses": ", ".join(r.get("loss", "") for r in rows), **values}
+        items = [(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v)) for k, v in values.items()]
+        main = [kv for kv in items if kv[0] in _MAIN_SETTING]
+        setting = (table(["setting", "value"], main, cls="kv") + "<details><summary>every option</summary>"
+                   + table(["setting", "value"], items, cls="kv") + "</details>")
     except (OSError, json.JSONDecodeError):
         setting = '<p class="note">No results.json.</p>'
     if (compare_dir / "runs.csv").is_file():

@@ -23,7 +23,7 @@ th,td{border:1px solid #ccc;padding:.2em .5em;text-align:right}th{background:#f0
 td:first-child,th:first-child{text-align:left}table.kv td,table.kv th{text-align:left}
 pre{background:#f6f6f6;padding:.6em;overflow:auto;font-size:.8em;
 max-height:28em}
-.note{color:#555;font-size:.9em}.fig{max-width:100%;height:auto}
+.wide{overflow-x:auto}.note{color:#555;font-size:.9em}.fig{max-width:100%;height:auto}
 .gallery{display:flex;flex-direction:column;gap:.4em}.grow{display:flex;align-items:flex-start;gap:.3em;flex-wrap:wrap}
 .cell{display:flex;flex-direction:column;align-items:center;font-size:.75em;width:62px;text-align:center}
 .cell img{width:48px;height:48px;image-rendering:pixelated;background:#fff}
