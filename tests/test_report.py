@@ -257,3 +257,14 @@ def test_search_bounds_queries_and_depth(monkeypatch):
         hits = labels[np.argsort(-sim[q], kind="stable")[:6]] == labels[q]
         expected = sum(hits[:j + 1].sum() / (j + 1) for j in range(6) if hits[j]) / (np.sum(labels == labels[q]) - 1)
         assert res.ap_at_r[q] == pytest.approx(expected)
+
+
+def test_tensorboard_flag_without_the_package_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    for command in (["train", "--loss", "contrastive"], ["compare", "--losses", "contrastive"]):
+        assert main([*command, "--tensorboard", "--out", str(tmp_path / command[0]), "--no-progress"]) == 2
+        assert "--tensorboard needs the tensorboard package" in capsys.readouterr().err
+        assert not (tmp_path / command[0]).exists()  # refused before any training

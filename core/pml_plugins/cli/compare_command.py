@@ -79,6 +79,10 @@ def run(args: argparse.Namespace) -> int:
         per_loss.setdefault(loss, {}).update(extra)
     flags["distributed"], flags["distributed_efficient"] = args.distributed, args.distributed_efficient
     base = build_config(fvals, {**flags, "loss": None})
+    if base.tensorboard:
+        from ..report.tensorboard import require_tensorboard
+
+        require_tensorboard()
     if base.distributed:  # one process group for all the runs (re-initialising one per run can hang)
         from ..distributed import env_from_torchrun
         from ..pipeline.distributed import local_device, process_group

@@ -141,6 +141,10 @@ def run(args: argparse.Namespace) -> int:
     flags["loss"] = args.loss
     flags["distributed"], flags["distributed_efficient"] = args.distributed, args.distributed_efficient
     cfg = build_config(fvals, flags)
+    if cfg.tensorboard:
+        from ..report.tensorboard import require_tensorboard
+
+        require_tensorboard()
     if cfg.out is None:
         cfg.out = f"pml-plugins-runs/{(cfg.loss or 'untrained').replace(':', '_')}"
     progress = not args.no_progress and sys.stderr.isatty() or (not args.no_progress and _force_progress())

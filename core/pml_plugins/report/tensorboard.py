@@ -17,6 +17,15 @@ TENSORBOARD_DIR = "tensorboard"
 MAX_PROJECTOR_POINTS = 5_000
 
 
+def require_tensorboard() -> None:
+    """A clear ``ValueError`` for ``--tensorboard`` without the tensorboard package (checked before training)."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard "
+                         "(or pip install 'pml-plugins[train]')")
+
+
 class TensorBoardLogger:
     """Writes one run's events under ``logdir``; call :meth:`log_epoch` per epoch, then
     :meth:`log_metrics` and :meth:`log_embeddings` after evaluation, then :meth:`close`."""
