@@ -60,7 +60,9 @@ def _run_cli(*args: str, pythonpath: Path | None = None, env: dict | None = None
     environment = dict(os.environ, **(env or {}))
     if pythonpath is not None:
         environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pythonpath), environment.get("PYTHONPATH", "")]))
-    return subprocess.run([sys.executable, "-m", "pml_plugins", *args], capture_output=True, text=True, env=environment, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "pml_plugins", *args], capture_output=True, text=True, env=environment, timeout=300
+    )
 
 
 def build_report_run(out: Path, dims: int = 16, distance: str = "cosine") -> dict:
@@ -80,17 +82,19 @@ def build_report_run(out: Path, dims: int = 16, distance: str = "cosine") -> dic
     torch.set_num_threads(1)
     out.mkdir(parents=True, exist_ok=True)
     splits = load_data("digits")
-    flat = lambda ds: ds.x.reshape(len(ds), -1).numpy()  # noqa: E731
+    flat = lambda ds: ds.x.reshape(len(ds), -1).numpy()
     emb = PCA(dims, random_state=0).fit(flat(splits.train)).transform(flat(splits.test)).astype(np.float32)
     queries = torch.as_tensor(emb)
     if distance == "cosine":
         queries = torch.nn.functional.normalize(queries, dim=1)
-    accuracies = make_accuracy_calculator((1, 2, 4, 8), distance).get_accuracy(queries, torch.as_tensor(splits.test_labels))
+    calculator = make_accuracy_calculator((1, 2, 4, 8), distance)
+    accuracies = calculator.get_accuracy(queries, torch.as_tensor(splits.test_labels))
     metrics = {standard_metric_name(k): float(v) for k, v in accuracies.items()}
     name = f"pca{dims}"
     (out / "metrics.json").write_text(json.dumps({"name": name, "metrics": metrics, "seconds_per_epoch": 0.1}))
-    (out / "config.json").write_text(json.dumps({"loss": name, "dataset": "digits", "epochs": 3, "seed": 0, "resolved": {
-        "name": name, "retrieval_distance": distance, "versions": {"torch": torch.__version__}}}))
+    resolved = {"name": name, "retrieval_distance": distance, "versions": {"torch": torch.__version__}}
+    config = {"loss": name, "dataset": "digits", "epochs": 3, "seed": 0, "resolved": resolved}
+    (out / "config.json").write_text(json.dumps(config))
     for epoch in range(1, 4):
         append_metrics_line(out, {"epoch": epoch, "loss": 1.0 / epoch, "lr": {"trunk": 1e-3 / epoch}, "seconds": 0.1})
     rows = thumbnail_sample(len(splits.test_labels))

@@ -1,5 +1,6 @@
 """The HTML report without a browser: sections, images, no network, numbers against PML;
 the run-folder writers; TensorBoard events read back; the ``report`` command."""
+
 from __future__ import annotations
 
 import csv
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
 from pml_plugins.cli import main
 from pml_plugins.pipeline.evaluate import make_accuracy_calculator, standard_metric_name
 from pml_plugins.report import (
@@ -47,7 +49,7 @@ def test_run_report_sections_images_offline(report_run, check_self_contained):
     assert text.count('<span class="mark">✓</span>') == ok and text.count('<span class="mark">✗</span>') == bad
     # the map names every (unseen) class; the per-class table lists them all, worst first
     assert "t-SNE of 896 test embeddings" in text or "UMAP of 896" in text
-    table = text[text.index('<table class="perclass">'):]
+    table = text[text.index('<table class="perclass">') :]
     rows = re.findall(r"<tr><td>(\d)</td><td>(\d+)</td><td>([\d.]+)</td><td>([\d.]+)</td>", table)
     assert sorted(r[0] for r in rows) == info["class_names"]
     maps = [float(r[3]) for r in rows]
@@ -67,8 +69,10 @@ def test_search_matches_pml_metrics(distance):
     q = torch.as_tensor(emb)
     if distance == "cosine":
         q = torch.nn.functional.normalize(q, dim=1)
-    pml = {standard_metric_name(k): v for k, v in
-           make_accuracy_calculator((1,), distance).get_accuracy(q, torch.as_tensor(labels)).items()}
+    pml = {
+        standard_metric_name(k): v
+        for k, v in make_accuracy_calculator((1,), distance).get_accuracy(q, torch.as_tensor(labels)).items()
+    }
     assert res.hits[:, 0].mean() == pytest.approx(pml["recall_at_1"], abs=1e-9)
     assert np.nanmean(res.ap_at_r) == pytest.approx(pml["map_at_r"], abs=1e-6)
 
@@ -90,7 +94,7 @@ def test_per_class_against_brute_force():
             R = len(members) - 1
             near = labels[order[i, :R]]
             hits = near == c
-            aps.append(sum(hits[:j + 1].sum() / (j + 1) for j in range(R) if hits[j]) / R)
+            aps.append(sum(hits[: j + 1].sum() / (j + 1) for j in range(R) if hits[j]) / R)
             wrong += near[~hits].tolist()
         assert rows[c]["recall_at_1"] == pytest.approx(r1)
         assert rows[c]["map_at_r"] == pytest.approx(np.mean(aps))
@@ -115,8 +119,15 @@ def test_metrics_jsonl_append_and_read(tmp_path):
 def test_save_test_artifacts_round_trip_and_errors(tmp_path):
     emb = np.arange(12, dtype=np.float32).reshape(4, 3)
     thumbs = np.zeros((2, 8, 8), np.uint8)
-    save_test_artifacts(tmp_path, torch.as_tensor(emb), np.array([[0], [1], [1], [0]]), thumbs, thumbnail_index=[3, 1],
-                        class_names=["a", "b"], retrieval_distance="euclidean")
+    save_test_artifacts(
+        tmp_path,
+        torch.as_tensor(emb),
+        np.array([[0], [1], [1], [0]]),
+        thumbs,
+        thumbnail_index=[3, 1],
+        class_names=["a", "b"],
+        retrieval_distance="euclidean",
+    )
     data = load_test_artifacts(tmp_path)
     assert np.array_equal(data["embeddings"], emb) and data["labels"].tolist() == [0, 1, 1, 0]
     assert data["thumbnail_index"].tolist() == [3, 1] and data["class_names"].tolist() == ["a", "b"]
@@ -136,8 +147,9 @@ def test_save_test_artifacts_round_trip_and_errors(tmp_path):
 def test_feature_data_gallery_shows_labels_and_scores(tmp_path, check_self_contained):
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(5), 20)
-    save_test_artifacts(tmp_path, rng.normal(size=(100, 6)) + labels[:, None], labels,
-                        class_names=[f"class{c}" for c in range(5)])
+    save_test_artifacts(
+        tmp_path, rng.normal(size=(100, 6)) + labels[:, None], labels, class_names=[f"class{c}" for c in range(5)]
+    )
     (tmp_path / "metrics.json").write_text(json.dumps({"name": "features", "metrics": {"recall_at_1": 0.5}}))
     text = write_report(tmp_path).read_text()
     check_self_contained(text)
@@ -226,8 +238,9 @@ def test_image_file_thumbnails_and_rgb_projector(tmp_path):
 
     pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install tensorboard)")
     run = tmp_path / "run"
-    save_test_artifacts(run, np.eye(3, dtype=np.float32), [0, 1, 1], thumbs, thumbnail_index=[2, 0, 1],
-                        class_names=["red", "blue"])
+    save_test_artifacts(
+        run, np.eye(3, dtype=np.float32), [0, 1, 1], thumbs, thumbnail_index=[2, 0, 1], class_names=["red", "blue"]
+    )
     logdir = write_tensorboard(run)
     config = (logdir / "projector_config.pbtxt").read_text()
     sprite = logdir / re.search(r'image_path: "([^"]+)"', config).group(1)
@@ -255,7 +268,7 @@ def test_search_bounds_queries_and_depth(monkeypatch):
     np.fill_diagonal(sim, -np.inf)
     for q in (0, 45):
         hits = labels[np.argsort(-sim[q], kind="stable")[:6]] == labels[q]
-        expected = sum(hits[:j + 1].sum() / (j + 1) for j in range(6) if hits[j]) / (np.sum(labels == labels[q]) - 1)
+        expected = sum(hits[: j + 1].sum() / (j + 1) for j in range(6) if hits[j]) / (np.sum(labels == labels[q]) - 1)
         assert res.ap_at_r[q] == pytest.approx(expected)
 
 

@@ -1,5 +1,6 @@
 """The report in a real browser: headless Chromium (Debian's ``chromium`` + ``chromium-driver``)
 driven by selenium. Every image decodes, no request leaves the page, and a screenshot is saved."""
+
 from __future__ import annotations
 
 import os
@@ -8,8 +9,15 @@ from pathlib import Path
 
 import pytest
 
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync")
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
 
 
 def _find(*names: str) -> str | None:
@@ -24,8 +32,10 @@ def chromium_driver(tmp_path: Path, width: int = 1280, height: int = 1600):
     browser = _find("chromium", "chromium-browser", "google-chrome")
     driver = _find("chromedriver", "chromium-driver")
     if browser is None or driver is None:
-        pytest.skip("no headless browser: the test needs Chromium and its driver (Debian: apt-get install chromium "
-                    f"chromium-driver); found browser={browser}, driver={driver}")
+        pytest.skip(
+            "no headless browser: the test needs Chromium and its driver (Debian: apt-get install chromium "
+            f"chromium-driver); found browser={browser}, driver={driver}"
+        )
     options = webdriver.ChromeOptions()
     options.binary_location = browser
     for flag in CHROMIUM_FLAGS:
@@ -53,8 +63,7 @@ def test_report_in_headless_chromium(report_run, tmp_path):
                     resources: performance.getEntriesByType('resource').map(e => e.name),
                     title: document.title};""")
         shot = tmp_path / "report.png"
-        browser.set_window_size(1280, max(1600, min(browser.execute_script("return document.body.scrollHeight"),
-                                                    8000)))
+        browser.set_window_size(1280, max(1600, min(browser.execute_script("return document.body.scrollHeight"), 8000)))
         assert browser.save_screenshot(str(shot))
         requests = []
         for entry in browser.get_log("performance"):

@@ -1,5 +1,6 @@
 """End to end: ``pml-plugins train`` / ``compare`` on digits with a tiny budget leave
 metrics.jsonl, test_embeddings.npz, TensorBoard events and report.html that agree with metrics.json."""
+
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from pml_plugins.cli import main
 from pml_plugins.report import load_test_artifacts, read_metrics_jsonl
 from pml_plugins.report.compare_report import COMPARE_SECTIONS
@@ -19,8 +21,24 @@ TINY = ["--epochs", "2", "--iterations-per-epoch", "3", "--batch-size", "32", "-
 
 def test_train_writes_epoch_log_embeddings_tensorboard_and_report(tmp_path, report_html_checker, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--loss", "proxy_anchor", "--lr-step", "1", "--lr-gamma", "0.5", "--tensorboard",
-                 "--out", str(out), *TINY]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--loss",
+                "proxy_anchor",
+                "--lr-step",
+                "1",
+                "--lr-gamma",
+                "0.5",
+                "--tensorboard",
+                "--out",
+                str(out),
+                *TINY,
+            ]
+        )
+        == 0
+    )
     assert "report: " in capsys.readouterr().out
     record = json.loads((out / "metrics.json").read_text())
     lines = read_metrics_jsonl(out)
@@ -57,8 +75,10 @@ def test_no_report_and_compare_report(tmp_path, report_html_checker):
     assert (tmp_path / "r" / "metrics.jsonl").is_file() and not (tmp_path / "r" / "report.html").exists()
 
     out = tmp_path / "cmp"
-    assert main(["compare", "--losses", "proxy_anchor,contrastive", "--out", str(out), "--embedding-size", "16",
-                 *TINY]) == 0
+    assert (
+        main(["compare", "--losses", "proxy_anchor,contrastive", "--out", str(out), "--embedding-size", "16", *TINY])
+        == 0
+    )
     tags = report_html_checker((out / "report.html").read_text(encoding="utf-8"))
     assert [a.get("id") for t, a in tags if t == "section"] == list(COMPARE_SECTIONS)
     links = sorted({a["href"] for t, a in tags if t == "a" and not a["href"].startswith("#")})

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from typing import Any
+
+from ..progress import show_progress
 
 _EPILOG = """examples:
   pml-plugins train --loss proxy_anchor                       # the digits default, a few seconds
@@ -53,7 +53,9 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backbone", help="auto (default) | cnn | mlp | identity | timm:NAME")
     g.add_argument("--embedding-size", type=int, help="embedding dimension (default 64)")
     g.add_argument("--pooling", choices=["avg", "gem"], help="feature-map pooling in the head (default avg)")
-    g.add_argument("--head-norm", choices=["none", "l2", "layernorm", "layernorm+l2"], help="after the head's linear layer")
+    g.add_argument(
+        "--head-norm", choices=["none", "l2", "layernorm", "layernorm+l2"], help="after the head's linear layer"
+    )
     g.add_argument("--pretrained", nargs="?", const="cache", metavar="PATH",
                    help="timm: local weights file, or no value for already-cached weights (never downloads)")
     g.add_argument("--image-size", type=int, help="input size for image datasets (default: the backbone's)")
@@ -147,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
         require_tensorboard()
     if cfg.out is None:
         cfg.out = f"pml-plugins-runs/{(cfg.loss or 'untrained').replace(':', '_')}"
-    progress = not args.no_progress and sys.stderr.isatty() or (not args.no_progress and _force_progress())
+    progress = show_progress(args.no_progress)
     result = run_training(cfg, progress=progress, log=lambda msg: print(msg, flush=True))
     if result.config.get("resolved", {}).get("distributed", {}).get("rank", 0) != 0:
         return 0  # only rank 0 evaluates and writes
@@ -164,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
 
 def write_report_safely(directory: str) -> None:
     """The report at the end of train / compare; a failure is reported but leaves the run's files be."""
+    import sys
     import time
 
     from ..report import write_report
@@ -171,14 +174,8 @@ def write_report_safely(directory: str) -> None:
     start = time.perf_counter()
     try:
         path = write_report(directory)
-    except Exception as exc:  # noqa: BLE001 - the run itself succeeded and is on disk
+    except Exception as exc:  # the run itself succeeded and is on disk
         print(f"warning: could not write the HTML report ({type(exc).__name__}: {exc}); "
               f"try: pml-plugins report {directory}", file=sys.stderr)
         return
     print(f"report: {path} ({time.perf_counter() - start:.1f} s; opens offline in any browser)")
-
-
-def _force_progress() -> bool:
-    import os
-
-    return os.environ.get("PML_PLUGINS_PROGRESS", "") not in ("", "0")

@@ -6,6 +6,7 @@ network. It reads only what the folder holds; the run-folder contract (``metrics
 ``test_embeddings.npz``) is in :mod:`pml_plugins.report.artifacts`, whose writers the
 training loop calls.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -49,8 +50,9 @@ def _threads(n: int):
         torch.set_num_threads(previous)
 
 
-def write_report(directory: Any, out: Any | None = None, *, seed: int = 0, run_reports: bool = True,
-                 threads: int = 1) -> Path:
+def write_report(
+    directory: Any, out: Any | None = None, *, seed: int = 0, run_reports: bool = True, threads: int = 1
+) -> Path:
     """Write the report of a run folder or a comparison folder; returns the file written.
 
     ``out`` defaults to ``DIRECTORY/report.html``. For a comparison (a folder with

@@ -16,6 +16,7 @@ A run folder ``OUT/`` holds, besides ``config.json``, ``metrics.json`` and ``che
     the test split is larger) of at most :data:`THUMBNAIL_SIZE` pixels a side, compressed, so the
     file stays a few MB; embeddings are kept whole (N x D x 4 bytes).
 """
+
 from __future__ import annotations
 
 import json
@@ -90,9 +91,16 @@ def _clean(value: Any) -> Any:
 
 
 # -- test embeddings ---------------------------------------------------------------------------
-def save_test_artifacts(out: PathLike, embeddings: Any, labels: Any, thumbnails: Any | None = None, *,
-                        thumbnail_index: Sequence[int] | None = None, class_names: Sequence | None = None,
-                        retrieval_distance: str = "cosine") -> Path:
+def save_test_artifacts(
+    out: PathLike,
+    embeddings: Any,
+    labels: Any,
+    thumbnails: Any | None = None,
+    *,
+    thumbnail_index: Sequence[int] | None = None,
+    class_names: Sequence | None = None,
+    retrieval_distance: str = "cosine",
+) -> Path:
     """Write ``OUT/test_embeddings.npz`` (see the module docstring); returns its path.
 
     ``embeddings`` (N, D) and ``labels`` (N,) are arrays or tensors. ``thumbnails`` are uint8
@@ -108,8 +116,11 @@ def save_test_artifacts(out: PathLike, embeddings: Any, labels: Any, thumbnails:
         raise ValueError("embeddings contain NaN or inf")
     if retrieval_distance not in ("cosine", "euclidean"):
         raise ValueError(f"retrieval_distance must be 'cosine' or 'euclidean', got {retrieval_distance!r}")
-    arrays: dict[str, np.ndarray] = {"embeddings": emb, "labels": lab.astype(np.int64),
-                                     "retrieval_distance": np.array(retrieval_distance)}
+    arrays: dict[str, np.ndarray] = {
+        "embeddings": emb,
+        "labels": lab.astype(np.int64),
+        "retrieval_distance": np.array(retrieval_distance),
+    }
     if class_names is not None:
         names = np.array([str(c) for c in class_names])
         if lab.size and (lab.min() < 0 or lab.max() >= len(names)):
@@ -123,8 +134,10 @@ def save_test_artifacts(out: PathLike, embeddings: Any, labels: Any, thumbnails:
         if index.shape != (len(thumbs),) or (index.size and (index.min() < 0 or index.max() >= len(emb))):
             raise ValueError(f"thumbnail_index must hold {len(thumbs)} row numbers in 0..{len(emb) - 1}")
         if len(thumbs) > MAX_THUMBNAILS or max(thumbs.shape[1:3]) > THUMBNAIL_SIZE:
-            raise ValueError(f"thumbnails are bounded to {MAX_THUMBNAILS} images of at most {THUMBNAIL_SIZE} px a "
-                             f"side, got {thumbs.shape}; make them with make_thumbnails()")
+            raise ValueError(
+                f"thumbnails are bounded to {MAX_THUMBNAILS} images of at most {THUMBNAIL_SIZE} px a "
+                f"side, got {thumbs.shape}; make them with make_thumbnails()"
+            )
         arrays["thumbnails"], arrays["thumbnail_index"] = thumbs, index
     path = Path(out) / TEST_ARTIFACTS
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 """The report of a comparison folder: the table (with 95% intervals when the comparison ran
 several seeds), per-loss plots with error bars, and a link to every run's own report."""
+
 from __future__ import annotations
 
 import csv
@@ -16,8 +17,21 @@ COMPARE_SECTIONS = ("setting", "comparison", "plots", "runs")
 _METRIC = re.compile(r"^(bits_)?(recall_at_\d+|map_at_r|ndcg_at_\d+|precision_at_1)$")
 
 
-_MAIN_SETTING = ("losses", "dataset", "backbone", "embedding_size", "epochs", "batch_size", "iterations_per_epoch",
-                 "optimizer", "lr", "seed", "seeds", "device", "ks")
+_MAIN_SETTING = (
+    "losses",
+    "dataset",
+    "backbone",
+    "embedding_size",
+    "epochs",
+    "batch_size",
+    "iterations_per_epoch",
+    "optimizer",
+    "lr",
+    "seed",
+    "seeds",
+    "device",
+    "ks",
+)
 
 
 def _label(metric: str) -> str:
@@ -26,8 +40,13 @@ def _label(metric: str) -> str:
     if not m:
         return metric
     base = m.group(2)
-    short = ("MAP@R" if base == "map_at_r" else "P@1" if base == "precision_at_1" else
-             base.replace("recall_at_", "R@").replace("ndcg_at_", "nDCG@"))
+    short = (
+        "MAP@R"
+        if base == "map_at_r"
+        else "P@1"
+        if base == "precision_at_1"
+        else base.replace("recall_at_", "R@").replace("ndcg_at_", "nDCG@")
+    )
     return ("bits " if m.group(1) else "") + short
 
 
@@ -93,11 +112,20 @@ def build_compare_report(compare_dir: Path, link_base: Path | None = None) -> st
         has_report = (d / "config.json").is_file() or (d / "metrics.json").is_file()
         target = d / ("report.html" if has_report else "error.txt")
         rel = Path(os.path.relpath(target.resolve(), link_base.resolve()))
-        return Raw(f'<a href="{esc(rel.as_posix())}">{esc(d.relative_to(compare_dir).as_posix())}'
-                   f'{"" if has_report else " (error.txt)"}</a>')
+        return Raw(
+            f'<a href="{esc(rel.as_posix())}">{esc(d.relative_to(compare_dir).as_posix())}'
+            f"{'' if has_report else ' (error.txt)'}</a>"
+        )
 
-    header = ["loss", "status", *[_label(m) for m in metrics], *(["seeds"] if seeds else []),
-              *(["tied with best"] if "tied_with_best" in columns else []), "s/epoch", "report"]
+    header = [
+        "loss",
+        "status",
+        *[_label(m) for m in metrics],
+        *(["seeds"] if seeds else []),
+        *(["tied with best"] if "tied_with_best" in columns else []),
+        "s/epoch",
+        "report",
+    ]
     body = []
     for r in rows:
         cells = [r.get("loss", ""), r.get("status", "")]
@@ -113,36 +141,56 @@ def build_compare_report(compare_dir: Path, link_base: Path | None = None) -> st
         matches = by_name.get(r.get("loss", ""), [])
         cells.append(Raw(" ".join(link(d) for d in matches)) if matches else "-")
         body.append(cells)
-    note = ("Metrics in % on the test split (unseen classes); "
-            + ("± is the 95% confidence interval over the seeds." if has_ci else
-               "one run per loss (no seeds), so no intervals."))
+    note = "Metrics in % on the test split (unseen classes); " + (
+        "± is the 95% confidence interval over the seeds."
+        if has_ci
+        else "one run per loss (no seeds), so no intervals."
+    )
     comparison = f'<p class="note">{note}</p><div class="wide">' + table(header, body) + "</div>"
 
     ok = [r for r in rows if r.get("status") in ("ok", "floor")]
     recalls = [m for m in metrics if m.startswith("recall_at_")]
     plot_metrics = [m for m in dict.fromkeys(["recall_at_1", *recalls[-1:], "map_at_r"]) if m in metrics]
-    png = figures.compare_plots([r["loss"] for r in ok],
-                                {_label(m): [_float(r.get(m)) for r in ok] for m in plot_metrics},
-                                {_label(m): [_float(r.get(f"{m}_ci95")) for r in ok] for m in plot_metrics})
+    png = figures.compare_plots(
+        [r["loss"] for r in ok],
+        {_label(m): [_float(r.get(m)) for r in ok] for m in plot_metrics},
+        {_label(m): [_float(r.get(f"{m}_ci95")) for r in ok] for m in plot_metrics},
+    )
     plots = img(png, "per-loss metrics with 95% intervals") if png else '<p class="note">No finished run.</p>'
 
-    listing = table(["run", "report", "status"], [
-        (_run_name(d), link(d), "error (see error.txt)" if (d / "error.txt").is_file() else "ok") for d in dirs])
+    listing = table(
+        ["run", "report", "status"],
+        [(_run_name(d), link(d), "error (see error.txt)" if (d / "error.txt").is_file() else "ok") for d in dirs],
+    )
     setting = ""
     try:
         results = json.loads((compare_dir / "results.json").read_text())
-        values = {k: v for k, v in (results.get("setting") or {}).items()
-                  if v not in (None, {}, []) and k not in ("loss", "loss_args", "out")}  # per run, not shared
+        values = {
+            k: v
+            for k, v in (results.get("setting") or {}).items()
+            if v not in (None, {}, []) and k not in ("loss", "loss_args", "out")
+        }  # per run, not shared
         values = {"losses": ", ".join(r.get("loss", "") for r in rows), **values}
         items = [(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v)) for k, v in values.items()]
         main = [kv for kv in items if kv[0] in _MAIN_SETTING]
-        setting = (table(["setting", "value"], main, cls="kv") + "<details><summary>every option</summary>"
-                   + table(["setting", "value"], items, cls="kv") + "</details>")
+        setting = (
+            table(["setting", "value"], main, cls="kv")
+            + "<details><summary>every option</summary>"
+            + table(["setting", "value"], items, cls="kv")
+            + "</details>"
+        )
     except (OSError, json.JSONDecodeError):
         setting = '<p class="note">No results.json.</p>'
     if (compare_dir / "runs.csv").is_file():
         setting += '<p class="note">Every seed\'s metrics: <code>runs.csv</code> next to this report.</p>'
-    sections = [("setting", "Setting", setting), ("comparison", "Comparison", comparison),
-                ("plots", "Per-loss plots", plots), ("runs", "Runs", listing)]
-    return page(f"pml-plugins comparison: {compare_dir.resolve().name}", sections,
-                f'<p class="note">Comparison folder <code>{esc(compare_dir.resolve())}</code>.</p>')
+    sections = [
+        ("setting", "Setting", setting),
+        ("comparison", "Comparison", comparison),
+        ("plots", "Per-loss plots", plots),
+        ("runs", "Runs", listing),
+    ]
+    return page(
+        f"pml-plugins comparison: {compare_dir.resolve().name}",
+        sections,
+        f'<p class="note">Comparison folder <code>{esc(compare_dir.resolve())}</code>.</p>',
+    )

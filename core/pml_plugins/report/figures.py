@@ -1,5 +1,6 @@
 """The report's matplotlib figures, returned as PNG bytes: curves, metrics against k, the
 embedding map and the comparison's per-loss plots."""
+
 from __future__ import annotations
 
 import math
@@ -47,8 +48,15 @@ def training_curves(records: Sequence[Mapping[str, Any]]) -> bytes | None:
             v = _numeric(value)
             if v is None and value is not None:
                 continue
-            group = ("learning rate" if key.startswith("lr") else "seconds" if key.startswith("seconds")
-                     else "loss" if "loss" in key else "validation")
+            group = (
+                "learning rate"
+                if key.startswith("lr")
+                else "seconds"
+                if key.startswith("seconds")
+                else "loss"
+                if "loss" in key
+                else "validation"
+            )
             groups[group].setdefault(key, [None] * len(records))[i] = v
     groups = {g: s for g, s in groups.items() if any(v is not None for vs in s.values() for v in vs)}
     plt = _plt()
@@ -73,8 +81,11 @@ def metrics_vs_k(metrics: Mapping[str, Any]) -> bytes | None:
     fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=90)
     drawn = False
     for (prefix, label), marker in zip((("recall_at_", "Recall@k"), ("ndcg_at_", "nDCG@k")), "os"):
-        pts = sorted((int(k[len(prefix):]), 100 * v) for k, v in metrics.items()
-                     if k.startswith(prefix) and k[len(prefix):].isdigit() and _numeric(v) is not None)
+        pts = sorted(
+            (int(k[len(prefix) :]), 100 * v)
+            for k, v in metrics.items()
+            if k.startswith(prefix) and k[len(prefix) :].isdigit() and _numeric(v) is not None
+        )
         if pts:
             drawn = True
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=label)
@@ -108,11 +119,12 @@ def map_sample(labels: np.ndarray, limit: int = MAX_MAP_POINTS, seed: int = 0) -
         rows = np.flatnonzero(labels == c)
         take = max(1, round(limit * len(rows) / n))
         keep.append(rng.choice(rows, size=min(take, len(rows)), replace=False))
-    return np.sort(np.concatenate(keep))[:max(limit, 0)] if keep else np.arange(0)
+    return np.sort(np.concatenate(keep))[: max(limit, 0)] if keep else np.arange(0)
 
 
-def project_2d(embeddings: np.ndarray, *, distance: str = "cosine", seed: int = 0,
-               method: str = "auto") -> tuple[np.ndarray, str]:
+def project_2d(
+    embeddings: np.ndarray, *, distance: str = "cosine", seed: int = 0, method: str = "auto"
+) -> tuple[np.ndarray, str]:
     """2-D coordinates of ``embeddings``: UMAP when installed (``auto``), else scikit-learn's t-SNE."""
     x = np.asarray(embeddings, dtype=np.float32)
     if distance == "cosine":
@@ -135,8 +147,9 @@ def project_2d(embeddings: np.ndarray, *, distance: str = "cosine", seed: int = 
     if len(x) < 5:
         return np.pad(x[:, :2], ((0, 0), (0, max(0, 2 - x.shape[1])))), "raw"
     # 500 iterations (sklearn's default is 1000): the map settles well before, at half the time
-    tsne = TSNE(n_components=2, perplexity=float(min(30.0, (len(x) - 1) / 3)), init="pca", random_state=seed,
-                max_iter=500)
+    tsne = TSNE(
+        n_components=2, perplexity=float(min(30.0, (len(x) - 1) / 3)), init="pca", random_state=seed, max_iter=500
+    )
     return tsne.fit_transform(x), "t-SNE"
 
 
@@ -149,18 +162,32 @@ def embedding_map(xy: np.ndarray, labels: np.ndarray, class_names: Sequence[str]
     many = len(classes) > 20
     if many:  # one colour per class from a cycle, one scatter call (thousands of classes stay fast)
         index = np.searchsorted(classes, labels)
-        ax.scatter(xy[:, 0], xy[:, 1], s=9, c=[cmap(i % cmap.N) for i in index], marker="o", alpha=0.75,
-                   linewidths=0)
+        ax.scatter(xy[:, 0], xy[:, 1], s=9, c=[cmap(i % cmap.N) for i in index], marker="o", alpha=0.75, linewidths=0)
     for j, c in enumerate(classes):
         pts = xy[labels == c]
         color = cmap(j % cmap.N)
         if not many:
-            ax.scatter(pts[:, 0], pts[:, 1], s=14, color=color, marker=_MARKERS[j % len(_MARKERS)], alpha=0.75,
-                       linewidths=0, label=str(class_names[c]))
+            ax.scatter(
+                pts[:, 0],
+                pts[:, 1],
+                s=14,
+                color=color,
+                marker=_MARKERS[j % len(_MARKERS)],
+                alpha=0.75,
+                linewidths=0,
+                label=str(class_names[c]),
+            )
         if len(classes) <= 60:  # names beyond that would cover the map
             mx, my = np.median(pts, axis=0)
-            ax.annotate(str(class_names[c]), (mx, my), fontsize=9, weight="bold", ha="center", va="center",
-                        bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": color, "alpha": 0.85})
+            ax.annotate(
+                str(class_names[c]),
+                (mx, my),
+                fontsize=9,
+                weight="bold",
+                ha="center",
+                va="center",
+                bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": color, "alpha": 0.85},
+            )
     if not many:
         ax.legend(fontsize=8, markerscale=1.5, loc="best", title="class")
     ax.set_xticks([])
@@ -170,15 +197,17 @@ def embedding_map(xy: np.ndarray, labels: np.ndarray, class_names: Sequence[str]
     return figure_png(fig)
 
 
-def compare_plots(names: Sequence[str], values: Mapping[str, Sequence[float | None]],
-                  errors: Mapping[str, Sequence[float | None]]) -> bytes | None:
+def compare_plots(
+    names: Sequence[str], values: Mapping[str, Sequence[float | None]], errors: Mapping[str, Sequence[float | None]]
+) -> bytes | None:
     """One panel per metric: a point per loss, with its 95% interval as error bar where known."""
     metrics = [m for m in values if any(v is not None for v in values[m])]
     if not metrics or not names:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(1, len(metrics), figsize=(max(4.0, 0.35 * len(names) + 2) * len(metrics) / 1.4, 3.9),
-                             dpi=90, squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(metrics), figsize=(max(4.0, 0.35 * len(names) + 2) * len(metrics) / 1.4, 3.9), dpi=90, squeeze=False
+    )
     pos = np.arange(len(names))
     for ax, m in zip(axes[0], metrics):
         ys = np.array([np.nan if v is None else 100 * v for v in values[m]])

@@ -3,6 +3,7 @@
 The page's Content-Security-Policy forbids every fetch except ``data:`` images and the inline
 style, so a report can never reach the network, even if a value it shows looks like a URL.
 """
+
 from __future__ import annotations
 
 import base64
@@ -70,8 +71,9 @@ def figure_png(fig: Any) -> bytes:
 
 def table(header: Sequence[str], rows: Iterable[Sequence[Any]], cls: str = "") -> str:
     head = "".join(f"<th>{esc(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{c if isinstance(c, Raw) else esc(c)}</td>" for c in row) + "</tr>"
-                   for row in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{c if isinstance(c, Raw) else esc(c)}</td>" for c in row) + "</tr>" for row in rows
+    )
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
@@ -87,8 +89,10 @@ def page(title: str, sections: Sequence[tuple[str, str, str]], intro: str = "") 
     """A whole document: ``sections`` are ``(id, title, body html)``, linked from a contents bar."""
     nav = "".join(f'<a href="#{esc(s)}">{esc(t)}</a>' for s, t, _ in sections)
     body = "\n".join(section(*s) for s in sections)
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{esc(title)}</title><style>{_CSS}</style></head>\n<body><h1>{esc(title)}</h1>{intro}"
-            f"<nav>{nav}</nav>\n{body}\n</body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{esc(title)}</title><style>{_CSS}</style></head>\n<body><h1>{esc(title)}</h1>{intro}"
+        f"<nav>{nav}</nav>\n{body}\n</body></html>\n"
+    )

@@ -6,6 +6,7 @@ sets: at most :data:`MAX_QUERIES` queries (a seeded sample) are searched, every 
 reference, and at most :data:`MAX_DEPTH` neighbours are kept per query (a class larger than
 that gets AP@R over its first MAX_DEPTH neighbours, a lower bound).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,8 +32,16 @@ class QueryResults:
     r: np.ndarray  # (Q,) R: the other samples of the query's class
 
 
-def search(embeddings: np.ndarray, labels: np.ndarray, *, distance: str = "cosine", k: int = 8,
-           max_queries: int = MAX_QUERIES, seed: int = 0, block: int = 1024) -> QueryResults:
+def search(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    *,
+    distance: str = "cosine",
+    k: int = 8,
+    max_queries: int = MAX_QUERIES,
+    seed: int = 0,
+    block: int = 1024,
+) -> QueryResults:
     """Top neighbours of (a seeded sample of) every row, itself excluded, with AP@R per query."""
     emb = torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
     labels = np.asarray(labels, dtype=np.int64)
@@ -43,14 +52,17 @@ def search(embeddings: np.ndarray, labels: np.ndarray, *, distance: str = "cosin
         raise ValueError(f"distance must be 'cosine' or 'euclidean', got {distance!r}")
     if distance == "cosine":
         emb = torch.nn.functional.normalize(emb, dim=1)
-    queries = np.arange(n) if n <= max_queries else np.sort(
-        np.random.default_rng(seed).choice(n, size=max_queries, replace=False))
+    queries = (
+        np.arange(n)
+        if n <= max_queries
+        else np.sort(np.random.default_rng(seed).choice(n, size=max_queries, replace=False))
+    )
     r = np.bincount(labels)[labels[queries]] - 1
     depth = int(min(n - 1, MAX_DEPTH, max(k, int(r.max()))))
     sq = (emb * emb).sum(1)
     nbrs, scores = [], []
     for start in range(0, len(queries), block):
-        q = torch.as_tensor(queries[start:start + block])
+        q = torch.as_tensor(queries[start : start + block])
         sim = emb[q] @ emb.T
         if distance == "euclidean":  # rank by -||a - b||^2
             sim = -(sq[q, None] + sq[None, :] - 2 * sim).clamp_min(0)
@@ -65,8 +77,9 @@ def search(embeddings: np.ndarray, labels: np.ndarray, *, distance: str = "cosin
     precision = np.cumsum(hits, axis=1) / np.arange(1, depth + 1)
     with np.errstate(invalid="ignore", divide="ignore"):
         ap = np.where(r > 0, (precision * (hits & within)).sum(axis=1) / r, np.nan)
-    return QueryResults(queries=queries, neighbours=neighbours, scores=torch.cat(scores).numpy(), hits=hits,
-                        ap_at_r=ap, r=r)
+    return QueryResults(
+        queries=queries, neighbours=neighbours, scores=torch.cat(scores).numpy(), hits=hits, ap_at_r=ap, r=r
+    )
 
 
 def per_class(results: QueryResults, labels: np.ndarray, top: int = 3) -> list[dict]:
@@ -86,9 +99,14 @@ def per_class(results: QueryResults, labels: np.ndarray, top: int = 3) -> list[d
         wrong = near[near != c]
         values, counts = np.unique(wrong, return_counts=True)
         order = np.argsort(-counts, kind="stable")[:top]
-        rows.append({"label": int(c), "queries": int(mask.sum()),
-                     "recall_at_1": float(results.hits[mask, 0].mean()),
-                     "map_at_r": float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan"),
-                     "confused_with": [(int(values[i]), float(counts[i] / len(wrong))) for i in order]})
+        rows.append(
+            {
+                "label": int(c),
+                "queries": int(mask.sum()),
+                "recall_at_1": float(results.hits[mask, 0].mean()),
+                "map_at_r": float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan"),
+                "confused_with": [(int(values[i]), float(counts[i] / len(wrong))) for i in order],
+            }
+        )
     rows.sort(key=lambda row: (np.nan_to_num(row["map_at_r"], nan=2.0), row["recall_at_1"]))
     return rows

@@ -2,6 +2,7 @@
 the ``train`` extra): scalars per epoch, the final metrics, and the test embeddings with their
 class names and thumbnails for TensorBoard's projector. Open with
 ``tensorboard --logdir OUT/tensorboard``."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -22,8 +23,9 @@ def require_tensorboard() -> None:
     import importlib.util
 
     if importlib.util.find_spec("tensorboard") is None:
-        raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard "
-                         "(or pip install 'pml-plugins[train]')")
+        raise ValueError(
+            "--tensorboard needs the tensorboard package: pip install tensorboard (or pip install 'pml-plugins[train]')"
+        )
 
 
 class TensorBoardLogger:
@@ -34,8 +36,9 @@ class TensorBoardLogger:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as exc:  # torch raises this when the tensorboard package is missing
-            raise ImportError("--tensorboard needs the tensorboard package: pip install tensorboard "
-                              "(or pml-plugins[train])") from exc
+            raise ImportError(
+                "--tensorboard needs the tensorboard package: pip install tensorboard (or pml-plugins[train])"
+            ) from exc
         self.logdir = Path(logdir)
         self.writer = SummaryWriter(log_dir=str(self.logdir))
 
@@ -58,9 +61,17 @@ class TensorBoardLogger:
             self._scalar(f"test/{key}", value, step)
         self.writer.flush()
 
-    def log_embeddings(self, embeddings: Any, labels: Sequence[int], class_names: Sequence[str] | None = None,
-                       thumbnails: np.ndarray | None = None, thumbnail_index: np.ndarray | None = None,
-                       *, step: int = 0, seed: int = 0) -> None:
+    def log_embeddings(
+        self,
+        embeddings: Any,
+        labels: Sequence[int],
+        class_names: Sequence[str] | None = None,
+        thumbnails: np.ndarray | None = None,
+        thumbnail_index: np.ndarray | None = None,
+        *,
+        step: int = 0,
+        seed: int = 0,
+    ) -> None:
         """The test embeddings for the projector, labelled by class name, with thumbnails where
         the data has images (only the rows that have one are given, then)."""
         import torch
@@ -80,8 +91,9 @@ class TensorBoardLogger:
         if thumbnails is not None:
             t = torch.as_tensor(np.asarray(thumbnails)[keep]).float() / 255.0
             label_img = t.unsqueeze(1) if t.ndim == 3 else t.permute(0, 3, 1, 2)  # (M, C, h, w)
-        self.writer.add_embedding(torch.as_tensor(emb[rows]), metadata=names, label_img=label_img,
-                                  global_step=step, tag="test_embeddings")
+        self.writer.add_embedding(
+            torch.as_tensor(emb[rows]), metadata=names, label_img=label_img, global_step=step, tag="test_embeddings"
+        )
         self.writer.flush()
 
     def _scalar(self, tag: str, value: Any, step: int) -> None:
@@ -109,8 +121,14 @@ def write_tensorboard(run_dir: Any, logdir: Any | None = None) -> Path:
             logger.log_metrics(json.loads((run_dir / "metrics.json").read_text()).get("metrics") or {}, step)
         data = load_test_artifacts(run_dir)
         if data is not None:
-            logger.log_embeddings(data["embeddings"], data["labels"], data["class_names"], data.get("thumbnails"),
-                                  data.get("thumbnail_index"), step=step)
+            logger.log_embeddings(
+                data["embeddings"],
+                data["labels"],
+                data["class_names"],
+                data.get("thumbnails"),
+                data.get("thumbnail_index"),
+                step=step,
+            )
     finally:
         logger.close()
     return logdir
