@@ -63,6 +63,14 @@ class DataSplits:
     input_shape: Optional[tuple] = None
     train_classes: list = field(default_factory=list)
     test_classes: list = field(default_factory=list)
+    #: the training split with the evaluation transform (same items, same order); None: ``train``
+    #: has no augmentation (tensors), so it serves as is
+    train_eval: Optional[Dataset] = None
+
+    @property
+    def train_without_augmentation(self) -> Dataset:
+        """The training items as the evaluation sees them (for databases, references, pre-computed rows)."""
+        return self.train_eval if self.train_eval is not None else self.train
 
     @property
     def num_train_classes(self) -> int:
@@ -274,7 +282,8 @@ def _imagefolder(spec: str, path: str, transforms: ImageTransforms) -> DataSplit
     return DataSplits(spec=spec, kind="imagefolder",
                       train=RelabeledImages(train_paths, y, transforms.train),
                       test=RelabeledImages(test_paths, yt, transforms.test),
-                      train_labels=y, test_labels=yt, train_classes=train_classes, test_classes=test_classes)
+                      train_labels=y, test_labels=yt, train_classes=train_classes, test_classes=test_classes,
+                      train_eval=RelabeledImages(train_paths, y, transforms.test))
 
 
 def _pml_dataset(spec: str, kind: str, path: str, transforms: ImageTransforms) -> DataSplits:
@@ -293,9 +302,11 @@ def _pml_dataset(spec: str, kind: str, path: str, transforms: ImageTransforms) -
         ds = cls(root=path, split=split, download=False)
         labels, classes = _remap(list(ds.labels))
         parts[split] = (RelabeledImages(ds.paths, labels, getattr(transforms, split)), labels, classes)
-    return DataSplits(spec=spec, kind=kind, train=parts["train"][0], test=parts["test"][0],
+    train = parts["train"][0]
+    return DataSplits(spec=spec, kind=kind, train=train, test=parts["test"][0],
                       train_labels=parts["train"][1], test_labels=parts["test"][1],
-                      train_classes=parts["train"][2], test_classes=parts["test"][2])
+                      train_classes=parts["train"][2], test_classes=parts["test"][2],
+                      train_eval=RelabeledImages(train.paths, train.labels, transforms.test))
 
 
 def dataset_labels(dataset: Dataset) -> np.ndarray:
