@@ -145,6 +145,7 @@ def columns(ks: Iterable[int]) -> list[tuple[str, str]]:
     ks = list(ks)
     cols = [(f"recall_at_{k}", f"R@{k}") for k in ks] + [("map_at_r", "MAP@R")]
     cols += [(f"ndcg_at_{k}", f"nDCG@{k}") for k in ks if k > 1]
+    cols += [("mean_average_precision", "mAP"), ("NMI", "NMI")]
     return cols
 
 

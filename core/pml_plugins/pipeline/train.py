@@ -30,11 +30,14 @@ from ..training import TrainingContext, TrainingSetup
 from . import data as data_mod
 from . import distributed as ddp_mod
 from . import models as models_mod
+from . import protocols
 from .builders import build_loss, build_miner, constructor_parameters
+from .class_texts import class_distances_for_run
 from .config import TrainConfig
 from .evaluate import evaluate
 from .memory import PeakMemory
 from .outputs import RunResult, metrics_record, plot_metrics, write_json, write_outputs
+from .pretrain import pretrain_classifier, pretrain_epochs_for
 from .sampling import choose_m, m_per_class_sampler, preferred_m
 from .trainer import EmbeddingTrainer, build_optimizers, build_schedulers, chain_hooks, quiet_pml_logger
 
@@ -139,6 +142,7 @@ def _run(cfg: TrainConfig, name: str, *, progress: bool, log: Optional[Callable[
     retrieval = cfg.retrieval_distance or "cosine"
     trainer, mem = None, PeakMemory(run.device)
     if train:
+        _pretrain(run)
         trainer, setup, retrieval = _build_trainer(run)
         with mem:
             if setup.before_training is not None:
@@ -150,7 +154,8 @@ def _run(cfg: TrainConfig, name: str, *, progress: bool, log: Optional[Callable[
     metrics = {}
     if run.lead:
         metrics = evaluate(run.trunk, run.embedder, run.splits.test, device=run.device, retrieval_distance=retrieval,
-                           ks=cfg.ks, batch_size=cfg.eval_batch_size, progress=progress, with_bits=cfg.eval_binarize)
+                           ks=cfg.ks, batch_size=cfg.eval_batch_size, progress=progress, with_bits=cfg.eval_binarize,
+                           gallery=run.splits.gallery)
     result = _result(run, metrics, trainer, mem if train else None)
     if cfg.out and run.lead:
         write_outputs(Path(cfg.out), result, run.trunk, run.embedder, trainer, write_checkpoint)
@@ -183,14 +188,19 @@ def _build_model_and_data(run: _Run) -> None:
     set_seed(cfg.seed)
     run.model = models_mod.build_model(run.backbone, embedding_size=cfg.embedding_size,
                                        input_shape=data_mod.feature_shape(cfg.dataset), image_size=cfg.image_size,
-                                       pooling=cfg.pooling, head_norm=cfg.head_norm, pretrained=cfg.pretrained)
+                                       pooling=cfg.pooling, head_norm=cfg.head_norm, pretrained=cfg.pretrained,
+                                       head=cfg.head)
     run.splits = data_mod.load_data(cfg.dataset, run.model.transforms)
+    # the papers' protocols: --query/--gallery, --samples-per-class (few-shot training)
+    run.splits, protocol = protocols.apply_protocols(run.splits, query=cfg.query, gallery=cfg.gallery,
+                                                     samples_per_class=cfg.samples_per_class, seed=cfg.seed,
+                                                     transforms=run.model.transforms)
     run.trunk, run.embedder = run.model.trunk.to(run.device), run.model.embedder.to(run.device)
     run.resolved = {"name": run.name, "device": str(run.device),
                     "amp": str(run.amp_dtype) if run.amp_dtype else "off", "backbone": run.backbone,
                     "model": run.model.description, "data": run.splits.describe(),
                     "num_train_classes": run.splits.num_train_classes, "threads": torch.get_num_threads(),
-                    "versions": _versions(), "command": sys.argv}
+                    "versions": _versions(), "command": sys.argv, **protocol}
     if run.env is not None:
         run.resolved["distributed"] = {"world_size": run.env.world_size, "rank": run.env.rank,
                                        "backend": torch.distributed.get_backend()}
@@ -199,8 +209,15 @@ def _build_model_and_data(run: _Run) -> None:
 def _build_trainer(run: _Run) -> tuple[EmbeddingTrainer, TrainingSetup, str]:
     """Loss, miner, the loss's training setup, sampler, optimizers and DDP wrapping -> PML trainer."""
     cfg, env, resolved = run.cfg, run.env, run.resolved
+    # a loss that takes class distances gets them from class texts (written to the run folder)
+    kind, _ = data_mod.parse_dataset_spec(cfg.dataset)
+    loss_args, distances = class_distances_for_run(run.entry.metadata, dict(cfg.loss_args),
+                                                   train_classes=run.splits.train_classes, dataset_kind=kind,
+                                                   class_texts=cfg.class_texts, out=cfg.out if run.lead else None)
+    if distances is not None:
+        resolved["class_distances"] = distances
     loss, entry, loss_args, options = build_loss(run.entry.qualified_name, num_classes=run.splits.num_train_classes,
-                                                 embedding_size=cfg.embedding_size, loss_args=cfg.loss_args,
+                                                 embedding_size=cfg.embedding_size, loss_args=loss_args,
                                                  loss_options=cfg.loss_options)
     loss = loss.to(run.device)
     semantics = None
@@ -292,7 +309,8 @@ def _training_setup(run: _Run, loss: torch.nn.Module, entry: reg.Entry, options:
                               batch_size=cfg.batch_size, epochs=cfg.epochs, device=device, seed=cfg.seed,
                               num_workers=cfg.num_workers, embed=embed, options=dict(options),
                               progress=run.progress, rank=env.rank if env is not None else 0,
-                              world_size=env.world_size if env is not None else 1)
+                              world_size=env.world_size if env is not None else 1,
+                              train_eval_dataset=run.splits.train_eval)
     setup = training_setup(loss, context) or TrainingSetup()
     if not isinstance(setup, TrainingSetup):
         raise TypeError(f"{entry.name}'s training_setup returned {type(setup).__name__}, "
@@ -301,6 +319,24 @@ def _training_setup(run: _Run, loss: torch.nn.Module, entry: reg.Entry, options:
                                       "replaces_dataset": setup.train_dataset is not None,
                                       "sampler": type(setup.sampler).__name__ if setup.sampler else None}
     return setup
+
+
+def _pretrain(run: _Run) -> None:
+    """Classification pre-training when the loss declares it (``pretrain_epochs``) or the user asks."""
+    cfg = run.cfg
+    epochs = pretrain_epochs_for(cfg.pretrain_epochs, run.entry.metadata)
+    if epochs == 0:
+        return
+    if run.env is not None:
+        raise ValueError("classification pre-training (pretrain_epochs) runs in one process only; pre-train "
+                         "without --distributed, or set --pretrain-epochs 0")
+    if run.log is not None:
+        run.log(f"{run.name}: {epochs} epochs of classification pre-training (linear classifier + cross-entropy)")
+    run.resolved["pretraining"] = pretrain_classifier(
+        run.trunk, run.embedder, run.splits.train, num_classes=run.splits.num_train_classes,
+        embedding_size=cfg.embedding_size, epochs=epochs, batch_size=cfg.batch_size, optimizer=cfg.optimizer,
+        lr=cfg.lr, weight_decay=cfg.weight_decay, device=run.device, seed=cfg.seed, num_workers=cfg.num_workers,
+        amp_dtype=run.amp_dtype, progress=run.progress)
 
 
 def _sampler(run: _Run, entry: reg.Entry, needs: dict, setup: TrainingSetup,
