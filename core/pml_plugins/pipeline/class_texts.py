@@ -104,10 +104,7 @@ def class_distances_for_run(metadata: Any, loss_args: dict, *, train_classes: Se
                             class_texts: Optional[str], out: Optional[str]) -> tuple[dict, Optional[dict]]:
     """The loss arguments with ``class_distances`` added (when the loss takes them and the user gave
     none), and what was done for ``config.json`` (None when nothing was)."""
-    if not needs_class_distances(metadata):
-        if class_texts is not None:
-            raise ValueError("--class-texts was given, but this loss takes no class distances "
-                             f"(its registration has no {NEEDS_KEY}=True)")
+    if not needs_class_distances(metadata):  # --class-texts is ignored (compare passes it to every loss)
         return loss_args, None
     given = [k for k in USER_KEYS if loss_args.get(k) is not None]
     if given:

@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import tqdm
 
 from .. import registry as reg
+from . import class_texts as class_texts_mod
 from .config import TrainConfig
 from .train import RunResult, metrics_record, run_training, write_json
 
@@ -74,6 +75,18 @@ def _label(name: str, args: Optional[dict]) -> str:
     return f"{name} ({', '.join(f'{k}={v}' for k, v in args.items())})" if args else name
 
 
+def _distances_note(name: str, base: TrainConfig, user_args: Optional[dict]) -> str:
+    """`` [d: text of the digit names]`` for a loss whose class distances the main job builds, so a
+    reader sees where they came from (empty when the loss takes none or the user gave them)."""
+    entry = reg.get_entry("loss", name)
+    if not class_texts_mod.needs_class_distances(entry.metadata):
+        return ""
+    if any((user_args or {}).get(k) is not None for k in class_texts_mod.USER_KEYS):
+        return " [d: given]"
+    kind = base.dataset.split(":")[0]
+    return f" [d: {class_texts_mod.describe_source(kind, base.class_texts)}]"
+
+
 def _is_floor(r: RunResult) -> bool:
     return r.name.startswith(FLOOR[:-1])
 
@@ -105,7 +118,8 @@ def run_compare(base: TrainConfig, losses: Sequence[str], out: Path, *, per_loss
         {reg.get_entry("loss", n).needs()["retrieval_distance"] or "cosine" for n in losses} | {"cosine"})
     floors = [(FLOOR if d == "cosine" else f"{FLOOR[:-1]}, {d})", None, d) for d in distances]
     demo_args = demo_loss_args(base.dataset, losses, per_loss_args)
-    runs = floors + [(_label(name, demo_args.get(name)), name, base.retrieval_distance) for name in losses]
+    runs = floors + [(_label(name, demo_args.get(name)) + _distances_note(name, base, per_loss_args.get(name)), name,
+                      base.retrieval_distance) for name in losses]
     try:
         for i, (label, loss, distance) in enumerate(runs):
             run_dir = _safe(loss) if loss else ("untrained" if distance in (None, "cosine") else f"untrained_{distance}")
