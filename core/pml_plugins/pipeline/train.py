@@ -32,7 +32,7 @@ from . import distributed as ddp_mod
 from . import models as models_mod
 from . import protocols
 from .builders import build_loss, build_miner, constructor_parameters
-from .class_texts import class_distances_for_run
+from .class_texts import class_distances_for_run, read_class_texts
 from .config import TrainConfig
 from .evaluate import evaluate
 from .memory import PeakMemory
@@ -179,6 +179,8 @@ def _check_names(run: _Run) -> None:
     if cfg.miner:
         reg.get_entry("miner", cfg.miner)
     kind, _ = data_mod.parse_dataset_spec(cfg.dataset)
+    if cfg.class_texts is not None:  # a recipe that names its class texts refuses to start without them
+        read_class_texts(cfg.class_texts)
     run.backbone = _default_backbone(kind) if cfg.backbone == "auto" else cfg.backbone
     models_mod.parse_backbone(run.backbone)
 
