@@ -283,3 +283,19 @@ def test_dmcac_on_images_embeds_the_database_without_augmentation(tmp_path, retr
     resolved = _resolved(out)
     assert resolved["training_setup"]["options"] == {"refresh_every_epochs": 1}
     assert "none: the trunk's 64-d features" in resolved["model"]
+
+
+def test_evaluate_command_with_query_and_gallery_files(tmp_path, capsys):
+    _, _, xq, yq, xg, yg = _feature_sets(2)
+    np.savez(tmp_path / "q.npz", embeddings=xq, labels=yq)
+    np.savez(tmp_path / "g.npz", features=xg, labels=yg)
+    assert main(["evaluate", "--query", str(tmp_path / "q.npz"), "--gallery", str(tmp_path / "g.npz"),
+                 "--distance", "cosine", "--recall-ks", "1", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ref_includes_query"] is False and report["num_references"] == 50
+    for k in (1, 2):
+        assert report["metrics"][f"recall_at_{k}"] == pytest.approx(_brute_recall(xq, yq, xg, yg, k), abs=1e-9)
+    assert "mean_average_precision" in report["metrics"] and "NMI" in report["metrics"]
+    assert main(["evaluate", "--query", str(tmp_path / "q.npz"), "--embeddings", str(tmp_path / "q.npz"),
+                 "--gallery", str(tmp_path / "g.npz")]) != 0
+    assert "replace --embeddings" in capsys.readouterr().err
