@@ -197,6 +197,11 @@ def _remap(labels: Sequence[Any]) -> tuple[np.ndarray, list]:
     return np.array([index[c] for c in labels], dtype=np.int64), classes
 
 
+def remap_labels(labels: Sequence[Any]) -> tuple[np.ndarray, list]:
+    """Labels as ``0..C-1`` in sorted class order, and the sorted classes."""
+    return _remap(labels)
+
+
 def _split_classes(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Masks of the train / test samples: the first half of the sorted classes trains."""
     classes = np.unique(labels)

@@ -47,7 +47,7 @@ def load_query_gallery(query: str, gallery: str, transforms: Optional[data_mod.I
         if xq.shape[1] != xg.shape[1] or (feature_size is not None and xq.shape[1] != feature_size):
             raise ValueError(f"--query and --gallery features must have the training data's width "
                              f"{feature_size}, got {xq.shape[1]} and {xg.shape[1]}")
-        labels, _ = data_mod._remap(np.concatenate([yq, yg]).tolist())
+        labels, _ = data_mod.remap_labels(np.concatenate([yq, yg]).tolist())
         yq_r, yg_r = labels[:len(yq)], labels[len(yq):]
         return (data_mod.TensorPairs(torch.as_tensor(xq), yq_r), yq_r,
                 data_mod.TensorPairs(torch.as_tensor(xg), yg_r), yg_r)
