@@ -299,3 +299,14 @@ def test_evaluate_command_with_query_and_gallery_files(tmp_path, capsys):
     assert main(["evaluate", "--query", str(tmp_path / "q.npz"), "--embeddings", str(tmp_path / "q.npz"),
                  "--gallery", str(tmp_path / "g.npz")]) != 0
     assert "replace --embeddings" in capsys.readouterr().err
+
+
+def test_compare_skips_the_declared_pretraining_on_digits_unless_asked(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--losses", "group_loss_paper", "--out", str(out), *TINY]) == 0
+    assert "group_loss_paper (pretrain_epochs=0)" in capsys.readouterr().out
+    assert "pretraining" not in _resolved(out / "runs" / "group_loss_paper")
+    out = tmp_path / "cmp2"
+    assert main(["compare", "--losses", "group_loss_paper", "--pretrain-epochs", "1", "--out", str(out), *TINY]) == 0
+    assert "group_loss_paper (pretrain_epochs" not in capsys.readouterr().out
+    assert _resolved(out / "runs" / "group_loss_paper")["pretraining"]["epochs"] == 1

@@ -71,6 +71,17 @@ def demo_loss_args(dataset: str, losses: Sequence[str], per_loss_args: dict) -> 
     return out
 
 
+def demo_pretrain_epochs(dataset: str, name: str, base: TrainConfig) -> Optional[int]:
+    """A loss's registered ``demo_pretrain_epochs`` on the bundled digits data, unless the user set
+    ``--pretrain-epochs`` (then theirs applies to every loss)."""
+    if dataset.split(":")[0] != "digits" or base.pretrain_epochs is not None:
+        return None
+    value = reg.get_entry("loss", name).metadata.get("demo_pretrain_epochs")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise TypeError(f"{name}: registration metadata demo_pretrain_epochs must be an integer >= 0, got {value!r}")
+    return value
+
+
 def _label(name: str, args: Optional[dict]) -> str:
     return f"{name} ({', '.join(f'{k}={v}' for k, v in args.items())})" if args else name
 
@@ -118,13 +129,19 @@ def run_compare(base: TrainConfig, losses: Sequence[str], out: Path, *, per_loss
         {reg.get_entry("loss", n).needs()["retrieval_distance"] or "cosine" for n in losses} | {"cosine"})
     floors = [(FLOOR if d == "cosine" else f"{FLOOR[:-1]}, {d})", None, d) for d in distances]
     demo_args = demo_loss_args(base.dataset, losses, per_loss_args)
-    runs = floors + [(_label(name, demo_args.get(name)) + _distances_note(name, base, per_loss_args.get(name)), name,
-                      base.retrieval_distance) for name in losses]
+    demo_pretrain = {n: demo_pretrain_epochs(base.dataset, n, base) for n in losses}
+    runs = floors + [(_label(name, {**(demo_args.get(name) or {}),
+                                    **({"pretrain_epochs": demo_pretrain[name]} if demo_pretrain[name] is not None
+                                       else {})})
+                      + _distances_note(name, base, per_loss_args.get(name)), name, base.retrieval_distance)
+                     for name in losses]
     try:
         for i, (label, loss, distance) in enumerate(runs):
             run_dir = _safe(loss) if loss else ("untrained" if distance in (None, "cosine") else f"untrained_{distance}")
             loss_args = dict(per_loss_args.get(loss, demo_args.get(loss, {}))) if loss else {}
+            pretrain = demo_pretrain.get(loss) if loss else None
             cfg = dataclasses.replace(base, loss=loss, loss_args=loss_args,
+                                      pretrain_epochs=base.pretrain_epochs if pretrain is None else pretrain,
                                       epochs=base.epochs if loss else 0, miner=base.miner if loss else None,
                                       retrieval_distance=distance, out=str(out / "runs" / run_dir))
             start = time.perf_counter()
