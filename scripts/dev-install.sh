@@ -8,7 +8,8 @@ for pyproject in plugins/*/pyproject.toml; do
   [ -e "$pyproject" ] || continue
   # each plugin with its optional extras (e.g. adaptive_margin[text]) so their tests run too;
   # extras named gpu/cuda are left out (no GPU wheels on CPU machines)
-  extras=$(python -c 'import sys, tomllib; d = tomllib.load(open(sys.argv[1], "rb")); print(",".join(k for k in d["project"].get("optional-dependencies", {}) if k not in ("gpu", "cuda")))' "$pyproject")
+  # (read by a helper that works on Python 3.9+, before tomli can be installed)
+  extras=$(python scripts/plugin_extras.py "$pyproject")
   args+=(-e "$(dirname "$pyproject")${extras:+[$extras]}")
 done
 python -m pip install --quiet "${args[@]}"

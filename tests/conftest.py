@@ -60,4 +60,6 @@ def _run_cli(*args: str, pythonpath: Path | None = None, env: dict | None = None
     environment = dict(os.environ, **(env or {}))
     if pythonpath is not None:
         environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pythonpath), environment.get("PYTHONPATH", "")]))
-    return subprocess.run([sys.executable, "-m", "pml_plugins", *args], capture_output=True, text=True, env=environment, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "pml_plugins", *args], capture_output=True, text=True, env=environment, timeout=300
+    )

@@ -101,7 +101,9 @@ def test_group_loss_needs_the_rank_ordered_gather(report):
 def test_loss_with_a_database_under_ddp(report, name):
     r = report[f"{name}+database"]
     assert "error" not in r, r.get("error")
-    assert r["value_err"] < TOL and r["model_grad_err"] < TOL and r["loss_grad_err"] < TOL * max(1.0, r["loss_grad_scale"])
+    assert (
+        r["value_err"] < TOL and r["model_grad_err"] < TOL and r["loss_grad_err"] < TOL * max(1.0, r["loss_grad_scale"])
+    )
     assert r["train_vs_single"] < TOL and r["rank_param_diff"] == 0.0
 
 
@@ -178,7 +180,9 @@ def test_distributed_without_torchrun_is_a_clean_error(monkeypatch, capsys):
     with pytest.raises(ValueError, match="needs distributed"):
         build_config({}, {"distributed_efficient": True})
     with pytest.raises(ValueError, match="inconsistent"):
-        pd.env_from_torchrun({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "1"})
+        pd.env_from_torchrun(
+            {"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "1"}
+        )
 
 
 def test_rank_slices_partition_each_global_batch():

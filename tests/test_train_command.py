@@ -211,10 +211,14 @@ def test_embeddings_npz_and_yaml_config_with_flag_override(tmp_path):
     labels = np.repeat(np.arange(6), 20)
     features = rng.randn(6, 10)[labels] + 0.3 * rng.randn(len(labels), 10)
     np.savez(tmp_path / "feats.npz", features=features.astype(np.float32), labels=labels)
-    (tmp_path / "c.yaml").write_text(f"loss: soft_triple\ndataset: embeddings:{tmp_path / 'feats.npz'}\n"
-                                     f"epochs: 5\nbatch_size: 20\nembedding_size: 8\nloss_args:\n  centers_per_class: 2\n")
+    (tmp_path / "c.yaml").write_text(
+        f"loss: soft_triple\ndataset: embeddings:{tmp_path / 'feats.npz'}\n"
+        f"epochs: 5\nbatch_size: 20\nembedding_size: 8\nloss_args:\n  centers_per_class: 2\n"
+    )
     out = tmp_path / "o"
-    assert main(["train", "--config", str(tmp_path / "c.yaml"), "--epochs", "1", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(["train", "--config", str(tmp_path / "c.yaml"), "--epochs", "1", "--out", str(out), "--no-progress"]) == 0
+    )
     config = json.loads((out / "config.json").read_text())
     assert config["epochs"] == 1 and config["batch_size"] == 20  # flag over file over default
     assert config["resolved"]["backbone"] == "identity" and config["resolved"]["loss_args"]["centers_per_class"] == 2
@@ -293,7 +297,10 @@ def test_train_and_compare_with_eval_binarize(tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
     assert {f"bits_{k}" for k in METRIC_KEYS} <= set(metrics)
     assert json.loads((out / "config.json").read_text())["eval_binarize"] is True
-    assert main(["compare", "--losses", "normalized_softmax", "--eval-binarize", "--out", str(tmp_path / "cmp"), *TINY]) == 0
+    assert (
+        main(["compare", "--losses", "normalized_softmax", "--eval-binarize", "--out", str(tmp_path / "cmp"), *TINY])
+        == 0
+    )
     assert "bits R@1" in capsys.readouterr().out
 
 

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
+from ..progress import show_progress
 from .train_command import add_common_arguments, add_distributed_arguments, file_values, flag_values
 
 _EPILOG = """With no arguments this is the main job: every installed plugin loss plus PML's ProxyAnchor,
@@ -79,8 +79,8 @@ def run(args: argparse.Namespace) -> int:
     flags["distributed"], flags["distributed_efficient"] = args.distributed, args.distributed_efficient
     base = build_config(fvals, {**flags, "loss": None})
     if base.distributed:  # one process group for all the runs (re-initialising one per run can hang)
-        from ..distributed import env_from_torchrun
-        from ..pipeline.distributed import local_device, process_group
+        from ..distributed_losses import env_from_torchrun
+        from ..pipeline.ddp import local_device, process_group
         from ..pipeline.train import resolve_device
 
         env = env_from_torchrun()
@@ -93,14 +93,13 @@ def _run_compare(args: argparse.Namespace, base, losses: list[str], per_loss: di
                  lead: bool) -> int:
     """Every rank trains; only the lead (rank 0, or the single process) evaluates, prints and writes."""
     from ..pipeline import compare as cmp
-    from .train_command import _force_progress
 
     out = Path(base.out or "pml-plugins-compare")
     base.out = str(out)
     if not lead:
         cmp.run_compare(base, losses, out, per_loss_args=per_loss, progress=False, log=lambda msg: None, lead=False)
         return 0
-    progress = not args.no_progress and (sys.stderr.isatty() or _force_progress())
+    progress = show_progress(args.no_progress)
     print(f"comparing {len(losses)} losses on {base.dataset} ({base.epochs} epochs, batch {base.batch_size}, "
           f"embedding {base.embedding_size}, seed {base.seed}): {', '.join(losses)}", flush=True)
     rows = cmp.run_compare(base, losses, out, per_loss_args=per_loss, progress=progress,
@@ -108,7 +107,7 @@ def _run_compare(args: argparse.Namespace, base, losses: list[str], per_loss: di
     print()
     print(cmp.format_table(rows, base.ks))
     failed = [r.name for r in rows if r.error]
-    trained = [r for r in rows if not r.error and not cmp._is_floor(r)]
+    trained = [r for r in rows if not r.error and not cmp.is_floor(r)]
     print(f"\n{len(trained)} trained, {len(failed)} failed"
           + (f" ({', '.join(failed)}; see {out}/runs/*/error.txt)" if failed else "")
           + f"; {time.perf_counter() - start:.0f} s. Wrote {out}/results.csv, results.md, comparison.png")

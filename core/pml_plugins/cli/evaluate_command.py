@@ -31,8 +31,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label-column", type=int, help="use this column of 2-D labels (default: compare whole rows)")
     p.add_argument("--distance", choices=METRICS, default="euclidean",
                    help="kNN ranking (default: euclidean, as PML's calculator)")
-    p.add_argument("--ndcg-ks", type=int, nargs="*", default=None, metavar="K", help="k of nDCG@k (default 2 4 8 10 100)")
-    p.add_argument("--recall-ks", type=int, nargs="*", default=None, metavar="K", help="k of Recall@k (default 1 2 4 8)")
+    p.add_argument(
+        "--ndcg-ks", type=int, nargs="*", default=None, metavar="K", help="k of nDCG@k (default 2 4 8 10 100)"
+    )
+    p.add_argument(
+        "--recall-ks", type=int, nargs="*", default=None, metavar="K", help="k of Recall@k (default 1 2 4 8)"
+    )
     p.add_argument("--k", default=None, help="PML's k: an int, max_bin_count or all (default: max_bin_count)")
     p.add_argument("--include", nargs="*", default=(), metavar="METRIC", help="only these metrics")
     p.add_argument("--exclude", nargs="*", default=(), metavar="METRIC", help="skip these metrics (e.g. NMI AMI)")
@@ -45,8 +49,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="approximate-index parameter, repeatable: ivf " + ", ".join(INDEX_PARAMS["ivf"])
                         + "; hnsw " + ", ".join(INDEX_PARAMS["hnsw"]) + "; pq " + ", ".join(INDEX_PARAMS["pq"])
                         + " (e.g. --knn-param nlist=4096 --knn-param nprobe=32)")
-    p.add_argument("--knn-device", default=None,
-                   help="where the kNN search runs (default: --device); cuda puts FAISS on the GPU(s) when it has GPU support")
+    p.add_argument(
+        "--knn-device",
+        default=None,
+        help="where the kNN search runs (default: --device); cuda puts FAISS on the GPU(s) when it has GPU support",
+    )
     p.add_argument("--knn-shard", choices=("auto", "yes", "no"), default="auto",
                    help="with several GPUs, split the FAISS index over them (auto: yes)")
     p.add_argument("--device", default="cpu", help="torch device for the metrics (default: cpu)")
@@ -55,8 +62,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _load(path: Path, what: str) -> Any:
-    import numpy as np  # noqa: PLC0415
-    import torch  # noqa: PLC0415
+    import numpy as np
+    import torch
 
     if not path.exists():
         raise FileNotFoundError(f"{what} file {str(path)!r} does not exist")
@@ -76,8 +83,8 @@ def _load(path: Path, what: str) -> Any:
 
 def _load_pair(path: Path, what: str, column: int | None) -> tuple[Any, Any]:
     """(embeddings, labels) from one .npz holding ``embeddings`` (or ``features``) and ``labels``."""
-    import numpy as np  # noqa: PLC0415
-    import torch  # noqa: PLC0415
+    import numpy as np
+    import torch
 
     if not path.exists():
         raise FileNotFoundError(f"{what} file {str(path)!r} does not exist")
@@ -102,7 +109,9 @@ def _load_pair(path: Path, what: str, column: int | None) -> tuple[Any, Any]:
 def _labels(t: Any, column: int | None, what: str) -> Any:
     if column is not None:
         if t.ndim != 2 or not 0 <= column < t.shape[1]:
-            raise ValueError(f"--label-column {column} needs 2-D {what} with more than {column} columns, got shape {tuple(t.shape)}")
+            raise ValueError(
+                f"--label-column {column} needs 2-D {what} with more than {column} columns, got shape {tuple(t.shape)}"
+            )
         t = t[:, column]
     if t.is_floating_point() and bool((t == t.round()).all()):
         t = t.long()  # labels saved as floats: compare them as the integers they are
@@ -111,8 +120,8 @@ def _labels(t: Any, column: int | None, what: str) -> Any:
 
 def _knn_params(index: str, items: list[str]) -> dict[str, Any]:
     """``--knn-param NAME=VALUE`` items, checked against ``--knn-index`` (errors name the option)."""
-    from ..knn import check_index_params  # noqa: PLC0415
-    from .knn_params import parse_index_params  # noqa: PLC0415
+    from ..knn import check_index_params
+    from .knn_params import parse_index_params
 
     try:
         return check_index_params(index, parse_index_params(items))
@@ -130,10 +139,10 @@ def _parse_k(value: str | None) -> int | str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch  # noqa: PLC0415
+    import torch
 
-    from ..knn import KNN  # noqa: PLC0415
-    from ..metrics import DEFAULT_NDCG_KS, DEFAULT_RECALL_KS, AccuracyCalculator  # noqa: PLC0415
+    from ..knn import KNN
+    from ..metrics import DEFAULT_NDCG_KS, DEFAULT_RECALL_KS, AccuracyCalculator
 
     if (args.query is None) != (args.gallery is None):
         raise ValueError("--query and --gallery go together")
@@ -143,8 +152,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give --embeddings and --labels, or --query and --gallery")
     if (args.reference is None) != (args.reference_labels is None):
         raise ValueError("--reference and --reference-labels go together")
-    knn_func = KNN(metric=args.distance, index=args.knn_index, index_params=_knn_params(args.knn_index, args.knn_param),
-                   device=args.knn_device or args.device, shard={"auto": None, "yes": True, "no": False}[args.knn_shard])
+    knn_func = KNN(
+        metric=args.distance,
+        index=args.knn_index,
+        index_params=_knn_params(args.knn_index, args.knn_param),
+        device=args.knn_device or args.device,
+        shard={"auto": None, "yes": True, "no": False}[args.knn_shard],
+    )
     if args.query is not None:
         query, query_labels = _load_pair(args.query, "--query", args.label_column)
         reference, reference_labels = _load_pair(args.gallery, "--gallery", args.label_column)
@@ -184,7 +198,9 @@ def run(args: argparse.Namespace) -> int:
         }, indent=2))
         return 0
     knn_text = " ".join(f"{k}={v}" for k, v in knn.items())
-    print(f"{len(query)} queries, {num_reference} references, {args.distance} distance, kNN {knn_text}, {seconds:.2f} s")
+    print(
+        f"{len(query)} queries, {num_reference} references, {args.distance} distance, kNN {knn_text}, {seconds:.2f} s"
+    )
     width = max([len(k) for k in results] + [6])
     print(f"{'metric':{width}s}  {'value':>8s}  {'x100':>6s}")
     for name, value in results.items():

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from typing import Any
+
+from ..progress import show_progress
 
 _EPILOG = """examples:
   pml-plugins train --loss proxy_anchor                       # the digits default, a few seconds
@@ -52,7 +52,9 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backbone", help="auto (default) | cnn | mlp | identity | timm:NAME")
     g.add_argument("--embedding-size", type=int, help="embedding dimension (default 64)")
     g.add_argument("--pooling", choices=["avg", "gem"], help="feature-map pooling in the head (default avg)")
-    g.add_argument("--head-norm", choices=["none", "l2", "layernorm", "layernorm+l2"], help="after the head's linear layer")
+    g.add_argument(
+        "--head-norm", choices=["none", "l2", "layernorm", "layernorm+l2"], help="after the head's linear layer"
+    )
     g.add_argument("--pretrained", nargs="?", const="cache", metavar="PATH",
                    help="timm: local weights file, or no value for already-cached weights (never downloads)")
     g.add_argument("--image-size", type=int, help="input size for image datasets (default: the backbone's)")
@@ -154,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = build_config(fvals, flags)
     if cfg.out is None:
         cfg.out = f"pml-plugins-runs/{(cfg.loss or 'untrained').replace(':', '_')}"
-    progress = not args.no_progress and sys.stderr.isatty() or (not args.no_progress and _force_progress())
+    progress = show_progress(args.no_progress)
     result = run_training(cfg, progress=progress, log=lambda msg: print(msg, flush=True))
     if result.config.get("resolved", {}).get("distributed", {}).get("rank", 0) != 0:
         return 0  # only rank 0 evaluates and writes
@@ -163,9 +165,3 @@ def run(args: argparse.Namespace) -> int:
     print_metrics(result.metrics, cfg.ks)
     print(f"wrote {cfg.out}/metrics.json, config.json, checkpoint.pt, metrics.png")
     return 0
-
-
-def _force_progress() -> bool:
-    import os
-
-    return os.environ.get("PML_PLUGINS_PROGRESS", "") not in ("", "0")

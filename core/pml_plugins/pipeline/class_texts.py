@@ -1,8 +1,9 @@
 """Class distances from class texts, for losses whose registration says they take them.
 
-A loss registers ``needs_class_distances=True`` and ``class_distances_from_texts=fn`` (``fn(texts)
--> (C, C)`` distances in [0, 1], e.g. the adaptive-margin plugin's sentence-model embedding); the
-main job then builds one text per training class and passes ``class_distances=`` to the loss:
+A loss's :class:`~pml_plugins.LossSpec` says ``needs_class_distances=True`` and gives
+``class_distances_from_texts=fn`` (``fn(texts) -> (C, C)`` distances in [0, 1], e.g. the
+adaptive-margin plugin's sentence-model embedding); the main job then builds one text per
+training class and passes ``class_distances=`` to the loss:
 
 * ``--class-texts FILE`` (or ``class_texts`` in a config): a JSON object ``{"class": "text"}``,
   a JSON list (text i for training class i), or a CSV of ``class,text`` rows (a ``class,text``
@@ -19,19 +20,27 @@ import csv
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-#: registry metadata keys (the typed spec of issue 17 may map them onto fields)
+#: the LossSpec fields this module reads
 NEEDS_KEY, FROM_TEXTS_KEY = "needs_class_distances", "class_distances_from_texts"
 #: loss arguments through which a user gives distances (or texts) directly
 USER_KEYS = ("class_distances", "class_texts")
 
 
-def needs_class_distances(metadata: Any) -> bool:
-    return bool(metadata.get(NEEDS_KEY, False))
+def spec_field(spec: Any, name: str, default: Any = None) -> Any:
+    """A field of a registry spec (or of a plain mapping, as tests and old callers pass)."""
+    if isinstance(spec, Mapping):
+        return spec.get(name, default)
+    return getattr(spec, name, default)
+
+
+def needs_class_distances(spec: Any) -> bool:
+    """Whether the loss's spec says it takes class distances."""
+    return bool(spec_field(spec, NEEDS_KEY, False))
 
 
 def read_class_texts(path: str) -> dict[str, str] | list[str]:
@@ -100,25 +109,25 @@ def describe_source(dataset_kind: str, class_texts: Optional[str] = None) -> str
         dataset_kind, "class texts")
 
 
-def class_distances_for_run(metadata: Any, loss_args: dict, *, train_classes: Sequence[Any], dataset_kind: str,
+def class_distances_for_run(spec: Any, loss_args: dict, *, train_classes: Sequence[Any], dataset_kind: str,
                             class_texts: Optional[str], out: Optional[str]) -> tuple[dict, Optional[dict]]:
     """The loss arguments with ``class_distances`` added (when the loss takes them and the user gave
     none), and what was done for ``config.json`` (None when nothing was)."""
-    if not needs_class_distances(metadata):  # --class-texts is ignored (compare passes it to every loss)
+    if not needs_class_distances(spec):  # --class-texts is ignored (compare passes it to every loss)
         return loss_args, None
     given = [k for k in USER_KEYS if loss_args.get(k) is not None]
     if given:
         return loss_args, {"source": f"loss argument {given[0]}"}
-    from_texts = metadata.get(FROM_TEXTS_KEY)
+    from_texts = spec_field(spec, FROM_TEXTS_KEY)
     if not callable(from_texts):
-        raise TypeError(f"the loss declares {NEEDS_KEY}=True but registers no callable {FROM_TEXTS_KEY}; pass "
+        raise TypeError(f"the loss's spec says {NEEDS_KEY}=True but gives no callable {FROM_TEXTS_KEY}; pass "
                         f"class_distances as a loss argument")
     texts, source = class_texts_for(train_classes, dataset_kind=dataset_kind, class_texts=class_texts)
     distances = np.asarray(_to_numpy(from_texts(texts)), dtype=np.float32)
     if distances.shape != (len(texts), len(texts)):
         raise ValueError(f"{FROM_TEXTS_KEY} returned shape {distances.shape}, expected {(len(texts), len(texts))}")
     info = {"source": f"text embeddings of {source}", "texts_from": source,
-            "model": str(metadata.get("class_text_model", "the loss's text model")), "num_classes": len(texts)}
+            "model": str(spec_field(spec, "class_text_model") or "the loss's text model"), "num_classes": len(texts)}
     value: Any = distances
     if out is not None:
         folder = Path(out)

@@ -63,10 +63,8 @@ def demo_loss_args(dataset: str, losses: Sequence[str], per_loss_args: dict) -> 
         return {}
     out = {}
     for name in losses:
-        args = reg.get_entry("loss", name).metadata.get("demo_loss_args")
+        args = reg.get_entry("loss", name).spec.demo_loss_args  # a mapping: LossSpec checks it
         if args and name not in per_loss_args:
-            if not isinstance(args, dict):
-                raise TypeError(f"{name}: registration metadata demo_loss_args must be a dict, got {type(args).__name__}")
             out[name] = dict(args)
     return out
 
@@ -76,10 +74,7 @@ def demo_pretrain_epochs(dataset: str, name: str, base: TrainConfig) -> Optional
     ``--pretrain-epochs`` (then theirs applies to every loss)."""
     if dataset.split(":")[0] != "digits" or base.pretrain_epochs is not None:
         return None
-    value = reg.get_entry("loss", name).metadata.get("demo_pretrain_epochs")
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-        raise TypeError(f"{name}: registration metadata demo_pretrain_epochs must be an integer >= 0, got {value!r}")
-    return value
+    return getattr(reg.get_entry("loss", name).spec, "demo_pretrain_epochs", None)  # LossSpec checks it
 
 
 def _label(name: str, args: Optional[dict]) -> str:
@@ -90,7 +85,7 @@ def _distances_note(name: str, base: TrainConfig, user_args: Optional[dict]) -> 
     """`` [d: text of the digit names]`` for a loss whose class distances the main job builds, so a
     reader sees where they came from (empty when the loss takes none or the user gave them)."""
     entry = reg.get_entry("loss", name)
-    if not class_texts_mod.needs_class_distances(entry.metadata):
+    if not class_texts_mod.needs_class_distances(entry.spec):
         return ""
     if any((user_args or {}).get(k) is not None for k in class_texts_mod.USER_KEYS):
         return " [d: given]"
@@ -98,7 +93,8 @@ def _distances_note(name: str, base: TrainConfig, user_args: Optional[dict]) -> 
     return f" [d: {class_texts_mod.describe_source(kind, base.class_texts)}]"
 
 
-def _is_floor(r: RunResult) -> bool:
+def is_floor(r: RunResult) -> bool:
+    """Whether ``r`` is the untrained floor row (the baseline every loss is compared with)."""
     return r.name.startswith(FLOOR[:-1])
 
 
@@ -126,7 +122,7 @@ def run_compare(base: TrainConfig, losses: Sequence[str], out: Path, *, per_loss
     # The floor in every geometry the compared losses are evaluated in (L2 losses such as CAM
     # are compared against an L2 floor); a --retrieval-distance flag applies to all.
     distances = [base.retrieval_distance] if base.retrieval_distance else sorted(
-        {reg.get_entry("loss", n).needs()["retrieval_distance"] or "cosine" for n in losses} | {"cosine"})
+        {reg.get_entry("loss", n).spec.retrieval_distance for n in losses} | {"cosine"})
     floors = [(FLOOR if d == "cosine" else f"{FLOOR[:-1]}, {d})", None, d) for d in distances]
     demo_args = demo_loss_args(base.dataset, losses, per_loss_args)
     demo_pretrain = {n: demo_pretrain_epochs(base.dataset, n, base) for n in losses}
@@ -137,7 +133,9 @@ def run_compare(base: TrainConfig, losses: Sequence[str], out: Path, *, per_loss
                      for name in losses]
     try:
         for i, (label, loss, distance) in enumerate(runs):
-            run_dir = _safe(loss) if loss else ("untrained" if distance in (None, "cosine") else f"untrained_{distance}")
+            run_dir = (
+                _safe(loss) if loss else ("untrained" if distance in (None, "cosine") else f"untrained_{distance}")
+            )
             loss_args = dict(per_loss_args.get(loss, demo_args.get(loss, {}))) if loss else {}
             pretrain = demo_pretrain.get(loss) if loss else None
             cfg = dataclasses.replace(base, loss=loss, loss_args=loss_args,
@@ -193,7 +191,7 @@ def table_rows(rows: Sequence[RunResult], ks: Iterable[int]) -> tuple[list[str],
             cells = [f"{100 * r.metrics[k]:.1f}" if k in r.metrics else "-" for k, _ in cols]
             cells += [f"{r.seconds_per_epoch:.2f}" if r.seconds_per_epoch is not None else "-",
                       f"{r.peak_memory_mb:.0f}" if r.peak_memory_mb is not None else "-",
-                      "floor" if _is_floor(r) else "ok"]
+                      "floor" if is_floor(r) else "ok"]
         body.append([r.name, *cells])
     return header, body
 
@@ -204,7 +202,9 @@ def format_table(rows: Sequence[RunResult], ks: Iterable[int], max_status: int =
     widths = [max(len(str(x[i])) for x in [header, *body]) for i in range(len(header))]
     lines = []
     for j, row in enumerate([header, *body]):
-        cells = [str(c).ljust(widths[i]) if i in (0, len(row) - 1) else str(c).rjust(widths[i]) for i, c in enumerate(row)]
+        cells = [
+            str(c).ljust(widths[i]) if i in (0, len(row) - 1) else str(c).rjust(widths[i]) for i, c in enumerate(row)
+        ]
         lines.append("  ".join(cells).rstrip())
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
@@ -214,7 +214,10 @@ def format_table(rows: Sequence[RunResult], ks: Iterable[int], max_status: int =
 def format_markdown(rows: Sequence[RunResult], ks: Iterable[int], base: TrainConfig) -> str:
     header, body = table_rows(rows, ks)
     esc = lambda s: str(s).replace("|", "\\|")
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([" --- "] + [" ---: "] * (len(header) - 2) + [" --- "]) + "|"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join([" --- "] + [" ---: "] * (len(header) - 2) + [" --- "]) + "|",
+    ]
     lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in body]
     setting = (f"dataset `{base.dataset}`, backbone `{base.backbone}`, embedding size {base.embedding_size}, "
                f"{base.epochs} epochs, batch {base.batch_size}, {base.optimizer} lr {base.lr:g}, seed {base.seed}")
@@ -230,7 +233,7 @@ def write_results(rows: Sequence[RunResult], out: Path, base: TrainConfig) -> No
     writer.writerow(["loss", "status", *metric_keys, "seconds_per_epoch", "train_seconds", "peak_memory_mb",
                      "memory_kind", "error"])
     for r in rows:
-        status = "error" if r.error else ("floor" if _is_floor(r) else "ok")
+        status = "error" if r.error else ("floor" if is_floor(r) else "ok")
         writer.writerow([r.name, status, *[f"{r.metrics[k]:.6f}" if k in r.metrics else "" for k in metric_keys],
                          "" if r.seconds_per_epoch is None else f"{r.seconds_per_epoch:.4f}", f"{r.train_seconds:.3f}",
                          "" if r.peak_memory_mb is None else f"{r.peak_memory_mb:.1f}", r.memory_kind, r.error or ""])
@@ -263,7 +266,11 @@ def plot_comparison(rows: Sequence[RunResult], path: Path, ks: Iterable[int]) ->
             if r.error:
                 continue
             ys = [100 * r.metrics.get(f"{prefix}{k}", float("nan")) for k in ks]
-            style = dict(color="black", linestyle="--" if r.name == FLOOR else ":", marker="x") if _is_floor(r) else dict(marker="o")
+            style = (
+                dict(color="black", linestyle="--" if r.name == FLOOR else ":", marker="x")
+                if is_floor(r)
+                else dict(marker="o")
+            )
             line, = ax.plot(ks, ys, label=r.name, **style)
             colors[r.name] = line.get_color()
         ax.set_xscale("log", base=2)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import difflib
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -143,7 +142,9 @@ def parse_dataset_spec(spec: str) -> tuple[str, Optional[str]]:
                          f"cars:PATH, sop:PATH, embeddings:PATH.npz")
     if kind == "digits":
         if path not in ("", "raw", "shifted"):
-            raise ValueError(f"digits takes no path: use 'digits' (shifted on a 12x12 canvas) or 'digits:raw', got {spec!r}")
+            raise ValueError(
+                f"digits takes no path: use 'digits' (shifted on a 12x12 canvas) or 'digits:raw', got {spec!r}"
+            )
         return kind, path or None
     if not path:
         raise ValueError(f"dataset {kind!r} needs a path: '{kind}:PATH'")

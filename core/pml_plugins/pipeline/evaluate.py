@@ -28,13 +28,20 @@ def make_accuracy_calculator(ks: Sequence[int] = DEFAULT_KS, retrieval_distance:
         raise ValueError(f"retrieval_distance must be one of {RETRIEVAL_DISTANCES}, got {retrieval_distance!r}")
     include = ("precision_at_1", "mean_average_precision_at_r", "mean_average_precision", "r_precision", "NMI",
                *[f"recall_at_{k}" for k in ks], *[f"ndcg_at_{k}" for k in ks])
-    from ..knn import KNN  # noqa: PLC0415
-    from ..metrics import AccuracyCalculator  # noqa: PLC0415
+    from ..knn import KNN
+    from ..metrics import AccuracyCalculator
 
     # one kNN layer for the whole toolkit (pml_plugins.knn); cosine: the tester L2-normalises
     # first, so both rankings are exact L2 / cosine kNN
-    return AccuracyCalculator(include=include, k="max_bin_count", device=device, knn_func=KNN(metric=retrieval_distance),
-                              ndcg_ks=tuple(ks), recall_ks=tuple(ks), plugin_metrics=False)
+    return AccuracyCalculator(
+        include=include,
+        k="max_bin_count",
+        device=device,
+        knn_func=KNN(metric=retrieval_distance),
+        ndcg_ks=tuple(ks),
+        recall_ks=tuple(ks),
+        plugin_metrics=False,
+    )
 
 
 class _QuietTester(GlobalEmbeddingSpaceTester):
@@ -47,14 +54,16 @@ class _QuietTester(GlobalEmbeddingSpaceTester):
 
     def compute_all_embeddings(self, dataloader, trunk_model, embedder_model):
         original = tqdm.tqdm
-        bar = lambda it, *a, **k: original(it, desc=self._desc, leave=False, disable=not self._progress, dynamic_ncols=True)
+        bar = lambda it, *a, **k: original(
+            it, desc=self._desc, leave=False, disable=not self._progress, dynamic_ncols=True
+        )
         tqdm.tqdm = bar  # PML's base tester calls tqdm.tqdm(dataloader) directly
         try:
             embeddings, labels = super().compute_all_embeddings(dataloader, trunk_model, embedder_model)
         finally:
             tqdm.tqdm = original
         if self._binarize:  # before the tester's L2 normalisation; codes of norm sqrt(D) become 1/sqrt(D)
-            from ..binarize import binarize_embeddings  # noqa: PLC0415
+            from ..binarize import binarize_embeddings
 
             embeddings = binarize_embeddings(embeddings)
         return embeddings, labels
@@ -93,11 +102,18 @@ def evaluate(trunk: torch.nn.Module, embedder: torch.nn.Module, dataset: torch.u
                          f"got {retrieval_distance!r}")
     calculator = make_accuracy_calculator(ks, retrieval_distance, device=device)
     kept: dict = {}  # the embeddings of the pass, for with_bits (PML's tester deletes them after its hook)
-    tester = _QuietTester(normalize_embeddings=retrieval_distance == "cosine", batch_size=batch_size,
-                          dataloader_num_workers=0, data_device=device, dtype=dtype,
-                          accuracy_calculator=calculator, end_of_testing_hook=lambda tester: kept.update(
-                              tester.embeddings_and_labels if with_bits else {}),
-                          progress=progress, binarize=binarize, desc="embedding test split" + (" (bits)" if binarize else ""))
+    tester = _QuietTester(
+        normalize_embeddings=retrieval_distance == "cosine",
+        batch_size=batch_size,
+        dataloader_num_workers=0,
+        data_device=device,
+        dtype=dtype,
+        accuracy_calculator=calculator,
+        end_of_testing_hook=lambda tester: kept.update(tester.embeddings_and_labels if with_bits else {}),
+        progress=progress,
+        binarize=binarize,
+        desc="embedding test split" + (" (bits)" if binarize else ""),
+    )
     if gallery is None:
         accuracies = tester.test({"test": dataset}, 0, trunk, embedder, splits_to_eval=[("test", ["test"])])
         query_key = "test"
@@ -107,7 +123,7 @@ def evaluate(trunk: torch.nn.Module, embedder: torch.nn.Module, dataset: torch.u
         query_key = "query"
     out = {standard_metric_name(key): float(value) for key, value in accuracies[query_key].items() if key != "epoch"}
     if with_bits and not binarize:
-        from ..binarize import binarize_embeddings  # noqa: PLC0415
+        from ..binarize import binarize_embeddings
 
         # L2-normalised for cosine, which leaves the codes unchanged (the sign of x - mean(x) is
         # scale-invariant)

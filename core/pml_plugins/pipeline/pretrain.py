@@ -14,18 +14,19 @@ import torch
 import tqdm
 from torch.utils.data import DataLoader, Dataset
 
+from .class_texts import spec_field
 from .trainer import build_optimizers
 
 
-def pretrain_epochs_for(cfg_value: Optional[int], metadata: Any) -> int:
-    """``--pretrain-epochs`` when given, else what the loss declares, else 0."""
+def pretrain_epochs_for(cfg_value: Optional[int], spec: Any) -> int:
+    """``--pretrain-epochs`` when given, else what the loss's spec declares, else 0."""
     if cfg_value is not None:
         return int(cfg_value)
-    declared = metadata.get("pretrain_epochs") if metadata is not None else None
+    declared = spec_field(spec, "pretrain_epochs") if spec is not None else None
     if declared is None:
         return 0
     if isinstance(declared, bool) or not isinstance(declared, int) or declared < 0:
-        raise TypeError(f"registration metadata pretrain_epochs must be an integer >= 0, got {declared!r}")
+        raise TypeError(f"the loss's pretrain_epochs must be an integer >= 0, got {declared!r}")
     return declared
 
 

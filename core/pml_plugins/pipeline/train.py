@@ -24,11 +24,12 @@ import numpy as np
 import torch
 from pytorch_metric_learning.utils import common_functions as c_f
 
-from .. import distributed as dist_mod
+from .. import distributed_losses
 from .. import registry as reg
-from ..training import TrainingContext, TrainingSetup
+from ..specs import LossSpec
+from ..training_protocol import TrainingContext, TrainingSetup
 from . import data as data_mod
-from . import distributed as ddp_mod
+from . import ddp
 from . import models as models_mod
 from . import protocols
 from .builders import build_loss, build_miner, constructor_parameters
@@ -95,9 +96,9 @@ def run_training(cfg: TrainConfig, *, progress: bool = True, log: Optional[Calla
     try:
         if not cfg.distributed:
             return _run(cfg, name, progress=progress, log=log, write_checkpoint=write_checkpoint)
-        env = dist_mod.env_from_torchrun()
-        device = ddp_mod.local_device(resolve_device(cfg.device), env)
-        with ddp_mod.process_group(env, device):
+        env = distributed_losses.env_from_torchrun()
+        device = ddp.local_device(resolve_device(cfg.device), env)
+        with ddp.process_group(env, device):
             lead = env.rank == 0  # only rank 0 logs, evaluates and writes
             return _run(cfg, name, progress=progress and lead, log=log if lead else None,
                         write_checkpoint=write_checkpoint, env=env, device=device)
@@ -114,7 +115,7 @@ class _Run:
     device: torch.device
     progress: bool
     log: Optional[Callable[[str], None]]
-    env: Optional[dist_mod.DistributedEnv]
+    env: Optional[distributed_losses.DistributedEnv]
     amp_dtype: Optional[torch.dtype] = None
     entry: Optional[reg.Entry] = None
     backbone: str = ""
@@ -131,7 +132,7 @@ class _Run:
 
 
 def _run(cfg: TrainConfig, name: str, *, progress: bool, log: Optional[Callable[[str], None]],
-         write_checkpoint: bool, env: Optional[dist_mod.DistributedEnv] = None,
+         write_checkpoint: bool, env: Optional[distributed_losses.DistributedEnv] = None,
          device: Optional[torch.device] = None) -> RunResult:
     run = _Run(cfg=cfg, name=name, device=device if device is not None else resolve_device(cfg.device),
                progress=progress, log=log, env=env)
@@ -213,7 +214,7 @@ def _build_trainer(run: _Run) -> tuple[EmbeddingTrainer, TrainingSetup, str]:
     cfg, env, resolved = run.cfg, run.env, run.resolved
     # a loss that takes class distances gets them from class texts (written to the run folder)
     kind, _ = data_mod.parse_dataset_spec(cfg.dataset)
-    loss_args, distances = class_distances_for_run(run.entry.metadata, dict(cfg.loss_args),
+    loss_args, distances = class_distances_for_run(run.entry.spec, dict(cfg.loss_args),
                                                    train_classes=run.splits.train_classes, dataset_kind=kind,
                                                    class_texts=cfg.class_texts, out=cfg.out if run.lead else None)
     if distances is not None:
@@ -224,22 +225,22 @@ def _build_trainer(run: _Run) -> tuple[EmbeddingTrainer, TrainingSetup, str]:
     loss = loss.to(run.device)
     semantics = None
     if env is not None:  # refuse a loss that cannot run distributed before touching the data
-        semantics = dist_mod.check_distributed_support(entry, efficient=cfg.distributed_efficient)
-        dist_mod.broadcast_module(loss)
-    needs = entry.needs()
-    retrieval = cfg.retrieval_distance or needs["retrieval_distance"] or "cosine"
+        semantics = distributed_losses.check_distributed_support(entry, efficient=cfg.distributed_efficient)
+        distributed_losses.broadcast_module(loss)
+    spec = entry.spec
+    retrieval = cfg.retrieval_distance or spec.retrieval_distance
     miner = build_miner(cfg.miner, cfg.miner_args)[0] if cfg.miner else None
     resolved.update(loss=entry.qualified_name, loss_class=f"{type(loss).__module__}.{type(loss).__qualname__}",
                     loss_plugin=f"{entry.distribution or entry.plugin} {entry.version or ''}".strip(),
-                    loss_args=loss_args, loss_needs={k: v for k, v in needs.items()})
+                    loss_args=loss_args, loss_needs=entry.needs())
 
     setup = _training_setup(run, loss, entry, options)
     train_dataset = setup.train_dataset if setup.train_dataset is not None else run.splits.train
-    sampler, m = _sampler(run, entry, needs, setup, train_dataset)
+    sampler, m = _sampler(run, spec, setup, train_dataset)
     local_batch = cfg.batch_size
     if env is not None:  # each rank takes its slice of the same global batches
-        base = sampler if sampler is not None else ddp_mod.GlobalRandomSampler(len(train_dataset), cfg.seed)
-        sampler = ddp_mod.RankSliceSampler(base, cfg.batch_size, env.rank, env.world_size)
+        base = sampler if sampler is not None else ddp.GlobalRandomSampler(len(train_dataset), cfg.seed)
+        sampler = ddp.RankSliceSampler(base, cfg.batch_size, env.rank, env.world_size)
         local_batch = sampler.local_batch_size
         resolved["distributed"].update({
             "global_batch_size": cfg.batch_size, "local_batch_size": local_batch,
@@ -249,7 +250,7 @@ def _build_trainer(run: _Run) -> tuple[EmbeddingTrainer, TrainingSetup, str]:
 
     models = {"trunk": run.trunk, "embedder": run.embedder}
     has_loss_params = any(p.requires_grad for p in loss.parameters())
-    loss_lr = float(cfg.loss_lr if cfg.loss_lr is not None else (needs["loss_lr"] or cfg.lr)) if has_loss_params else None
+    loss_lr = float(cfg.loss_lr if cfg.loss_lr is not None else (spec.loss_lr or cfg.lr)) if has_loss_params else None
     optimizers = build_optimizers(models, loss, optimizer=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   loss_lr=loss_lr)
     resolved["loss_lr"] = loss_lr
@@ -263,12 +264,12 @@ def _build_trainer(run: _Run) -> tuple[EmbeddingTrainer, TrainingSetup, str]:
     schedulers = build_schedulers(optimizers, cfg.lr_step, cfg.lr_gamma)
     metric_loss, after_backward, loss_scale = loss, None, 1.0
     if env is not None:
-        models = {k: ddp_mod.wrap_model(v, run.device) for k, v in models.items()}
-        metric_loss = dist_mod.wrap_loss(loss, entry, efficient=cfg.distributed_efficient)
-        miner = dist_mod.wrap_miner(miner, efficient=cfg.distributed_efficient) if miner is not None else None
+        models = {k: ddp.wrap_model(v, run.device) for k, v in models.items()}
+        metric_loss = distributed_losses.wrap_loss(loss, entry, efficient=cfg.distributed_efficient)
+        miner = distributed_losses.wrap_miner(miner, efficient=cfg.distributed_efficient) if miner is not None else None
         if has_loss_params:
             def after_backward() -> None:
-                dist_mod.average_loss_gradients(loss, efficient=cfg.distributed_efficient)
+                distributed_losses.average_loss_gradients(loss, efficient=cfg.distributed_efficient)
         loss_scale = 1.0 / env.world_size
         if run.log is not None:
             run.log(f"distributed: {env.world_size} processes ({resolved['distributed']['backend']}), global batch "
@@ -291,7 +292,7 @@ def _build_trainer(run: _Run) -> tuple[EmbeddingTrainer, TrainingSetup, str]:
 
 def _training_setup(run: _Run, loss: torch.nn.Module, entry: reg.Entry, options: dict) -> TrainingSetup:
     """What the loss asks of the trainer (multi-view batches, a database refresh, ...)."""
-    training_setup = entry.metadata.get("training_setup")
+    training_setup = entry.spec.training_setup
     if not callable(training_setup):
         if options:
             raise TypeError(f"loss {entry.name!r} has no training_setup, so it takes no loss options {sorted(options)}")
@@ -326,7 +327,7 @@ def _training_setup(run: _Run, loss: torch.nn.Module, entry: reg.Entry, options:
 def _pretrain(run: _Run) -> None:
     """Classification pre-training when the loss declares it (``pretrain_epochs``) or the user asks."""
     cfg = run.cfg
-    epochs = pretrain_epochs_for(cfg.pretrain_epochs, run.entry.metadata)
+    epochs = pretrain_epochs_for(cfg.pretrain_epochs, run.entry.spec)
     if epochs == 0:
         return
     if run.env is not None:
@@ -341,17 +342,17 @@ def _pretrain(run: _Run) -> None:
         amp_dtype=run.amp_dtype, progress=run.progress)
 
 
-def _sampler(run: _Run, entry: reg.Entry, needs: dict, setup: TrainingSetup,
+def _sampler(run: _Run, spec: LossSpec, setup: TrainingSetup,
              train_dataset: Any) -> tuple[Any, Optional[int]]:
     """The setup's own sampler, else m-per-class when asked (``--sampler`` or the loss's spec), else random."""
     cfg = run.cfg
     sampler_name = cfg.sampler
     if sampler_name == "auto":
-        sampler_name = "m-per-class" if needs["sampler"] == "m_per_class" else "random"
+        sampler_name = "m-per-class" if spec.sampler == "m_per_class" else "random"
     sampler, m = setup.sampler, None
     if sampler is None and sampler_name == "m-per-class":
         labels = run.splits.train_labels if setup.train_dataset is None else data_mod.dataset_labels(train_dataset)
-        sampler, m = m_per_class_sampler(labels, cfg.batch_size, cfg.m, preferred_m(entry.metadata))
+        sampler, m = m_per_class_sampler(labels, cfg.batch_size, cfg.m, preferred_m(spec))
     if sampler is None and cfg.batch_size > len(train_dataset):
         raise ValueError(f"batch size {cfg.batch_size} is larger than the training split "
                          f"({len(train_dataset)} samples)")

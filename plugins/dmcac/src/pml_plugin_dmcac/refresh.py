@@ -4,8 +4,10 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Optional
 
 import torch
-from pml_plugins.distributed import gather_in_rank_order, is_distributed
 from tqdm.auto import tqdm
+
+from pml_plugins.distributed_losses import gather_in_rank_order, is_distributed
+from pml_plugins.validation import check_positive_int
 
 
 def make_embed_fn(trunk: torch.nn.Module, embedder: Optional[torch.nn.Module] = None,
@@ -58,9 +60,8 @@ class DatabaseRefresher:
                  num_workers: int = 0, device: Optional[torch.device] = None, modules: Iterable[torch.nn.Module] = (),
                  index_factory: Optional[Callable[[torch.Tensor], Any]] = None, progress: bool = True,
                  rank: int = 0, world_size: int = 1):
-        for name, value in (("every_epochs", every_epochs), ("every_iterations", every_iterations)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        check_positive_int("every_epochs", every_epochs, allow_none=True)
+        check_positive_int("every_iterations", every_iterations, allow_none=True)
         self.loss, self.dataset, self.embed = loss, dataset, embed
         self.every_epochs, self.every_iterations = every_epochs, every_iterations
         self.batch_size, self.num_workers, self.device = int(batch_size), int(num_workers), device
@@ -98,7 +99,9 @@ class DatabaseRefresher:
         chunks, labels = [], []
         try:
             with torch.no_grad():
-                for batch in tqdm(loader, desc="DMCAC database refresh", disable=None if self.progress else True, leave=False):
+                for batch in tqdm(
+                    loader, desc="DMCAC database refresh", disable=None if self.progress else True, leave=False
+                ):
                     x, y = batch[0], batch[1]
                     if self.device is not None:
                         x = x.to(self.device)

@@ -5,6 +5,7 @@ import warnings
 from typing import Any
 
 import torch
+
 from pml_plugins import TrainingContext, TrainingSetup
 from pml_plugins.knn import INDEXES
 
@@ -23,7 +24,8 @@ OPTION_DEFAULTS = {
     "database_gradient": True,
     "refresh_batch_size": 256,
     "view_transform": None,  # callable for views 1..A-1 (default RandAugment / TensorViewAugment)
-    "index": None,  # None: the core's kNN layer per step; "flat" / "ivf" / "hnsw" / "pq": a core KNNIndex built per refresh
+    # None: the core's kNN layer per step; "flat" / "ivf" / "hnsw" / "pq": a core KNNIndex built per refresh
+    "index": None,
     "progress": None,  # None: the main job's setting (context.progress: off-terminal, --no-progress, DDP rank > 0)
 }
 
