@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from pml_plugins.pipeline.memory import PeakMemory
 from pml_plugin_dmcac import DatabaseEncoder, DatabaseRefresher, DMCACLoss, make_embed_fn
+from pml_plugins.pipeline.memory import PeakMemory
 
 
 def main() -> None:

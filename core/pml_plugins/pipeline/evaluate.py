@@ -4,10 +4,10 @@ The test split is queried against itself (each query excluded from its own neigh
 standard deep-metric-learning protocol; or, given a ``gallery``, a query set is searched in a
 separate gallery set (``ref_includes_query=False``), In-Shop's protocol. Besides Recall@k,
 nDCG@k, MAP@R and P@1 the reported metrics include PML's ``mean_average_precision`` (the mAP
-CAM reports) and ``NMI`` (k-means clustering, the Group Loss's metric), under PML's names. ``retrieval_distance`` (from the loss's registry entry)
-picks the geometry: ``"cosine"`` L2-normalises the embeddings before the kNN; ``"euclidean"``
-(losses such as Class Anchor Margin that shape an unnormalised space) searches with L2 distance
-on the raw embeddings.
+CAM reports) and ``NMI`` (k-means clustering, the Group Loss's metric), under PML's names.
+``retrieval_distance`` (from the loss's registry entry) picks the geometry: ``"cosine"``
+L2-normalises the embeddings before the kNN; ``"euclidean"`` (losses such as Class Anchor Margin
+that shape an unnormalised space) searches with L2 distance on the raw embeddings.
 """
 from __future__ import annotations
 
@@ -74,7 +74,8 @@ _NAMES = {"mean_average_precision_at_r": "map_at_r"}
 
 
 def standard_metric_name(name: str) -> str:
-    """``recall_at_1_level0`` -> ``recall_at_1``; ``mean_average_precision_at_r`` -> ``map_at_r``; others as PML names them."""
+    """``recall_at_1_level0`` -> ``recall_at_1``; ``mean_average_precision_at_r`` -> ``map_at_r``; others
+    keep PML's names."""
     if name.endswith("_level0"):
         name = name[: -len("_level0")]
     return _NAMES.get(name, name)
@@ -128,7 +129,7 @@ def evaluate(trunk: torch.nn.Module, embedder: torch.nn.Module, dataset: torch.u
         # L2-normalised for cosine, which leaves the codes unchanged (the sign of x - mean(x) is
         # scale-invariant)
         embeddings, labels = kept[query_key]
-        flat = (lambda y: y[:, 0] if y.ndim == 2 else y)  # noqa: E731
+        flat = (lambda y: y[:, 0] if y.ndim == 2 else y)
         if gallery is None:
             bits = make_accuracy_calculator(ks, "cosine", device=device).get_accuracy(
                 binarize_embeddings(embeddings), flat(labels))

@@ -29,9 +29,8 @@ from .. import registry as reg
 from ..specs import LossSpec
 from ..training_protocol import TrainingContext, TrainingSetup
 from . import data as data_mod
-from . import ddp
+from . import ddp, protocols
 from . import models as models_mod
-from . import protocols
 from .builders import build_loss, build_miner, constructor_parameters
 from .class_texts import class_distances_for_run, read_class_texts
 from .config import TrainConfig

@@ -6,8 +6,8 @@ import pytest
 import torch
 from pytorch_metric_learning import trainers
 
-from pml_plugins import TrainingContext
 from pml_plugin_dmcac import DatabaseEncoder, DMCACLoss, training_setup
+from pml_plugins import TrainingContext
 
 
 class _Images(torch.utils.data.Dataset):

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import pml_plugins
-from pml_plugins.cli import main as cli_main
 from pml_plugin_group_loss import GroupLoss, GroupLossPaper
+from pml_plugins.cli import main as cli_main
 
 sys.path.insert(0, str(Path(__file__).parent))  # the loop reference lives next to this file
-from test_group_loss_reference import reference_group_loss  # noqa: E402
+from test_group_loss_reference import reference_group_loss
 
 pytestmark = pytest.mark.filterwarnings("ignore::pml_plugin_group_loss.GroupLossBatchWarning")
 
@@ -25,7 +25,8 @@ def _batch(seed: int = 0):
     return emb, labels
 
 
-@pytest.mark.parametrize("name, zero_diagonal, ce_weight", [("group_loss", False, 1.0), ("group_loss_paper", True, 0.0)])
+@pytest.mark.parametrize("name, zero_diagonal, ce_weight",
+                         [("group_loss", False, 1.0), ("group_loss_paper", True, 0.0)])
 def test_registry_presets_match_the_reference(name, zero_diagonal, ce_weight):
     loss = pml_plugins.create_loss(name, num_classes=3, embedding_size=5).double()
     assert (loss.zero_diagonal, loss.ce_weight) == (zero_diagonal, ce_weight)

@@ -30,7 +30,7 @@ class _DatabaseRows(torch.autograd.Function):
     """Rows from ``encoder`` in forward; the encoder's own two-pass backward in backward."""
 
     @staticmethod
-    def forward(ctx, anchor: torch.Tensor, encoder: "DatabaseEncoder") -> torch.Tensor:  # noqa: ARG004
+    def forward(ctx, anchor: torch.Tensor, encoder: DatabaseEncoder) -> torch.Tensor:
         ctx.encoder = encoder
         return encoder.embed_without_graph()
 

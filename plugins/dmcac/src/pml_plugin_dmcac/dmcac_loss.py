@@ -156,7 +156,8 @@ class DMCACLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             raise ValueError('set_database_encoder needs retrieval="full" (approximate retrieval treats the '
                              "retrieved rows as constants, section 3.4); use set_database for it")
         if encoder is not None and not callable(getattr(encoder, "rows", None)):
-            raise TypeError(f"encoder must have a rows() method returning the database rows, got {type(encoder).__name__}")
+            raise TypeError(f"encoder must have a rows() method returning the database rows, "
+                            f"got {type(encoder).__name__}")
         self.db_encoder = encoder
 
     # ------------------------------------------------------------------ forward
@@ -199,7 +200,8 @@ class DMCACLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         if self.db_encoder is not None and self.retrieval == "full":
             rows = self.db_encoder.rows().to(device=z.device)
             if rows.ndim != 2 or rows.shape[1] != self.embedding_size:
-                raise ValueError(f"the database encoder must give (D, {self.embedding_size}) rows, got {tuple(rows.shape)}")
+                raise ValueError(f"the database encoder must give (D, {self.embedding_size}) rows, "
+                                 f"got {tuple(rows.shape)}")
             return F.normalize(rows.to(z.dtype), dim=1), None, False
         if self.has_database:
             return self.db_embeddings.to(device=z.device, dtype=z.dtype), self.db_index, False
