@@ -39,8 +39,8 @@ def _metrics(out: Path) -> dict:
 
 # -- classification pre-training --------------------------------------------------------------------
 def test_pretrain_epochs_come_from_the_flag_else_the_loss():
-    assert pretrain_epochs_for(None, pml_plugins.get_entry("loss", "group_loss_paper").metadata) == 10
-    assert pretrain_epochs_for(None, pml_plugins.get_entry("loss", "group_loss").metadata) == 0
+    assert pretrain_epochs_for(None, pml_plugins.get_entry("loss", "group_loss_paper").spec) == 10
+    assert pretrain_epochs_for(None, pml_plugins.get_entry("loss", "group_loss").spec) == 0
     assert pretrain_epochs_for(0, {"pretrain_epochs": 10}) == 0
     assert pretrain_epochs_for(3, {}) == 3
     with pytest.raises(TypeError, match="pretrain_epochs"):
