@@ -34,7 +34,8 @@ def _frozen_mapping(value: Any, name: str) -> Mapping[str, Any]:
 
 
 def _optional(value: Any, types: tuple, name: str, what: str) -> None:
-    if value is not None and (isinstance(value, bool) and bool not in types or not isinstance(value, types)):
+    # True is an int: a bool is only accepted where bool is one of the types
+    if value is not None and ((isinstance(value, bool) and bool not in types) or not isinstance(value, types)):
         raise TypeError(f"{name} must be {what} or None, got {value!r}")
 
 
@@ -252,7 +253,7 @@ def spec_from_metadata(kind: str, metadata: Mapping[str, Any], *, plugin: str = 
                             f"({renamed.get(target, target)}={values[target]!r}, {key}={value!r})")
         if key in cls.DEPRECATED_ALIASES:
             warnings.warn(f"pml-plugins: plugin {plugin!r} registered the {kind} {name!r} with {key}=...; "
-                          f"the field is {target} (LossSpec.{target})", DeprecationWarning, stacklevel=stacklevel)
+                          f"the field is {target} ({cls.__name__}.{target})", DeprecationWarning, stacklevel=stacklevel)
         values[target] = value
         renamed[target] = key
     return cls(**values)
