@@ -7,7 +7,7 @@ import sys
 from typing import Sequence
 
 # Subcommand modules under pml_plugins.cli, in the order `--help` shows them.
-COMMANDS = ("list", "info", "train", "compare", "evaluate", "embed", "new-plugin")
+COMMANDS = ("list", "info", "train", "compare", "evaluate", "embed", "report", "new-plugin")
 
 
 def build_parser() -> argparse.ArgumentParser:

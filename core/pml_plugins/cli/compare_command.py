@@ -25,7 +25,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Train each loss with the same data, backbone, seed and budget; print one "
                                    "table (Recall@k, MAP@R, nDCG@k, time per epoch, peak memory) with the "
                                    "untrained model as the floor; write results.csv, results.md, "
-                                   "comparison.png and every run under --out.",
+                                   "comparison.png, every run under --out, and report.html (the comparison's "
+                                   "offline HTML report, linking to each run's own).",
                        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--losses", help="comma-separated loss names (default: every plugin loss + PML references)")
     add_common_arguments(p)
@@ -78,6 +79,10 @@ def run(args: argparse.Namespace) -> int:
         per_loss.setdefault(loss, {}).update(extra)
     flags["distributed"], flags["distributed_efficient"] = args.distributed, args.distributed_efficient
     base = build_config(fvals, {**flags, "loss": None})
+    if base.tensorboard:
+        from ..report.tensorboard import require_tensorboard
+
+        require_tensorboard()
     if base.distributed:  # one process group for all the runs (re-initialising one per run can hang)
         from ..distributed_losses import env_from_torchrun
         from ..pipeline.ddp import local_device, process_group
@@ -111,4 +116,8 @@ def _run_compare(args: argparse.Namespace, base, losses: list[str], per_loss: di
     print(f"\n{len(trained)} trained, {len(failed)} failed"
           + (f" ({', '.join(failed)}; see {out}/runs/*/error.txt)" if failed else "")
           + f"; {time.perf_counter() - start:.0f} s. Wrote {out}/results.csv, results.md, comparison.png")
+    if not args.no_report:
+        from .train_command import write_report_safely
+
+        write_report_safely(str(out))
     return 0

@@ -17,10 +17,11 @@ _EPILOG = """examples:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train one loss, evaluate it, write metrics/config/checkpoint/plot",
+    p = sub.add_parser("train", help="train one loss, evaluate it, write metrics/config/checkpoint/plot/report",
                        description="Train an embedding model with any registered loss (PML's MetricLossOnly "
                                    "trainer), evaluate it on the unseen test classes, and write metrics.json, "
-                                   "config.json, checkpoint.pt and metrics.png under --out.",
+                                   "metrics.jsonl (per epoch), config.json, checkpoint.pt, metrics.png, "
+                                   "test_embeddings.npz and the offline HTML report report.html under --out.",
                        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--loss", help="loss name (pml-plugins list), alias or plugin:name (default proxy_anchor)")
     p.add_argument("--resume", metavar="OUT", help="continue the run in OUT from its latest checkpoint, with its "
@@ -91,13 +92,18 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-last", type=int, metavar="N",
                    help="checkpoints kept: OUT/checkpoint.pt (the latest, written after every epoch) and, for N > 1, "
                         "the N latest epochs as OUT/checkpoint-epochNNNN.pt (default 1: the latest only)")
+    g.add_argument("--no-report", action="store_true",
+                   help="do not write the offline HTML report (report.html; see pml-plugins report)")
+    g.add_argument("--tensorboard", action="store_true", default=None,
+                   help="also write TensorBoard events (per-epoch scalars, test metrics, test embeddings for the "
+                        "projector) to OUT/tensorboard; needs the tensorboard package")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 _FLAG_FIELDS = ("miner", "dataset", "backbone", "embedding_size", "pooling", "head_norm", "pretrained", "image_size",
                 "epochs", "batch_size", "iterations_per_epoch", "sampler", "m", "optimizer", "lr", "loss_lr",
                 "weight_decay", "lr_step", "lr_gamma", "seed", "device", "amp", "threads", "num_workers",
-                "retrieval_distance", "eval_batch_size", "eval_binarize", "out", "keep_last")
+                "retrieval_distance", "eval_batch_size", "eval_binarize", "out", "keep_last", "tensorboard")
 
 
 def flag_values(args: argparse.Namespace) -> dict[str, Any]:
@@ -149,6 +155,10 @@ def run(args: argparse.Namespace) -> int:
         fvals = {**resumed_settings(args.resume, flags.get("out")), **fvals}
         flags["out"] = args.resume
     cfg = build_config(fvals, flags)
+    if cfg.tensorboard:
+        from ..report.tensorboard import require_tensorboard
+
+        require_tensorboard()
     if cfg.out is None:
         cfg.out = f"pml-plugins-runs/{(cfg.loss or 'untrained').replace(':', '_')}"
     progress = show_progress(args.no_progress)
@@ -159,7 +169,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"{result.name}: trained {cfg.epochs} epochs"
           + (f", {result.seconds_per_epoch:.2f} s/epoch" if result.seconds_per_epoch else ""))
     print_metrics(result.metrics, cfg.ks)
-    print(f"wrote {cfg.out}/metrics.json, config.json, checkpoint.pt, metrics.png")
+    written = "metrics.json, metrics.jsonl, config.json, checkpoint.pt, metrics.png, test_embeddings.npz"
+    print(f"wrote {cfg.out}/{written}" + (f", tensorboard/ (tensorboard --logdir {cfg.out}/tensorboard)"
+                                          if cfg.tensorboard else ""))
+    if not args.no_report:
+        write_report_safely(cfg.out)
     return 0
 
 
@@ -181,3 +195,20 @@ def resumed_settings(out: str, flag_out: Any = None) -> dict[str, Any]:
     fields = set(config_fields())
     return {k: v for k, v in (state.get("config") or {}).items() if k in fields and k != "out"}
 
+
+
+def write_report_safely(directory: str) -> None:
+    """The report at the end of train / compare; a failure is reported but leaves the run's files be."""
+    import sys
+    import time
+
+    from ..report import write_report
+
+    start = time.perf_counter()
+    try:
+        path = write_report(directory)
+    except Exception as exc:  # the run itself succeeded and is on disk
+        print(f"warning: could not write the HTML report ({type(exc).__name__}: {exc}); "
+              f"try: pml-plugins report {directory}", file=sys.stderr)
+        return
+    print(f"report: {path} ({time.perf_counter() - start:.1f} s; opens offline in any browser)")

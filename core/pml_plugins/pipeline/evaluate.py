@@ -8,7 +8,7 @@ on the raw embeddings.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import tqdm
@@ -79,13 +79,14 @@ def standard_metric_name(name: str) -> str:
 def evaluate(trunk: torch.nn.Module, embedder: torch.nn.Module, dataset: torch.utils.data.Dataset, *,
              device: torch.device, retrieval_distance: str = "cosine", ks: Sequence[int] = DEFAULT_KS,
              batch_size: int = 256, progress: bool = True, dtype: torch.dtype | None = None,
-             binarize: bool = False, with_bits: bool = False) -> dict[str, float]:
+             binarize: bool = False, with_bits: bool = False, keep: Optional[dict] = None) -> dict[str, float]:
     """Embed ``dataset`` and return retrieval metrics, test split queried against itself.
 
     ``binarize=True`` evaluates the ±1 codes of :func:`pml_plugins.binarize_embeddings`
     instead (cosine of codes = 1 - 2 Hamming / D, so the ranking is by Hamming distance; needs
     ``retrieval_distance="cosine"``). ``with_bits=True`` evaluates the float embeddings and
-    then, from the same embedding pass, their codes, reported as ``bits_<metric>``.
+    then, from the same embedding pass, their codes, reported as ``bits_<metric>``. A ``keep`` dict
+    receives the evaluated ``embeddings`` (L2-normalised for cosine) and ``labels`` (N,) as tensors.
     """
     if retrieval_distance not in RETRIEVAL_DISTANCES:
         raise ValueError(f"retrieval_distance must be one of {RETRIEVAL_DISTANCES}, got {retrieval_distance!r}")
@@ -101,13 +102,18 @@ def evaluate(trunk: torch.nn.Module, embedder: torch.nn.Module, dataset: torch.u
         data_device=device,
         dtype=dtype,
         accuracy_calculator=calculator,
-        end_of_testing_hook=lambda tester: kept.update(tester.embeddings_and_labels if with_bits else {}),
+        end_of_testing_hook=lambda tester: kept.update(
+            tester.embeddings_and_labels if with_bits or keep is not None else {}
+        ),
         progress=progress,
         binarize=binarize,
         desc="embedding test split" + (" (bits)" if binarize else ""),
     )
     accuracies = tester.test({"test": dataset}, 0, trunk, embedder, splits_to_eval=[("test", ["test"])])
     out = {standard_metric_name(key): float(value) for key, value in accuracies["test"].items() if key != "epoch"}
+    if keep is not None:
+        embeddings, labels = kept["test"]
+        keep.update(embeddings=embeddings, labels=labels[:, 0] if labels.ndim == 2 else labels)
     if with_bits and not binarize:
         from ..binarize import binarize_embeddings
 

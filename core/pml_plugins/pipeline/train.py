@@ -13,6 +13,9 @@ one job each: :mod:`.builders` (loss and miner from a name), :mod:`.sampling` (b
 """
 from __future__ import annotations
 
+import datetime
+import json
+import os
 import platform
 import sys
 from dataclasses import dataclass
@@ -71,6 +74,14 @@ def _versions() -> dict:
     return {"pml_plugins": __version__, "pytorch_metric_learning": pytorch_metric_learning.__version__,
             "torch": torch.__version__, "python": platform.python_version()}
 
+
+
+def _machine(device: torch.device) -> dict:
+    """Where the run ran, for the report's setting."""
+    info = {"host": platform.node(), "platform": platform.platform(), "cpus": os.cpu_count()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -145,27 +156,34 @@ def _run(cfg: TrainConfig, name: str, *, progress: bool, log: Optional[Callable[
     _build_model_and_data(run)
     retrieval = cfg.retrieval_distance or "cosine"
     trainer, mem = None, PeakMemory(run.device)
-    if train:
-        trainer, setup, retrieval = _build_trainer(run)
-        epoch_checkpoints = bool(cfg.out) and write_checkpoint
-        with mem, resume_mod.StopSignal(distributed=env is not None, log=log) as stop:
-            start = _prepare_resumable(run, trainer, setup, state, stop, epoch_checkpoints, resume[2])
-            if setup.before_training is not None and (state is None or setup.load_state_dict is None):
-                setup.before_training()
-            if state is not None:
-                _restore(run, trainer, setup, state)
-            trainer.train(num_epochs=cfg.epochs, **start)
-        write_checkpoint = write_checkpoint and not epoch_checkpoints  # the last epoch's is there already
-        if trainer.iterations_per_epoch == 0:
-            raise ValueError(f"no full batch of {cfg.batch_size} fits in the training split")
-    run.resolved["retrieval_distance"] = retrieval
-    metrics = {}
-    if run.lead:
-        metrics = evaluate(run.trunk, run.embedder, run.splits.test, device=run.device, retrieval_distance=retrieval,
-                           ks=cfg.ks, batch_size=cfg.eval_batch_size, progress=progress, with_bits=cfg.eval_binarize)
-    result = _result(run, metrics, trainer, mem if train else None)
-    if cfg.out and run.lead:
-        write_outputs(Path(cfg.out), result, run.trunk, run.embedder, trainer, write_checkpoint)
+    tb = _start_logs(run, resumed_epoch=int(state["epoch"]) if state is not None else 0)
+    try:
+        if train:
+            trainer, setup, retrieval = _build_trainer(run, epoch_log=_epoch_log(run, tb))
+            epoch_checkpoints = bool(cfg.out) and write_checkpoint
+            with mem, resume_mod.StopSignal(distributed=env is not None, log=log) as stop:
+                start = _prepare_resumable(run, trainer, setup, state, stop, epoch_checkpoints, resume[2])
+                if setup.before_training is not None and (state is None or setup.load_state_dict is None):
+                    setup.before_training()
+                if state is not None:
+                    _restore(run, trainer, setup, state)
+                trainer.train(num_epochs=cfg.epochs, **start)
+            write_checkpoint = write_checkpoint and not epoch_checkpoints  # the last epoch's is there already
+            if trainer.iterations_per_epoch == 0:
+                raise ValueError(f"no full batch of {cfg.batch_size} fits in the training split")
+        run.resolved["retrieval_distance"] = retrieval
+        metrics, kept = {}, {}
+        if run.lead:
+            metrics = evaluate(run.trunk, run.embedder, run.splits.test, device=run.device,
+                               retrieval_distance=retrieval, ks=cfg.ks, batch_size=cfg.eval_batch_size,
+                               progress=progress, with_bits=cfg.eval_binarize, keep=kept if cfg.out else None)
+        result = _result(run, metrics, trainer, mem if train else None)
+        if cfg.out and run.lead:
+            _save_test_embeddings(run, kept, retrieval, tb, metrics, step=int(result.extra.get("epochs_run", 0)))
+            write_outputs(Path(cfg.out), result, run.trunk, run.embedder, trainer, write_checkpoint)
+    finally:
+        if tb is not None:
+            tb.close()
     return result
 
 
@@ -209,6 +227,79 @@ def _restore(run: _Run, trainer: EmbeddingTrainer, setup: TrainingSetup, state: 
                 + (f" (forced despite: {'; '.join(forced)})" if forced else ""))
 
 
+def _start_logs(run: _Run, resumed_epoch: int = 0) -> Optional[Any]:
+    """The run's TensorBoard writer (``--tensorboard``, rank 0, with an output folder), else None;
+    also starts a fresh ``metrics.jsonl`` (a rerun into the same folder does not append to the old);
+    a resumed run keeps the lines of the epochs its checkpoint holds and drops later ones."""
+    cfg = run.cfg
+    if not cfg.out or not run.lead:
+        return None
+    from ..report.artifacts import METRICS_JSONL
+
+    _truncate_epoch_log(Path(cfg.out) / METRICS_JSONL, resumed_epoch)
+    if not cfg.tensorboard:
+        return None
+    from ..report.tensorboard import TENSORBOARD_DIR, TensorBoardLogger
+
+    return TensorBoardLogger(Path(cfg.out) / TENSORBOARD_DIR)
+
+
+def _truncate_epoch_log(path: Path, keep_through_epoch: int) -> None:
+    """Keep only the lines of epochs ``<= keep_through_epoch`` (all gone for a fresh run)."""
+    if not path.exists():
+        return
+    kept = []
+    if keep_through_epoch > 0:
+        for line in path.read_text().splitlines():
+            try:
+                if int(json.loads(line).get("epoch", 0)) <= keep_through_epoch:
+                    kept.append(line)
+            except (ValueError, AttributeError):
+                continue  # a line cut by a kill mid-write
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def _epoch_log(run: _Run, tb: Optional[Any]) -> Optional[Callable[[Any], None]]:
+    """The end-of-epoch hook that appends the epoch to ``OUT/metrics.jsonl`` (and TensorBoard)."""
+    if not run.cfg.out or not run.lead:
+        return None
+    from ..report.artifacts import append_metrics_line
+
+    out = Path(run.cfg.out)
+
+    def hook(trainer: Any) -> None:
+        record = {"epoch": int(trainer.epoch), "loss": float(trainer.last_loss), "lr": dict(trainer.epoch_lr),
+                  "seconds": float(trainer.epoch_seconds[-1])}
+        append_metrics_line(out, record)
+        if tb is not None:
+            tb.log_epoch(record)
+
+    return hook
+
+
+def _save_test_embeddings(run: _Run, kept: dict, retrieval: str, tb: Optional[Any], metrics: dict,
+                          step: int) -> None:
+    """``OUT/test_embeddings.npz`` for the report (thumbnails for image data), and TensorBoard's
+    test metrics and projector."""
+    from ..report.artifacts import make_thumbnails, save_test_artifacts, thumbnail_sample
+
+    if "embeddings" not in kept:
+        return
+    labels = kept["labels"].cpu().numpy()
+    rows = thumbnail_sample(len(labels), seed=run.cfg.seed)
+    thumbs = make_thumbnails(run.splits.test, rows)
+    names = run.splits.test_classes if len(run.splits.test_classes) == int(labels.max()) + 1 else None
+    save_test_artifacts(run.cfg.out, kept["embeddings"].float(), labels, thumbs,
+                        thumbnail_index=rows if thumbs is not None else None, class_names=names,
+                        retrieval_distance=retrieval)
+    if tb is not None:
+        tb.log_metrics(metrics, step)
+        tb.log_embeddings(kept["embeddings"].float().cpu().numpy(), labels, names, thumbs,
+                          rows if thumbs is not None else None, step=step, seed=run.cfg.seed)
+
+
 def _amp_dtype(device: torch.device, amp: str) -> Optional[torch.dtype]:
     if device.type == "cuda" and amp in ("auto", "on"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -242,13 +333,15 @@ def _build_model_and_data(run: _Run) -> None:
                     "amp": str(run.amp_dtype) if run.amp_dtype else "off", "backbone": run.backbone,
                     "model": run.model.description, "data": run.splits.describe(),
                     "num_train_classes": run.splits.num_train_classes, "threads": torch.get_num_threads(),
-                    "versions": _versions(), "command": sys.argv}
+                    "versions": _versions(), "command": sys.argv, "machine": _machine(run.device),
+                    "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
     if run.env is not None:
         run.resolved["distributed"] = {"world_size": run.env.world_size, "rank": run.env.rank,
                                        "backend": torch.distributed.get_backend()}
 
 
-def _build_trainer(run: _Run) -> tuple[EmbeddingTrainer, TrainingSetup, str]:
+def _build_trainer(run: _Run, epoch_log: Optional[Callable[[Any], None]] = None
+                   ) -> tuple[EmbeddingTrainer, TrainingSetup, str]:
     """Loss, miner, the loss's training setup, sampler, optimizers and DDP wrapping -> PML trainer."""
     cfg, env, resolved = run.cfg, run.env, run.resolved
     loss, entry, loss_args, options = build_loss(run.entry.qualified_name, num_classes=run.splits.num_train_classes,
@@ -274,11 +367,11 @@ def _build_trainer(run: _Run) -> tuple[EmbeddingTrainer, TrainingSetup, str]:
         base = sampler if sampler is not None else ddp.GlobalRandomSampler(len(train_dataset), cfg.seed)
         sampler = ddp.RankSliceSampler(base, cfg.batch_size, env.rank, env.world_size)
         local_batch = sampler.local_batch_size
+        divisor = env.world_size if cfg.distributed_efficient else env.world_size ** 2
         resolved["distributed"].update({
             "global_batch_size": cfg.batch_size, "local_batch_size": local_batch,
             "efficient": cfg.distributed_efficient, "loss_semantics": semantics or "not declared",
-            "loss_parameter_gradients":
-                f"all-reduced sum / {env.world_size if cfg.distributed_efficient else env.world_size ** 2}"})
+            "loss_parameter_gradients": f"all-reduced sum / {divisor}"})
 
     models = {"trunk": run.trunk, "embedder": run.embedder}
     has_loss_params = any(p.requires_grad for p in loss.parameters())
@@ -316,7 +409,7 @@ def _build_trainer(run: _Run) -> tuple[EmbeddingTrainer, TrainingSetup, str]:
                                    sampler=sampler, collate_fn=setup.collate_fn, lr_schedulers=schedulers,
                                    dataloader_num_workers=cfg.num_workers,
                                    end_of_iteration_hook=chain_hooks(setup.end_of_iteration_hook),
-                                   end_of_epoch_hook=chain_hooks(setup.end_of_epoch_hook),
+                                   end_of_epoch_hook=chain_hooks(setup.end_of_epoch_hook, epoch_log),
                                    progress=run.progress, desc=run.name, amp_dtype=run.amp_dtype,
                                    after_backward=after_backward, loss_scale=loss_scale)
     return trainer, setup, retrieval

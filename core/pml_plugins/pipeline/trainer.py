@@ -57,6 +57,8 @@ class EmbeddingTrainer(MetricLossOnly):
         self.last_loss = math.nan
         #: the last epoch whose checkpoint was written (None before the first)
         self.saved_epoch: Optional[int] = None
+        #: learning rate of each optimizer during the current epoch (before the epoch's scheduler step)
+        self.epoch_lr: dict[str, float] = {}
         super().__init__(*args, **kwargs)
 
     def configure_checkpoints(self, *, begin_epoch: Optional[Callable[[int], None]] = None,
@@ -78,6 +80,8 @@ class EmbeddingTrainer(MetricLossOnly):
         self.initialize_dataloader()
         for self.epoch in range(start_epoch, num_epochs + 1):
             start = time.perf_counter()
+            self.epoch_lr = {k[: -len("_optimizer")] if k.endswith("_optimizer") else k: float(o.param_groups[0]["lr"])
+                             for k, o in self.optimizers.items()}
             self.set_to_train()
             if self._begin_epoch is not None:
                 self._begin_epoch(self.epoch)
