@@ -8,6 +8,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Optional
 
 from . import figures
 from .html import Raw, esc, img, page, table
@@ -75,7 +76,7 @@ def _run_name(run_dir: Path) -> str:
     return run_dir.name
 
 
-def _float(text: str | None) -> float | None:
+def _float(text: Optional[str]) -> Optional[float]:
     try:
         return float(text) if text not in (None, "") else None
     except ValueError:
@@ -90,7 +91,7 @@ def _sort_key(metric: str) -> tuple:
     return (bool(m and m.group(1)), order, int(digits[0]) if digits else 0)
 
 
-def build_compare_report(compare_dir: Path, link_base: Path | None = None) -> str:
+def build_compare_report(compare_dir: Path, link_base: Optional[Path] = None) -> str:
     """The HTML of the comparison in ``compare_dir`` (reads results.csv, results.json, runs/); links to
     the runs' ``report.html`` are relative to ``link_base`` (the report's folder, default ``compare_dir``)."""
     compare_dir = Path(compare_dir)

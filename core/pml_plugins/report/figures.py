@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -25,13 +25,13 @@ def _plt():
     return plt
 
 
-def _numeric(value: Any) -> float | None:
+def _numeric(value: Any) -> Optional[float]:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value) if math.isfinite(value) else None
 
 
-def training_curves(records: Sequence[Mapping[str, Any]]) -> bytes | None:
+def training_curves(records: Sequence[Mapping[str, Any]]) -> Optional[bytes]:
     """Loss, validation metrics, learning rates and seconds per epoch; None without records."""
     if not records:
         return None
@@ -75,7 +75,7 @@ def training_curves(records: Sequence[Mapping[str, Any]]) -> bytes | None:
     return figure_png(fig)
 
 
-def metrics_vs_k(metrics: Mapping[str, Any]) -> bytes | None:
+def metrics_vs_k(metrics: Mapping[str, Any]) -> Optional[bytes]:
     """Recall@k and nDCG@k against k (log2 axis); None when the metrics have neither."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=90)
@@ -198,8 +198,10 @@ def embedding_map(xy: np.ndarray, labels: np.ndarray, class_names: Sequence[str]
 
 
 def compare_plots(
-    names: Sequence[str], values: Mapping[str, Sequence[float | None]], errors: Mapping[str, Sequence[float | None]]
-) -> bytes | None:
+    names: Sequence[str],
+    values: Mapping[str, Sequence[Optional[float]]],
+    errors: Mapping[str, Sequence[Optional[float]]],
+) -> Optional[bytes]:
     """One panel per metric: a point per loss, with its 95% interval as error bar where known."""
     metrics = [m for m in values if any(v is not None for v in values[m])]
     if not metrics or not names:
