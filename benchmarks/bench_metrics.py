@@ -127,7 +127,8 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=11316)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--with-clustering", action="store_true", help="also compute NMI and AMI (FAISS k-means)")
-    parser.add_argument("--torch-knn", action="store_true", help="add a run of ours with the exact torch kNN (no FAISS)")
+    parser.add_argument("--torch-knn", action="store_true",
+                        help="add a run of ours with the exact torch kNN (no FAISS)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--skip-default-k", action="store_true", help="leave out the default k=None run")
     parser.add_argument("--pml-default", action="store_true",
@@ -146,14 +147,16 @@ def main() -> None:
         run("warm-up", AccuracyCalculator(exclude=exclude, device=device, plugin_metrics=False, k="max_bin_count"), x,
             labels)
     else:
-        from pytorch_metric_learning.utils.inference import FaissKNN  # noqa: PLC0415
+        from pytorch_metric_learning.utils.inference import FaissKNN
 
         pml_knn = FaissKNN()
 
     runs = [run("PML 2.9 AccuracyCalculator (PML defaults)",
-                pml_ac.AccuracyCalculator(k="max_bin_count", exclude=exclude, device=device, knn_func=pml_knn), x, labels)]
+                pml_ac.AccuracyCalculator(k="max_bin_count", exclude=exclude, device=device, knn_func=pml_knn),
+                x, labels)]
     runs.append(run("pml_plugins AccuracyCalculator, k='max_bin_count' (+nDCG, Recall)",
-                    AccuracyCalculator(exclude=exclude, device=device, plugin_metrics=False, k="max_bin_count"), x, labels))
+                    AccuracyCalculator(exclude=exclude, device=device, plugin_metrics=False, k="max_bin_count"),
+                    x, labels))
     if args.torch_knn:
         runs.append(run("pml_plugins, exact torch kNN (no FAISS), k='max_bin_count'",
                         AccuracyCalculator(exclude=exclude, device=device, plugin_metrics=False, k="max_bin_count",
@@ -168,7 +171,8 @@ def main() -> None:
           "| speed-up vs PML |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in runs:
-        print(f"| {r['name']} | {len(r['results'])} | {r['k']} | {r['total']:.2f} | {r['knn']:.2f} | {r['other']:.2f} | "
+        print(f"| {r['name']} | {len(r['results'])} | {r['k']} | {r['total']:.2f} | {r['knn']:.2f} | "
+              f"{r['other']:.2f} | "
               f"{100 * r['other'] / r['knn']:.1f}% | {r['peak_mb']:.0f} | {pml_run['total'] / r['total']:.2f}x |")
     n = len(x)
     print(f"\nPML's default k=None asks FAISS for the {n} x {n - 1} ranking: {n * (n - 1) * 8 / 1e9:.0f} GB of int64 "
@@ -205,7 +209,8 @@ def main() -> None:
         print(f"torch kNN vs FAISS kNN, max abs diff over all metrics: "
               f"{max(abs(t[k] - ours['results'][k]) for k in t):.1e}")
     print(f"end-to-end speed-up: {pml_run['total'] / ours['total']:.2f}x; our non-kNN time is "
-          f"{100 * ours['other'] / ours['knn']:.1f}% of our kNN time (PML: {100 * pml_run['other'] / pml_run['knn']:.1f}%)")
+          f"{100 * ours['other'] / ours['knn']:.1f}% of our kNN time "
+          f"(PML: {100 * pml_run['other'] / pml_run['knn']:.1f}%)")
 
 
 if __name__ == "__main__":

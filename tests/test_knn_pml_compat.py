@@ -28,7 +28,8 @@ def points():
 def test_index_init_fn_and_reset_after_as_faissknn(points, init):
     x, labels = points
     ours, theirs = KNN(reset_after=False, index_init_fn=init), FaissKNN(reset_after=False, index_init_fn=init)
-    a = AccuracyCalculator(knn_func=ours, device=CPU, plugin_metrics=False, exclude=("NMI", "AMI")).get_accuracy(x, labels)
+    a = AccuracyCalculator(knn_func=ours, device=CPU, plugin_metrics=False, exclude=("NMI", "AMI"))
+    a = a.get_accuracy(x, labels)
     b = pml_ac.AccuracyCalculator(knn_func=theirs, device=CPU, exclude=("NMI", "AMI")).get_accuracy(x, labels)
     assert isinstance(ours.index, init) and ours.index.ntotal == len(x) == theirs.index.ntotal
     for key in b:

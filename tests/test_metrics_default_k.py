@@ -116,7 +116,7 @@ def test_default_k_searches_few_neighbours_but_custom_knn_gets_the_full_ranking(
     # a knn_func whose ranking we cannot reproduce (torch.topk orders ties its own way) is asked as PML asks it
     custom = CustomKNN(LpDistance(normalize_embeddings=False))
     calls = []
-    recorded = lambda q, k, r, inc: calls.append(k) or custom(q, k, r, inc)  # noqa: E731
+    recorded = lambda q, k, r, inc: calls.append(k) or custom(q, k, r, inc)
     a = ours(knn_func=recorded).get_accuracy(x, labels)
     assert calls == [len(x) - 1]
     assert_close(a, pml(knn_func=custom).get_accuracy(x, labels), PML_KNN_METRICS)
@@ -158,11 +158,11 @@ def test_ranking_pass_against_brute_force(metric, ref_includes_query):
 
 def test_custom_label_comparison_and_two_column_labels():
     x, labels = data(seed=7, lone=0)
-    same_pair = lambda a, b: (a // 2) == (b // 2)  # noqa: E731
+    same_pair = lambda a, b: (a // 2) == (b // 2)
     assert_close(ours(label_comparison_fn=same_pair).get_accuracy(x, labels),
                  pml(label_comparison_fn=same_pair).get_accuracy(x, labels), PML_KNN_METRICS)
     two = torch.stack([labels, labels % 3], dim=1)
-    first = lambda a, b: a[..., 0] == b[..., 0]  # noqa: E731
+    first = lambda a, b: a[..., 0] == b[..., 0]
     assert_close(ours(label_comparison_fn=first).get_accuracy(x, two),
                  pml(label_comparison_fn=first).get_accuracy(x, two), PML_KNN_METRICS)
 
@@ -184,7 +184,8 @@ def test_direct_calls_with_pmls_arguments():
     for option in ({}, {"avg_of_avgs": True}):
         a, b = ours(**option), pml(**option)
         assert_close(a._get_accuracy(a.get_function_dict(include=PML_KNN_METRICS), **kwargs),
-                     b._get_accuracy(b.get_function_dict(include=PML_KNN_METRICS), **kwargs), PML_KNN_METRICS, tol=1e-12)
+                     b._get_accuracy(b.get_function_dict(include=PML_KNN_METRICS), **kwargs), PML_KNN_METRICS,
+                     tol=1e-12)
         assert a.calculate_mean_average_precision(knn_labels, labels, not_lone, True, label_counts) == pytest.approx(
             b.calculate_mean_average_precision(knn_labels, labels, not_lone, True, label_counts), abs=1e-12)
 

@@ -91,7 +91,8 @@ def test_train_cli_writes_files_and_config_reruns_identically(tmp_path, capsys):
     assert resolved["loss"] == "builtin:proxy_anchor" and resolved["loss_lr"] == 0.01  # registry's loss_lr
     assert resolved["sampler"] == "random" and resolved["loss_args"] == {"num_classes": 5, "embedding_size": 64}
     state = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert set(state) == {"trunk", "embedder", "loss"} and state["loss"]["proxies"].shape == (5, 64)
+    assert {"trunk", "embedder", "loss", "optimizers", "rng", "config"} <= set(state) and state["epoch"] == 1
+    assert state["loss"]["proxies"].shape == (5, 64)
     assert (out / "metrics.png").read_bytes()[:4] == b"\x89PNG"
     # config.json is enough to rerun: same seed on CPU -> the same metrics
     assert main(["train", "--config", str(out / "config.json"), "--out", str(tmp_path / "again"), "--no-progress",

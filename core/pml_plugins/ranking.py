@@ -73,11 +73,11 @@ class Relevance:
             self._starts = torch.cumsum(self._counts, 0) - self._counts
 
     @classmethod
-    def by_ids(cls, query_ids: torch.Tensor, reference_ids: torch.Tensor) -> "Relevance":
+    def by_ids(cls, query_ids: torch.Tensor, reference_ids: torch.Tensor) -> Relevance:
         return cls(query_ids=query_ids, reference_ids=reference_ids)
 
     @classmethod
-    def by_mask(cls, mask_fn: Callable[[int, int], torch.Tensor]) -> "Relevance":
+    def by_mask(cls, mask_fn: Callable[[int, int], torch.Tensor]) -> Relevance:
         return cls(mask_fn=mask_fn)
 
     def block(self, start: int, stop: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, Callable]:

@@ -10,6 +10,9 @@ The main job (``pml-plugins train``) calls ``training_setup(loss, context)`` onc
 PML's trainer, with a :class:`TrainingContext`, and merges the returned :class:`TrainingSetup`
 into the trainer. The core never imports the plugin: the callable is all it knows.
 
+A setup that keeps state across epochs (a database, counters) sets ``state_dict`` /
+``load_state_dict`` so that ``OUT/checkpoint.pt`` holds it and ``train --resume`` restores it.
+
 (This module was called ``pml_plugins.training``; the old name still imports, with a
 ``DeprecationWarning``. The main job's training loop is :mod:`pml_plugins.pipeline`.)
 """
@@ -62,3 +65,9 @@ class TrainingSetup:
     before_training: Optional[Callable[[], Any]] = None
     #: Rows per sample in a batch (A for multi-view batches); the batch size counts samples.
     views_per_sample: int = 1
+    #: What the setup keeps between epochs that the loss's own ``state_dict`` does not hold (e.g.
+    #: DMCAC's database and refresh counters), for checkpoints: ``state_dict()`` returns tensors
+    #: and plain types only (checkpoints load with ``torch.load(..., weights_only=True)``);
+    #: ``load_state_dict(state)`` restores it when a run resumes, instead of ``before_training``.
+    state_dict: Optional[Callable[[], dict]] = None
+    load_state_dict: Optional[Callable[[dict], Any]] = None

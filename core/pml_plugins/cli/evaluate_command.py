@@ -1,4 +1,5 @@
-"""``pml-plugins evaluate``: every retrieval metric from saved embeddings, no training needed."""
+"""``pml-plugins evaluate``: every retrieval metric from saved embeddings, no training needed,
+or (``evaluate RUN_DIR``) a training run's own evaluation from its folder."""
 from __future__ import annotations
 
 import argparse
@@ -16,17 +17,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "evaluate",
         help="compute every retrieval metric (PML's, nDCG@k, Recall@k, plugin metrics) from saved embeddings",
         description="Compute retrieval metrics with pml_plugins.AccuracyCalculator from .npy (or .pt) files. "
-                    "Without --reference, each query is searched among all the others (leave-one-out).",
+                    "Without --reference, each query is searched among all the others (leave-one-out). "
+                    "With a run folder (pml-plugins evaluate RUN_DIR), rebuild the trained model from its "
+                    "config.json and checkpoint.pt and evaluate its test split (or --data) with the run's distance: "
+                    "the run's metrics.json numbers, exactly.",
     )
-    p.add_argument("--embeddings", required=True, type=Path, help="query embeddings, (N, D) .npy or .pt")
-    p.add_argument("--labels", required=True, type=Path, help="query labels, (N,) or (N, C) .npy or .pt")
+    p.add_argument("run_dir", nargs="?", type=Path, metavar="RUN_DIR", help="a train --out folder (or use --run)")
+    p.add_argument("--run", type=Path, metavar="RUN_DIR", help="a train --out folder: evaluate its model")
+    p.add_argument("--data", metavar="DATASET", help="with a run: evaluate this dataset's test split (a --dataset "
+                                                     "spec of train) instead of the run's")
+    p.add_argument("--embeddings", type=Path, help="query embeddings, (N, D) .npy or .pt")
+    p.add_argument("--labels", type=Path, help="query labels, (N,) or (N, C) .npy or .pt")
     p.add_argument("--reference", type=Path, help="reference embeddings (default: the queries themselves)")
     p.add_argument("--reference-labels", type=Path, help="reference labels (required with --reference)")
     p.add_argument("--ref-includes-query", action="store_true",
                    help="the first N reference rows are the queries (their self-matches are skipped)")
     p.add_argument("--label-column", type=int, help="use this column of 2-D labels (default: compare whole rows)")
-    p.add_argument("--distance", choices=METRICS, default="euclidean",
-                   help="kNN ranking (default: euclidean, as PML's calculator)")
+    p.add_argument(
+        "--distance",
+        choices=METRICS,
+        default=None,
+        help="kNN ranking (default: the run's distance with RUN_DIR, else euclidean as PML's calculator)",
+    )
     p.add_argument(
         "--ndcg-ks", type=int, nargs="*", default=None, metavar="K", help="k of nDCG@k (default 2 4 8 10 100)"
     )
@@ -64,7 +76,12 @@ def _load(path: Path, what: str) -> Any:
     if not path.exists():
         raise FileNotFoundError(f"{what} file {str(path)!r} does not exist")
     if path.suffix in (".pt", ".pth"):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        from ..pipeline.checkpoint import safe_torch_load
+
+        obj = safe_torch_load(path, f"{what} file {str(path)!r}")  # one-line errors, never unpickles
+        if isinstance(obj, dict) and "trunk" in obj and "embedder" in obj:
+            raise ValueError(f"{what} file {str(path)!r} is a training checkpoint, not embeddings: use "
+                             f"pml-plugins evaluate {path.parent} (the run folder) or pml-plugins embed {path.parent}")
         if not isinstance(obj, torch.Tensor):
             raise ValueError(f"{what} file {str(path)!r} must hold one tensor, got {type(obj).__name__}")
         return obj
@@ -114,7 +131,16 @@ def run(args: argparse.Namespace) -> int:
 
     from ..knn import KNN
     from ..metrics import DEFAULT_NDCG_KS, DEFAULT_RECALL_KS, AccuracyCalculator
+    from .run_evaluate import evaluate_run, run_dir_argument
 
+    run_dir = run_dir_argument(args)
+    if run_dir is not None:
+        return evaluate_run(args, run_dir)
+    if args.embeddings is None or args.labels is None:
+        raise ValueError("give a run folder (evaluate RUN_DIR) or both --embeddings and --labels")
+    if args.data is not None:
+        raise ValueError("--data goes with a run folder (evaluate RUN_DIR --data ...)")
+    args.distance = args.distance or "euclidean"
     if (args.reference is None) != (args.reference_labels is None):
         raise ValueError("--reference and --reference-labels go together")
     knn_func = KNN(

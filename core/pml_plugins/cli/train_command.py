@@ -24,6 +24,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "test_embeddings.npz and the offline HTML report report.html under --out.",
                        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--loss", help="loss name (pml-plugins list), alias or plugin:name (default proxy_anchor)")
+    p.add_argument("--resume", metavar="OUT", help="continue the run in OUT from its latest checkpoint, with its "
+                                                   "settings (see docs/long-runs.md)")
+    p.add_argument("--force", action="store_true", help="with --resume: continue even if the given settings differ "
+                                                        "from the checkpoint's (recorded in OUT/resumed.json)")
     add_common_arguments(p)
     add_distributed_arguments(p)
     p.set_defaults(func=run)
@@ -85,6 +89,9 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
                    help="also evaluate binarised embeddings (LayerNorm + sign, ranked by Hamming distance): "
                         "bits_* metrics, the 'bits' rows of the adaptive-margin paper")
     g.add_argument("--out", metavar="DIR", help="output folder")
+    g.add_argument("--keep-last", type=int, metavar="N",
+                   help="checkpoints kept: OUT/checkpoint.pt (the latest, written after every epoch) and, for N > 1, "
+                        "the N latest epochs as OUT/checkpoint-epochNNNN.pt (default 1: the latest only)")
     g.add_argument("--no-report", action="store_true",
                    help="do not write the offline HTML report (report.html; see pml-plugins report)")
     g.add_argument("--tensorboard", action="store_true", default=None,
@@ -96,7 +103,7 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
 _FLAG_FIELDS = ("miner", "dataset", "backbone", "embedding_size", "pooling", "head_norm", "pretrained", "image_size",
                 "epochs", "batch_size", "iterations_per_epoch", "sampler", "m", "optimizer", "lr", "loss_lr",
                 "weight_decay", "lr_step", "lr_gamma", "seed", "device", "amp", "threads", "num_workers",
-                "retrieval_distance", "eval_batch_size", "eval_binarize", "out", "tensorboard")
+                "retrieval_distance", "eval_batch_size", "eval_binarize", "out", "keep_last", "tensorboard")
 
 
 def flag_values(args: argparse.Namespace) -> dict[str, Any]:
@@ -142,6 +149,11 @@ def run(args: argparse.Namespace) -> int:
     flags = flag_values(args)
     flags["loss"] = args.loss
     flags["distributed"], flags["distributed_efficient"] = args.distributed, args.distributed_efficient
+    if args.force and not args.resume:
+        raise ValueError("--force goes with --resume OUT")
+    if args.resume:
+        fvals = {**resumed_settings(args.resume, flags.get("out")), **fvals}
+        flags["out"] = args.resume
     cfg = build_config(fvals, flags)
     if cfg.tensorboard:
         from ..report.tensorboard import require_tensorboard
@@ -150,7 +162,8 @@ def run(args: argparse.Namespace) -> int:
     if cfg.out is None:
         cfg.out = f"pml-plugins-runs/{(cfg.loss or 'untrained').replace(':', '_')}"
     progress = show_progress(args.no_progress)
-    result = run_training(cfg, progress=progress, log=lambda msg: print(msg, flush=True))
+    result = run_training(cfg, progress=progress, log=lambda msg: print(msg, flush=True),
+                          resume=bool(args.resume), force=args.force)
     if result.config.get("resolved", {}).get("distributed", {}).get("rank", 0) != 0:
         return 0  # only rank 0 evaluates and writes
     print(f"{result.name}: trained {cfg.epochs} epochs"
@@ -162,6 +175,26 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_report:
         write_report_safely(cfg.out)
     return 0
+
+
+def resumed_settings(out: str, flag_out: Any = None) -> dict[str, Any]:
+    """The settings stored in ``OUT/checkpoint.pt`` (what ``--resume OUT`` continues with)."""
+    from pathlib import Path
+
+    from ..pipeline.checkpoint import is_resumable, load_checkpoint
+    from ..pipeline.config import config_fields
+
+    if flag_out is not None and flag_out != out:
+        raise ValueError(f"--resume {out} continues the run in {out}; --out {flag_out} is another folder")
+    if not Path(out).is_dir():
+        raise FileNotFoundError(f"--resume: run folder {out!r} does not exist")
+    state = load_checkpoint(out, mmap=True)
+    if not is_resumable(state):
+        raise ValueError(f"{out}/checkpoint.pt holds final weights only (written by an older pml-plugins): it cannot "
+                         f"be resumed")
+    fields = set(config_fields())
+    return {k: v for k, v in (state.get("config") or {}).items() if k in fields and k != "out"}
+
 
 
 def write_report_safely(directory: str) -> None:

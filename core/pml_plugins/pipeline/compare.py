@@ -2,7 +2,9 @@
 
 A loss that fails (bad arguments, NaN, a bug in a plugin) gets an error row and the comparison
 goes on. Files are rewritten after every run, so an interrupted comparison keeps every
-completed run (each under ``OUT/runs/<loss>/``) and the table of those runs.
+completed run (each under ``OUT/runs/<loss>/``) and the table of those runs. Running the same
+command again with the same ``--out`` keeps the runs that finished with the same settings and
+continues an interrupted run from its checkpoint (``checkpoint.pt`` after every epoch).
 """
 from __future__ import annotations
 
@@ -115,8 +117,15 @@ def run_compare(base: TrainConfig, losses: Sequence[str], out: Path, *, per_loss
                                       epochs=base.epochs if loss else 0, miner=base.miner if loss else None,
                                       retrieval_distance=distance, out=str(out / "runs" / run_dir))
             start = time.perf_counter()
+            finished = finished_run(cfg, label)
+            if finished is not None:  # the same command again: this run is done
+                rows.append(finished)
+                say(f"[{i + 1}/{len(runs)}] {label}: done before (same settings), kept")
+                continue
             try:
-                result = run_training(cfg, progress=progress, name=label, write_checkpoint=loss is not None)
+                # an interrupted run with the same settings continues from its checkpoint
+                result = run_training(cfg, progress=progress, name=label, write_checkpoint=loss is not None,
+                                      resume="auto", resume_hint="the same pml-plugins compare command")
             except KeyboardInterrupt:
                 raise
             except Exception as exc:  # one failing loss must not end the comparison
@@ -139,6 +148,29 @@ def run_compare(base: TrainConfig, losses: Sequence[str], out: Path, *, per_loss
             log(f"interrupted: the {len(rows)} completed run(s) are in {out}")
         raise
     return rows
+
+
+def finished_run(cfg: TrainConfig, label: str) -> Optional[RunResult]:
+    """The result in ``cfg.out`` when a run with the same settings finished there (metrics.json is
+    written last), else None."""
+    import json
+
+    from .resume import differences
+
+    folder = Path(cfg.out)
+    try:
+        record = json.loads((folder / "metrics.json").read_text())
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or not isinstance(config, dict) or differences(config, cfg.to_dict()):
+        return None
+    known = {"name", "metrics", "seconds_per_epoch", "train_seconds", "peak_memory_mb", "memory_kind"}
+    return RunResult(name=label, metrics=record.get("metrics") or {}, config=config, out=cfg.out,
+                     seconds_per_epoch=record.get("seconds_per_epoch"),
+                     train_seconds=record.get("train_seconds") or 0.0, peak_memory_mb=record.get("peak_memory_mb"),
+                     memory_kind=record.get("memory_kind") or "",
+                     extra={k: v for k, v in record.items() if k not in known})
 
 
 # -- tables --------------------------------------------------------------------------------------

@@ -59,6 +59,9 @@ class TrainConfig:
     eval_binarize: bool = False
     ks: list = field(default_factory=lambda: [1, 2, 4, 8])
     out: Optional[str] = None
+    #: checkpoints kept: OUT/checkpoint.pt (the latest) and, for N > 1, the N latest epochs as
+    #: OUT/checkpoint-epochNNNN.pt
+    keep_last: int = 1
     #: also write TensorBoard events (per-epoch scalars, test metrics, the test embeddings for the
     #: projector) to OUT/tensorboard
     tensorboard: bool = False
@@ -168,7 +171,7 @@ def build_config(file_values: Mapping[str, Any], flag_values: Mapping[str, Any])
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
-    for name in ("embedding_size", "batch_size", "eval_batch_size"):
+    for name in ("embedding_size", "batch_size", "eval_batch_size", "keep_last"):
         value = getattr(cfg, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")

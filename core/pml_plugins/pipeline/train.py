@@ -14,15 +14,14 @@ one job each: :mod:`.builders` (loss and miner from a name), :mod:`.sampling` (b
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
-import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
 from pytorch_metric_learning.utils import common_functions as c_f
 
@@ -33,7 +32,9 @@ from ..training_protocol import TrainingContext, TrainingSetup
 from . import data as data_mod
 from . import ddp
 from . import models as models_mod
+from . import resume as resume_mod
 from .builders import build_loss, build_miner, constructor_parameters
+from .checkpoint import seed_all
 from .config import TrainConfig
 from .evaluate import evaluate
 from .memory import PeakMemory
@@ -48,11 +49,7 @@ __all__ = ["RunResult", "run_training", "build_loss", "build_miner", "constructo
 # -- small utilities ---------------------------------------------------------------------------
 def set_seed(seed: int) -> None:
     """Seed every RNG the pipeline uses (PML's samplers use numpy's global RNG)."""
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-    if isinstance(c_f.NUMPY_RANDOM, np.random.RandomState):
-        c_f.NUMPY_RANDOM.seed(seed % (2**32))
+    seed_all(seed)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -89,10 +86,18 @@ def _machine(device: torch.device) -> dict:
 
 # -- the run -----------------------------------------------------------------------------------
 def run_training(cfg: TrainConfig, *, progress: bool = True, log: Optional[Callable[[str], None]] = None,
-                 name: Optional[str] = None, write_checkpoint: bool = True) -> RunResult:
+                 name: Optional[str] = None, write_checkpoint: bool = True, resume: Any = False,
+                 force: bool = False, resume_hint: Optional[str] = None) -> RunResult:
     """Train ``cfg.loss`` (or, with ``cfg.loss=None`` / ``epochs=0``, only evaluate the untrained
     model), evaluate on the test split and write ``metrics.json``, ``config.json``,
-    ``checkpoint.pt`` and ``metrics.png`` under ``cfg.out`` (when set)."""
+    ``checkpoint.pt`` and ``metrics.png`` under ``cfg.out`` (when set).
+
+    ``checkpoint.pt`` is written after every epoch (see :mod:`.resume`). ``resume=True`` continues
+    from ``cfg.out``'s checkpoint (settings that differ are refused unless ``force``); ``"auto"``
+    continues when the settings match and starts afresh otherwise. SIGINT / SIGTERM during
+    training save after the current step and raise :class:`~.resume.TrainingInterrupted`, whose
+    message says how to resume (``resume_hint``: the command, default ``train --resume OUT``).
+    """
     name = name or cfg.loss or "untrained"
     threads = cfg.threads
     if threads is None and (cfg.backbone == "auto" or not cfg.backbone.startswith("timm:")):
@@ -102,13 +107,14 @@ def run_training(cfg: TrainConfig, *, progress: bool = True, log: Optional[Calla
         torch.set_num_threads(int(threads))
     try:
         if not cfg.distributed:
-            return _run(cfg, name, progress=progress, log=log, write_checkpoint=write_checkpoint)
+            return _run(cfg, name, progress=progress, log=log, write_checkpoint=write_checkpoint,
+                        resume=(resume, force, resume_hint))
         env = distributed_losses.env_from_torchrun()
         device = ddp.local_device(resolve_device(cfg.device), env)
         with ddp.process_group(env, device):
             lead = env.rank == 0  # only rank 0 logs, evaluates and writes
             return _run(cfg, name, progress=progress and lead, log=log if lead else None,
-                        write_checkpoint=write_checkpoint, env=env, device=device)
+                        write_checkpoint=write_checkpoint, env=env, device=device, resume=(resume, force, resume_hint))
     finally:
         torch.set_num_threads(previous)
 
@@ -140,23 +146,29 @@ class _Run:
 
 def _run(cfg: TrainConfig, name: str, *, progress: bool, log: Optional[Callable[[str], None]],
          write_checkpoint: bool, env: Optional[distributed_losses.DistributedEnv] = None,
-         device: Optional[torch.device] = None) -> RunResult:
+         device: Optional[torch.device] = None, resume: tuple = (False, False, None)) -> RunResult:
     run = _Run(cfg=cfg, name=name, device=device if device is not None else resolve_device(cfg.device),
                progress=progress, log=log, env=env)
     run.amp_dtype = _amp_dtype(run.device, cfg.amp)
     _check_names(run)  # fail fast on names before touching data
-    _build_model_and_data(run)
     train = cfg.loss is not None and cfg.epochs > 0
+    state = resume_mod.find_resumable(cfg.to_dict(), cfg.out, resume[0], resume[1]) if train else None
+    _build_model_and_data(run)
     retrieval = cfg.retrieval_distance or "cosine"
     trainer, mem = None, PeakMemory(run.device)
-    tb = _start_logs(run)
+    tb = _start_logs(run, resumed_epoch=int(state["epoch"]) if state is not None else 0)
     try:
         if train:
             trainer, setup, retrieval = _build_trainer(run, epoch_log=_epoch_log(run, tb))
-            with mem:
-                if setup.before_training is not None:
+            epoch_checkpoints = bool(cfg.out) and write_checkpoint
+            with mem, resume_mod.StopSignal(distributed=env is not None, log=log) as stop:
+                start = _prepare_resumable(run, trainer, setup, state, stop, epoch_checkpoints, resume[2])
+                if setup.before_training is not None and (state is None or setup.load_state_dict is None):
                     setup.before_training()
-                trainer.train(num_epochs=cfg.epochs)
+                if state is not None:
+                    _restore(run, trainer, setup, state)
+                trainer.train(num_epochs=cfg.epochs, **start)
+            write_checkpoint = write_checkpoint and not epoch_checkpoints  # the last epoch's is there already
             if trainer.iterations_per_epoch == 0:
                 raise ValueError(f"no full batch of {cfg.batch_size} fits in the training split")
         run.resolved["retrieval_distance"] = retrieval
@@ -175,20 +187,78 @@ def _run(cfg: TrainConfig, name: str, *, progress: bool, log: Optional[Callable[
     return result
 
 
-def _start_logs(run: _Run) -> Optional[Any]:
+def _prepare_resumable(run: _Run, trainer: EmbeddingTrainer, setup: TrainingSetup, state: Optional[dict],
+                       stop: resume_mod.StopSignal, save: bool, hint: Optional[str]) -> dict:
+    """Per-epoch seeding, checkpoints and signal handling for the trainer; where training starts."""
+    cfg, env = run.cfg, run.env
+    rank = env.rank if env is not None else 0
+    loss = resume_mod.unwrap(trainer.loss_funcs["metric_loss"])
+    saver = None
+    if save:
+        saver = resume_mod.make_saver(lambda: trainer, out=Path(cfg.out), keep_last=cfg.keep_last, env=env,
+                                      log=run.log, trunk=run.trunk, embedder=run.embedder, loss=loss, setup=setup,
+                                      config=cfg.to_dict(), resolved=run.resolved)
+
+    def stop_error(epoch: int, iteration: int) -> BaseException:
+        text = resume_mod.interrupted_message(cfg.out if save else None, epoch, iteration, hint) if run.lead else ""
+        return resume_mod.TrainingInterrupted(text, epoch, iteration)
+
+    trainer.configure_checkpoints(begin_epoch=resume_mod.begin_epoch_fn(cfg.seed, lambda: trainer, rank), save=saver,
+                                  should_stop=stop, stop_error=stop_error, before_step=resume_mod.test_signal_hook())
+    if state is None:
+        return {}
+    return {"start_epoch": int(state["epoch"]) + 1, "resume_iteration": int(state.get("iteration", 0)),
+            "resume_total": float((state.get("trainer") or {}).get("partial_loss_sum", 0.0)),
+            "resume_rng": resume_mod.rank_rng(state, rank)}
+
+
+def _restore(run: _Run, trainer: EmbeddingTrainer, setup: TrainingSetup, state: dict) -> None:
+    source = f"checkpoint {str(Path(run.cfg.out) / 'checkpoint.pt')!r}"
+    resume_mod.restore_training(state, trainer, trunk=run.trunk, embedder=run.embedder,
+                                loss=resume_mod.unwrap(trainer.loss_funcs["metric_loss"]), setup=setup, source=source)
+    forced = state.get("forced_differences") or []
+    run.resolved["resumed_from"] = {"epoch": int(state["epoch"]), "iteration": int(state.get("iteration", 0)),
+                                    "forced_differences": forced}
+    if run.lead:
+        resume_mod.record_resume(Path(run.cfg.out), state, forced)
+    if run.log is not None:
+        steps = int(state.get("iteration", 0))
+        run.log(f"resuming {run.name} after epoch {state['epoch']}" + (f" + {steps} steps" if steps else "")
+                + (f" (forced despite: {'; '.join(forced)})" if forced else ""))
+
+
+def _start_logs(run: _Run, resumed_epoch: int = 0) -> Optional[Any]:
     """The run's TensorBoard writer (``--tensorboard``, rank 0, with an output folder), else None;
-    also starts a fresh ``metrics.jsonl`` (a rerun into the same folder does not append to the old)."""
+    also starts a fresh ``metrics.jsonl`` (a rerun into the same folder does not append to the old);
+    a resumed run keeps the lines of the epochs its checkpoint holds and drops later ones."""
     cfg = run.cfg
     if not cfg.out or not run.lead:
         return None
     from ..report.artifacts import METRICS_JSONL
 
-    (Path(cfg.out) / METRICS_JSONL).unlink(missing_ok=True)
+    _truncate_epoch_log(Path(cfg.out) / METRICS_JSONL, resumed_epoch)
     if not cfg.tensorboard:
         return None
     from ..report.tensorboard import TENSORBOARD_DIR, TensorBoardLogger
 
     return TensorBoardLogger(Path(cfg.out) / TENSORBOARD_DIR)
+
+
+def _truncate_epoch_log(path: Path, keep_through_epoch: int) -> None:
+    """Keep only the lines of epochs ``<= keep_through_epoch`` (all gone for a fresh run)."""
+    if not path.exists():
+        return
+    kept = []
+    if keep_through_epoch > 0:
+        for line in path.read_text().splitlines():
+            try:
+                if int(json.loads(line).get("epoch", 0)) <= keep_through_epoch:
+                    kept.append(line)
+            except (ValueError, AttributeError):
+                continue  # a line cut by a kill mid-write
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(tmp, path)
 
 
 def _epoch_log(run: _Run, tb: Optional[Any]) -> Optional[Callable[[Any], None]]:
@@ -297,11 +367,11 @@ def _build_trainer(run: _Run, epoch_log: Optional[Callable[[Any], None]] = None
         base = sampler if sampler is not None else ddp.GlobalRandomSampler(len(train_dataset), cfg.seed)
         sampler = ddp.RankSliceSampler(base, cfg.batch_size, env.rank, env.world_size)
         local_batch = sampler.local_batch_size
+        divisor = env.world_size if cfg.distributed_efficient else env.world_size ** 2
         resolved["distributed"].update({
             "global_batch_size": cfg.batch_size, "local_batch_size": local_batch,
             "efficient": cfg.distributed_efficient, "loss_semantics": semantics or "not declared",
-            "loss_parameter_gradients":
-                f"all-reduced sum / {env.world_size if cfg.distributed_efficient else env.world_size ** 2}"})
+            "loss_parameter_gradients": f"all-reduced sum / {divisor}"})
 
     models = {"trunk": run.trunk, "embedder": run.embedder}
     has_loss_params = any(p.requires_grad for p in loss.parameters())
