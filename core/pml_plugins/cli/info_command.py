@@ -32,6 +32,23 @@ def _print_distributed(entry: reg.Entry) -> None:
     print(f"             PML efficient mode (--distributed-efficient): {efficient}")
 
 
+def _print_search_space(entry: reg.Entry) -> None:
+    """What ``compare --tune`` searches for this loss (see pml_plugins.search_space)."""
+    from ..search_space import entry_search_space
+
+    try:
+        space = entry_search_space(entry)
+    except ValueError as exc:
+        print(f"  tune       invalid search_space declaration: {exc}")
+        return
+    if not space:
+        print("  tune       no search space declared (compare --tune trains it with its defaults)")
+        return
+    print(f"  tune       search space for compare --tune ({len(space)} parameter{'s' if len(space) != 1 else ''}):")
+    for name, param in space.items():
+        print(f"               {name:18s} {param.describe()}")
+
+
 def run(args: argparse.Namespace) -> int:
     kinds = [args.kind] if args.kind else list(reg.KINDS)
     found, last_error = [], None
@@ -74,8 +91,9 @@ def run(args: argparse.Namespace) -> int:
                 parts.append(f"an optimizer for its own parameters{lr}")
             print(f"  needs      {'; '.join(parts) if parts else 'nothing beyond embeddings and labels'}")
             print(f"  retrieval  {needs['retrieval_distance']}")
+            _print_search_space(entry)
             _print_distributed(entry)
-        shown = {"summary", "paper", "tags", *_DISTRIBUTED_KEYS} | set(entry.needs())
+        shown = {"summary", "paper", "tags", "search_space", *_DISTRIBUTED_KEYS} | set(entry.needs())
         extra = {k: v for k, v in entry.metadata.items() if k not in shown}
         for k, v in extra.items():
             print(f"  {k:10s} {v}")

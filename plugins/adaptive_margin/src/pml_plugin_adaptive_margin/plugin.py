@@ -26,6 +26,8 @@ def register_losses(register):
         loss_optimizer=True,
         loss_lr=1e-2,  # the paper trains everything with SGD, lr 0.01 (section 3.2)
         retrieval_distance="cosine",
+        # for `pml-plugins compare --tune` (format: pml_plugins.search_space); the paper uses m=0.4, s=20
+        search_space={"margin": (0.0, 0.8), "scale": (4.0, 64.0, "log"), "loss_lr": (1e-4, 1e-1, "log")},
         distributed="gradient_equivalent",
         distributed_note="each rank computes the softmax over the gathered global batch; proxy gradients are "
                          "all-reduced and rescaled; class_distances is a buffer, identical on every rank",

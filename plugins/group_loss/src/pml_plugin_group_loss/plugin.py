@@ -33,6 +33,9 @@ def register_losses(register):
         # R@1 on the unseen digits 56.8/58.3/65.1 with it (below the untrained 72.0) and
         # 74.0/73.2/75.8 without it (seeds 0-2); pml-plugins compare runs the paper's loss there
         demo_loss_args={"ce_weight": 0.0},
+        # for `pml-plugins compare --tune` (format: pml_plugins.search_space); the paper's temperature is 24
+        search_space={"temperature": (1.0, 100.0, "log"), "num_anchors": (0, 4, "int"), "ce_weight": (0.0, 1.0),
+                      "loss_lr": (1e-5, 1e-2, "log")},
         # the value depends on the whole batch and its order (anchors are the first samples of each
         # class); the core's wrapper gathers in rank order, so every rank sees the single-process batch
         distributed="gradient_equivalent",
