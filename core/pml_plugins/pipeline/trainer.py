@@ -38,6 +38,10 @@ class EmbeddingTrainer(MetricLossOnly):
         self._scaler = torch.amp.GradScaler("cuda") if amp_dtype is torch.float16 else None
         self.epoch_seconds: list[float] = []
         self.last_loss = math.nan
+        #: mean loss of every epoch, and the epochs whose every iteration had a loss of exactly 0
+        #: (nothing was trained: e.g. contrastive with no positive pair in any batch)
+        self.epoch_losses: list[float] = []
+        self.zero_loss_epochs: list[int] = []
         super().__init__(*args, **kwargs)
 
     def train(self, start_epoch: int = 1, num_epochs: int = 1) -> None:
@@ -47,7 +51,7 @@ class EmbeddingTrainer(MetricLossOnly):
             self.set_to_train()
             pbar = tqdm.tqdm(range(self.iterations_per_epoch), desc=f"{self._desc} epoch {self.epoch}/{num_epochs}",
                              leave=False, disable=not self._progress, dynamic_ncols=True)
-            total = 0.0
+            total, all_zero = 0.0, True
             for self.iteration in pbar:
                 self.forward_and_backward()
                 loss = float(torch.as_tensor(self.losses["total_loss"]).detach()) * self._loss_scale
@@ -55,10 +59,14 @@ class EmbeddingTrainer(MetricLossOnly):
                     raise FloatingPointError(f"the loss became {loss} at epoch {self.epoch}, iteration "
                                              f"{self.iteration + 1} (try a lower --lr / --loss-lr)")
                 total += loss
+                all_zero = all_zero and loss == 0.0
                 self.end_of_iteration_hook(self)
                 pbar.set_postfix(loss=f"{loss:.4f}")
                 self.step_lr_schedulers(end_of_epoch=False)
             self.last_loss = total / max(self.iterations_per_epoch, 1)
+            self.epoch_losses.append(self.last_loss)
+            if all_zero and self.iterations_per_epoch > 0:
+                self.zero_loss_epochs.append(self.epoch)
             self.step_lr_schedulers(end_of_epoch=True)
             self.zero_losses()
             self.epoch_seconds.append(time.perf_counter() - start)
