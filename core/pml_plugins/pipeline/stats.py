@@ -12,7 +12,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 
 #: the method named in every comparison caption
-TEST_NAME = "paired t-test over seeds (scipy.stats.ttest_rel), two-sided"
+TEST_NAME = "two-sided paired t-test over seeds (scipy.stats.ttest_rel)"
 NA = "n/a"
 
 
