@@ -217,8 +217,11 @@ def tune_loss(base: TrainConfig, name: str, label: str, fixed_args: dict, protoc
             values.append(record.result.extra["val_metrics"][f"val_{protocol.primary}"])
         return float(np.mean(values))
 
+    # what the trials depend on (not the trial budget or the number of final seeds: a larger
+    # --tune continues the same study)
     setting = {"loss": reg.get_entry("loss", name).qualified_name, "fixed": fixed_args,
-               "space": space_mod.describe_space(space), "protocol": dataclasses.asdict(protocol),
+               "space": space_mod.describe_space(space),
+               "protocol": {k: v for k, v in dataclasses.asdict(protocol).items() if k not in ("tune", "seeds", "alpha")},
                "base": {k: v for k, v in base.to_dict().items() if k not in ("out", "seed")}}
     params, value, done = tuning.tune(label, protocol.tune, out, setting, objective, log=log)
     if params is None:

@@ -43,10 +43,17 @@ def storage_url(out: Path) -> str:
     return f"sqlite:///{Path(out).resolve() / 'optuna.db'}"
 
 
+#: user attribute of a trial whose run failed (a NaN, a bad setting): it counts as done
+ERROR_ATTR = "error"
+
+
 def finished_trials(study: Any) -> list:
+    """Complete, pruned, and failed-by-its-run trials. A trial that was interrupted (Ctrl-C: failed
+    without a recorded run error) or killed (still "running") is not done: it runs again."""
     optuna = _optuna()
-    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
-    return [t for t in study.get_trials(deepcopy=False) if t.state in done]
+    state = optuna.trial.TrialState
+    return [t for t in study.get_trials(deepcopy=False)
+            if t.state in (state.COMPLETE, state.PRUNED) or (t.state == state.FAIL and ERROR_ATTR in t.user_attrs)]
 
 
 def tune(name: str, trials: int, out: Path, setting: dict, objective: Callable[[Any], float], *,
@@ -72,7 +79,7 @@ def tune(name: str, trials: int, out: Path, setting: dict, objective: Callable[[
         sampler = optuna.samplers.TPESampler(seed=seed + len(done), n_startup_trials=startup)
         pruner = optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=1)
         study = optuna.load_study(study_name=study_id, storage=storage, sampler=sampler, pruner=pruner)
-        study.optimize(objective, n_trials=1, catch=(Exception,))
+        study.optimize(_recording_errors(objective), n_trials=1)
         trial = study.trials[-1]
         done = finished_trials(study)
         shown = ", ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
@@ -84,6 +91,22 @@ def tune(name: str, trials: int, out: Path, setting: dict, objective: Callable[[
         return None, None, done
     best = max(complete, key=lambda t: (t.value, -t.number))  # ties: the earlier trial
     return dict(best.params), float(best.value), done
+
+
+def _recording_errors(objective: Callable[[Any], float]) -> Callable[[Any], float]:
+    """A failing run fails its trial (recorded, counted as done); pruning and Ctrl-C pass through."""
+    optuna = _optuna()
+
+    def wrapped(trial: Any) -> float:
+        try:
+            return objective(trial)
+        except optuna.TrialPruned:
+            raise
+        except Exception as exc:
+            trial.set_user_attr(ERROR_ATTR, f"{type(exc).__name__}: {exc}"[:2000])
+            return math.nan  # Optuna marks a NaN objective as a failed trial
+
+    return wrapped
 
 
 def _short(value: Any) -> str:
