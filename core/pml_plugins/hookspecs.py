@@ -62,6 +62,10 @@ Known metadata keys, all optional:
     ``digits:raw``: five training classes) when the user gives none for this loss, for a loss
     whose defaults are meant for 100+ training classes and overfit five. The row is named with
     them (``group_loss (ce_weight=0)``); ``--loss-arg``/per-loss arguments replace them.
+``search_space`` (dict)
+    What ``pml-plugins compare --tune`` searches: ``{argument: (low, high[, "log"][, "int"])}`` or
+    ``{"choices": [...]}`` per constructor argument, plus ``loss_lr`` for the loss's own parameters
+    (format: :mod:`pml_plugins.search_space`; shown by ``pml-plugins info``).
 ``training_setup`` (callable)
     ``training_setup(loss, context) -> TrainingSetup`` for losses that need data handling
     in the main job (see :mod:`pml_plugins.training`).
