@@ -1,11 +1,15 @@
 """Search-space declarations (registry metadata ``search_space``) and what ``pml-plugins info`` shows."""
 from __future__ import annotations
 
-import pytest
-
 import pml_plugins
+import pytest
 from pml_plugins.cli import main
-from pml_plugins.search_space import SearchParam, entry_search_space, parse_search_space, suggest
+from pml_plugins.search_space import (
+    SearchParam,
+    entry_search_space,
+    parse_search_space,
+    suggest,
+)
 
 
 def test_declaration_forms():

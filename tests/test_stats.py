@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 
 import pytest
-
 from pml_plugins.pipeline import stats
 
 

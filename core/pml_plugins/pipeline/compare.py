@@ -150,7 +150,8 @@ def _test_classes(rows: Sequence[LossSummary]) -> str:
 
     for row in rows:
         for r in row.runs:
-            match = re.search(r"test (\d+) samples / (\d+) classes", r.result.config.get("resolved", {}).get("data", ""))
+            described = r.result.config.get("resolved", {}).get("data", "")
+            match = re.search(r"test (\d+) samples / (\d+) classes", described)
             if match:
                 return f"{match.group(2)} unseen classes ({match.group(1)} images)"
     return "the unseen test classes"

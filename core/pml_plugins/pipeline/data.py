@@ -401,7 +401,8 @@ def hold_out_classes(splits: DataSplits, held_out: Sequence[int]) -> DataSplits:
     names = list(splits.train_classes) or list(range(int(labels.max()) + 1))
     return dataclasses.replace(
         splits, train=RelabeledSubset(splits.train, train_idx, train_y), train_labels=train_y,
-        train_classes=[names[c] for c in train_ids], val=RelabeledSubset(splits.train, val_idx, val_y), val_labels=val_y)
+        train_classes=[names[c] for c in train_ids], val=RelabeledSubset(splits.train, val_idx, val_y),
+        val_labels=val_y)
 
 
 def dataset_labels(dataset: Dataset) -> np.ndarray:

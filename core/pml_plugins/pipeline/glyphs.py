@@ -165,7 +165,8 @@ def distort(clean: np.ndarray, per_font: int, size: int, rng: np.random.RandomSt
     shift = rng.uniform(-0.08, 0.08, (n, 2)) * 2  # affine_grid works in [-1, 1]
     cos, sin = np.cos(angle), np.sin(angle)
     # the matrix maps output coordinates to input ones: the inverse of rotate * shear * scale
-    a = np.stack([np.stack([cos, -sin + shear * cos], 1), np.stack([sin, cos + shear * sin], 1)], 1) * scale[:, None, None]
+    rows = [np.stack([cos, -sin + shear * cos], 1), np.stack([sin, cos + shear * sin], 1)]
+    a = np.stack(rows, 1) * scale[:, None, None]
     inv = np.linalg.inv(a)
     theta = np.concatenate([inv, -inv @ shift[:, :, None]], axis=2)
     src = torch.as_tensor(clean).repeat_interleave(per_font, dim=1).reshape(n, 1, side, side)

@@ -141,10 +141,6 @@ class LossSummary:
             return ""
         return f"loss 0 for a whole epoch in {len(zero)}/{len(self.runs)} run(s): those epochs trained nothing"
 
-    def mean_of(self, key: str, runs_attr: str) -> Optional[float]:
-        values = [getattr(r.result, runs_attr) for r in self.runs if r.ok and getattr(r.result, runs_attr) is not None]
-        return float(np.mean(values)) if values else None
-
 
 # -- running ------------------------------------------------------------------------------------
 def run_dir(out: Path, loss_dir: str, seed: int, fold: Optional[int]) -> Path:
@@ -221,7 +217,8 @@ def tune_loss(base: TrainConfig, name: str, label: str, fixed_args: dict, protoc
     # --tune continues the same study)
     setting = {"loss": reg.get_entry("loss", name).qualified_name, "fixed": fixed_args,
                "space": space_mod.describe_space(space),
-               "protocol": {k: v for k, v in dataclasses.asdict(protocol).items() if k not in ("tune", "seeds", "alpha")},
+               "protocol": {k: v for k, v in dataclasses.asdict(protocol).items()
+                            if k not in ("tune", "seeds", "alpha")},
                "base": {k: v for k, v in base.to_dict().items() if k not in ("out", "seed")}}
     params, value, done = tuning.tune(label, protocol.tune, out, setting, objective, log=log)
     if params is None:
@@ -241,6 +238,9 @@ def run_protocol(base: TrainConfig, losses: Sequence[tuple[str, str, dict]], out
     out = Path(out)
     splits = data_mod.load_data(base.dataset) if protocol.validates else None
     num_train = splits.num_train_classes if splits is not None else 0
+    # every seed's validation classes, planned (and checked: enough classes for the folds) before any run
+    plans = {seed: protocol.held_out(num_train, seed) if protocol.validates else [None]
+             for seed in range(protocol.seeds)}
     summaries: list[LossSummary] = []
     total = len(floors) * protocol.seeds + len(losses) * protocol.seeds * protocol.folds
     done = 0
@@ -281,8 +281,7 @@ def run_protocol(base: TrainConfig, losses: Sequence[tuple[str, str, dict]], out
         loss_args, loss_lr = split_loss_args(args)
         row.params = {**loss_args, **({space_mod.LOSS_LR: loss_lr} if loss_lr is not None else {})}
         for seed in range(protocol.seeds):
-            plans = protocol.held_out(num_train, seed) if protocol.validates else [None]
-            for j, held in enumerate(plans):
+            for j, held in enumerate(plans[seed]):
                 fold = j if protocol.folds > 1 else None
                 cfg = dataclasses.replace(base, loss=name, loss_args=loss_args, seed=seed,
                                           loss_lr=loss_lr if loss_lr is not None else base.loss_lr,

@@ -65,5 +65,6 @@ class EpochSelection:
     def record(self) -> dict:
         """``best_epoch``, the held-out ``val_classes`` (training-class ids), ``val_<metric>`` of the
         best epoch and the per-epoch ``val_history``."""
-        return {"best_epoch": self.best_epoch, "val_classes": [int(c) for c in self.held_out], "val_metrics": {f"val_{k}": v for k, v in self.best_metrics.items()},
+        return {"best_epoch": self.best_epoch, "val_classes": [int(c) for c in self.held_out],
+                "val_metrics": {f"val_{k}": v for k, v in self.best_metrics.items()},
                 "val_history": [{"epoch": e, f"val_{self.metric}": v} for e, v in self.history]}

@@ -28,7 +28,8 @@ def _optuna():
     try:
         import optuna
     except ImportError:  # pragma: no cover - optuna is in the train extra
-        raise ImportError("compare --tune needs Optuna: pip install 'pml-plugins[train]' (or pip install optuna)") from None
+        raise ImportError("compare --tune needs Optuna: pip install 'pml-plugins[train]' "
+                          "(or pip install optuna)") from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna
 
