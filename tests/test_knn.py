@@ -83,7 +83,7 @@ def test_chunking_bounds_memory_and_keeps_results(points, monkeypatch):
         return real_topk(x, *args, **kwargs)
 
     monkeypatch.setattr(torch, "topk", spy)
-    monkeypatch.setattr(knn_module, "_DEFAULT_BLOCK_ELEMENTS", 300 * 8)  # 8 queries per block
+    monkeypatch.setattr(knn_module.torch_search, "DEFAULT_BLOCK_ELEMENTS", 300 * 8)  # 8 queries per block
     chunked = knn_search(q, r, 7, backend="torch")
     assert max(b[0] for b in blocks) == 8 and len(blocks) == 9
     assert torch.equal(full[1], chunked[1])

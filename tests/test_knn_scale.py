@@ -11,8 +11,8 @@ import torch
 
 from pml_plugins import knn as knn_module
 from pml_plugins.cli import main
-from pml_plugins.knn import (GPU_MAX_K, KNN, KNNIndex, check_index_params, faiss_placement, knn_search,
-                             parse_index_params)
+from pml_plugins.cli.knn_params import parse_index_params
+from pml_plugins.knn import GPU_MAX_K, KNN, KNNIndex, check_index_params, faiss_placement, knn_search
 from pml_plugins.metrics import AccuracyCalculator
 
 needs_faiss = pytest.mark.skipif(not knn_module.faiss_available(), reason="no FAISS")
@@ -70,7 +70,7 @@ def test_default_faiss_chunk_is_bounded(data, monkeypatch):
         return real_search(x, k)
 
     monkeypatch.setattr(built.faiss_index, "search", spy)
-    monkeypatch.setattr(knn_module, "_DEFAULT_FAISS_RESULTS", 256 * 10)  # 256 queries per call at k = 10
+    monkeypatch.setattr(knn_module.index, "DEFAULT_FAISS_RESULTS", 256 * 10)  # 256 queries per call at k = 10
     built.search(query, 10)
     assert calls == [256, 44]
 

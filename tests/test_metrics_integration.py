@@ -29,7 +29,8 @@ def digits():
 def test_global_embedding_space_tester_on_digits(digits):
     x, y = digits
     dataset = torch.utils.data.TensorDataset(x, y)
-    calculator = AccuracyCalculator(device=CPU, plugin_metrics=False, exclude=("NMI", "AMI"))
+    # k as PML's below (its default k=None, in a tester: tests/test_metrics_default_k.py)
+    calculator = AccuracyCalculator(device=CPU, plugin_metrics=False, exclude=("NMI", "AMI"), k="max_bin_count")
     tester = GlobalEmbeddingSpaceTester(accuracy_calculator=calculator, dataloader_num_workers=0, batch_size=512,
                                         data_device=CPU)
     results = tester.test({"val": dataset}, 0, torch.nn.Identity())["val"]

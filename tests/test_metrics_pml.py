@@ -23,12 +23,13 @@ KNN_METRICS = ("precision_at_1", "r_precision", "mean_average_precision_at_r", "
 def ours(**kw):
     kw.setdefault("device", CPU)
     kw.setdefault("plugin_metrics", False)
+    kw.setdefault("k", "max_bin_count")  # as pml() below; the default k=None: tests/test_metrics_default_k.py
     return AccuracyCalculator(**kw)
 
 
 def pml(**kw):
     kw.setdefault("device", CPU)
-    kw.setdefault("k", "max_bin_count")  # what our default k=None means
+    kw.setdefault("k", "max_bin_count")
     return pml_ac.AccuracyCalculator(**kw)
 
 
@@ -214,9 +215,10 @@ def test_default_k_never_full_ranking():
             return super().__call__(query, k, reference, ref_includes_query)
 
     max_bin_count = int(torch.bincount(labels).max())
-    ours(knn_func=Recording(), ndcg_ks=(), recall_ks=()).get_accuracy(x, labels)
-    ours(knn_func=Recording()).get_accuracy(x, labels)
-    ours(knn_func=Recording(), include=("precision_at_1", "ndcg_at_8"), ndcg_ks=(8,), recall_ks=()).get_accuracy(x, labels)
+    ours(knn_func=Recording(), ndcg_ks=(), recall_ks=(), k=None).get_accuracy(x, labels)
+    ours(knn_func=Recording(), k=None).get_accuracy(x, labels)
+    ours(knn_func=Recording(), include=("precision_at_1", "ndcg_at_8"), ndcg_ks=(8,), recall_ks=(),
+         k=None).get_accuracy(x, labels)
     assert asked == [max_bin_count - 1, 100, 8]
     assert max(asked) < len(x) - 1
 

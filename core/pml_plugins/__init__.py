@@ -58,15 +58,22 @@ __all__ = [
     "TrainingContext",
     "TrainingSetup",
     "AccuracyCalculator",
+    "CrossBatchMemory",
+    "SelfSupervisedLoss",
     "knn_search",
     "binarize_embeddings",
 ]
 
 
 def __getattr__(name: str):
-    # AccuracyCalculator is imported lazily: PML's calculator pulls in scikit-learn (seconds)
+    # imported lazily: PML's calculator pulls in scikit-learn (seconds), its losses package
+    # (behind the wrappers) all of PML's losses
     if name == "AccuracyCalculator":
         from .metrics import AccuracyCalculator
 
         return AccuracyCalculator
+    if name in ("CrossBatchMemory", "SelfSupervisedLoss"):
+        from . import wrappers
+
+        return getattr(wrappers, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

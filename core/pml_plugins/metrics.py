@@ -21,9 +21,13 @@ kNN search serves every metric. It also fixes PML 2.9's calculator where it is w
 * ``include=("mean_reciprocal_rank",)`` alone works (PML's ``requires_knn`` omits it);
 * without FAISS the kNN falls back to an exact torch search (and k-means to scikit-learn)
   instead of raising ``NameError``;
-* the default ``k=None`` searches only as many neighbours as the requested metrics need
-  (max of the ks, and of R where R-precision / MAP@R / MAP / MRR are requested, i.e. PML's
-  ``k="max_bin_count"``) instead of a full N x N ranking. ``k="all"`` is PML's ``k=None``.
+* the default ``k=None`` means what it means in PML, the full ranking, but is computed
+  without PML's N x N kNN: ``mean_average_precision`` and ``mean_reciprocal_rank`` come from a
+  blocked pass over the references (:mod:`pml_plugins.ranking`) that orders ties as PML's
+  FAISS kNN does, and the search itself asks only for the neighbours the other metrics need
+  (PML's metrics and PML-style subclass metrics still receive exactly PML's columns; a
+  metric that needs the whole ranking as columns gets it, as under PML). ``k="all"`` is a
+  synonym of ``k=None``.
 """
 from __future__ import annotations
 
@@ -37,7 +41,8 @@ import torch
 from pytorch_metric_learning.utils import accuracy_calculator as pml_ac
 from pytorch_metric_learning.utils import common_functions as c_f
 
-from .knn import KNN, _import_faiss
+from .knn import KNN, import_faiss
+from .ranking import full_ranking_precisions
 
 __all__ = ["AccuracyCalculator", "SklearnKMeans", "DEFAULT_NDCG_KS", "DEFAULT_RECALL_KS", "PML_METRICS"]
 
@@ -109,8 +114,9 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
             ``mean_reciprocal_rank``, ``NMI``, ``AMI``), ``ndcg_at_<k>``, ``recall_at_<k>`` and
             the names of registered plugin metrics.
         k: neighbours for ``mean_average_precision`` and ``mean_reciprocal_rank`` (and the
-            cap for R-precision / MAP@R), as in PML: an int, ``"max_bin_count"``, ``"all"``
-            (PML's ``k=None``: the full ranking), or ``None`` (default): ``"max_bin_count"``.
+            cap for R-precision / MAP@R), as in PML: ``None`` (default: the full ranking, PML's
+            values, computed in bounded memory), ``"max_bin_count"``, or an int (capped at the
+            number of references; PML pads a larger k with index -1). ``"all"``: same as None.
             The search itself uses the largest k any requested metric needs.
         knn_func: PML-style ``knn_func(query, k, reference, ref_includes_query)``. Default:
             :class:`pml_plugins.knn.KNN` with ``metric="euclidean"`` (PML's default ranking),
@@ -166,24 +172,18 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
         for name, (fn, meta) in self._plugin_metrics.items():
             setattr(self, f"calculate_{name}", functools.partial(self._calculate_plugin_metric, name=name))
 
-        if k == "all":
-            pml_k = None
-        elif k is None:
-            pml_k = "max_bin_count"
-        else:
-            pml_k = k
+        pml_k = None if k == "all" else k
         if device is not None and not isinstance(device, torch.device):
             device = torch.device(device)
         if knn_func is None:
             knn_func = KNN(metric="euclidean")
         if kmeans_func is None:
             dev = c_f.use_cuda_if_available() if device is None else device
-            kmeans_func = (pml_ac.FaissKMeans(niter=20, gpu=dev.type == "cuda") if _import_faiss() is not None
+            kmeans_func = (pml_ac.FaissKMeans(niter=20, gpu=dev.type == "cuda") if import_faiss() is not None
                            else SklearnKMeans(niter=20))
         super().__init__(include=include, exclude=exclude, avg_of_avgs=avg_of_avgs, return_per_class=return_per_class,
                          k=pml_k, label_comparison_fn=label_comparison_fn, device=device, knn_func=knn_func,
                          kmeans_func=kmeans_func)
-        self.k = "all" if k == "all" else k  # PML's check ran on pml_k; keep what the user asked for
         # PML metrics first (its order), then nDCG and Recall by k, then plugin metrics
         order = {n: i for i, n in enumerate([*PML_METRICS, *self._metric_k, *self._plugin_metrics])}
         self.original_function_dict = dict(sorted(self.original_function_dict.items(), key=lambda kv: order.get(kv[0], len(order))))
@@ -201,29 +201,44 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
 
     def _pml_k(self, max_bin_count: int, match_counts: torch.Tensor, num_reference: int, ref_includes_query: bool) -> int:
         """The k PML would search for its own metrics (with its warnings), capped by the reference size."""
-        self_count = int(ref_includes_query)
-        available = num_reference - self_count
-        if self.k == "all":
-            k = available
-        elif self.k is None:
-            k = max_bin_count - self_count
-        else:
-            k = super().determine_k(match_counts, num_reference, ref_includes_query)
+        available = num_reference - int(ref_includes_query)
+        k = super().determine_k(match_counts, num_reference, ref_includes_query) if len(match_counts) else 0
         return max(0, min(int(k), available))
 
-    def _search_k(self, metrics: Iterable[str], k_pml: int, max_bin_count: int, available: int, ref_includes_query: bool) -> int:
-        needs = [0]
+    def _is_ours(self, metric: str) -> bool:
+        """Whether ``calculate_<metric>`` is this class's own (not a subclass's override)."""
+        own = AccuracyCalculator.__dict__.get(f"calculate_{metric}")
+        return own is not None and getattr(type(self), f"calculate_{metric}", None) is own
+
+    def _ranking_metric(self) -> str | None:
+        """The metric whose full ranking the blocked pass reproduces for this ``knn_func``, or None."""
+        return getattr(self.knn_func, "full_ranking_metric", None)
+
+    def _plan(self, metrics: Iterable[str], k_pml: int, max_bin_count: int, available: int,
+              ref_includes_query: bool) -> tuple[int, bool]:
+        """``(search_k, rank)``: the neighbours to search, and whether MAP/MRR come from the blocked pass."""
+        ranked = ("mean_average_precision", "mean_reciprocal_rank")
+        can_rank = self.k is None and self._ranking_metric() is not None
+        self_count = int(ref_includes_query)
+        needs, rank = [0], False
         for m in metrics:
-            if m == "precision_at_1":
+            if m not in self.requires_knn():
+                continue
+            if m == "precision_at_1" and self._is_ours(m):
                 needs.append(1)
+            elif m in _R_METRICS and self._is_ours(m):
+                needs.append(min(k_pml, max_bin_count - self_count))  # R-precision masks columns beyond R
+            elif m in ranked and self._is_ours(m) and can_rank:
+                rank = True
             elif m in self._metric_k:
                 needs.append(self._metric_k[m])
             elif m in self._plugin_metrics and self._plugin_metrics[m][1].get("k") is not None:
                 want = self._plugin_metrics[m][1]["k"]
-                needs.append(max_bin_count - int(ref_includes_query) if want == "max_bin_count" else int(want))
-            elif m in self.requires_knn():
+                needs.append(max_bin_count - self_count if want == "max_bin_count" else int(want))
+            else:  # PML's metrics in a subclass's version, or a subclass's own: PML's columns
                 needs.append(k_pml)
-        return min(max(1, max(needs)), available)
+        search_k = min(max(1, max(needs)), available)
+        return search_k, rank and search_k < k_pml
 
     # -- the computation -------------------------------------------------------------------
     def get_accuracy(
@@ -284,7 +299,7 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
         max_bin_count = int(match_counts.max()) if len(match_counts) else 0
         available = len(reference) - int(ref_includes_query)
         k_pml = self._pml_k(max_bin_count, match_counts, len(reference), ref_includes_query)
-        search_k = self._search_k(metrics, k_pml, max_bin_count, available, ref_includes_query)
+        search_k, rank = self._plan(metrics, k_pml, max_bin_count, available, ref_includes_query)
         if search_k >= 1:
             knn_distances, knn_indices = self.knn_func(query, search_k, reference, ref_includes_query)
             knn_indices = knn_indices.to(self.device).long()
@@ -299,11 +314,19 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
             relevance = self.label_comparison_fn(query_labels[:, None], knn_labels).bool()
         if not bool(stats["not_lone_query_mask"].any()):
             c_f.LOGGER.warning("None of the query labels are in the reference set.")
+        full_ranking = None
+        if rank and bool(stats["not_lone_query_mask"].any()):
+            full_ranking = full_ranking_precisions(
+                query, reference, _relevant_blocks(stats, query_labels, reference_labels, self.label_comparison_fn),
+                self._ranking_metric(), ref_includes_query, progress=getattr(self.knn_func, "progress", None))
+        # PML's metrics and subclass metrics see exactly PML's columns; ours read the rest
+        pml_labels = knn_labels[:, :k_pml]
+        self._pml_knn_labels = pml_labels
         return {
             "label_counts": stats["label_counts"],
-            "knn_labels": knn_labels,
-            "knn_distances": knn_distances,
-            "knn_indices": knn_indices,
+            "knn_labels": pml_labels,
+            "knn_distances": knn_distances[:, :k_pml],
+            "knn_indices": knn_indices[:, :k_pml],
             "lone_query_labels": stats["lone_query_labels"],
             "not_lone_query_mask": stats["not_lone_query_mask"],
             # pml-plugins extras (documented in hookspecs.register_metrics)
@@ -311,6 +334,10 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
             "num_relevant": stats["num_relevant"],
             "query_label_ids": stats["query_label_ids"],
             "k": k_pml,
+            "searched_knn_labels": knn_labels,
+            "searched_knn_distances": knn_distances,
+            "searched_knn_indices": knn_indices,
+            "full_ranking": full_ranking,
         }
 
     # -- averaging as PML does it ------------------------------------------------------------
@@ -331,21 +358,39 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
     def _pml_average(self, per_query: torch.Tensor, **kwargs) -> Any:
         return self._average(per_query, kwargs["not_lone_query_mask"], kwargs["query_label_ids"], kwargs["label_counts"][0])
 
-    # -- PML's metrics, vectorised over the shared relevance matrix ----------------------------
-    def calculate_precision_at_1(self, relevance, **kwargs):
-        return self._pml_average(relevance[:, :1].sum(1).type(torch.float64) / 1, **kwargs)
+    def _ours(self, knn_labels: Any, kwargs: dict[str, Any]) -> bool:
+        """Whether a ``calculate_`` call comes from our ``get_accuracy`` with its own columns (fast
+        path); a direct call, or a subclass handing other labels, runs PML's own code."""
+        return "relevance" in kwargs and knn_labels is getattr(self, "_pml_knn_labels", None)
+
+    # PML 2.9's signatures, positional order and names; our inputs arrive as keyword arguments
+    def calculate_precision_at_1(self, knn_labels, query_labels, not_lone_query_mask, label_counts, **kwargs):
+        if not self._ours(knn_labels, kwargs):
+            return super().calculate_precision_at_1(knn_labels, query_labels, not_lone_query_mask, label_counts,
+                                                    **kwargs)
+        relevance = kwargs["relevance"][:, :1]
+        return self._pml_average(relevance.sum(1).type(torch.float64) / 1, not_lone_query_mask=not_lone_query_mask,
+                                 label_counts=label_counts, **kwargs)
 
     def _relevance_mask(self, relevance, num_relevant, k):
         rel = relevance[:, :k]
         cols = torch.arange(rel.shape[1], device=rel.device)
         return rel, cols[None, :] < num_relevant[:, None]
 
-    def calculate_r_precision(self, relevance, num_relevant, k, **kwargs):
-        rel, mask = self._relevance_mask(relevance, num_relevant, k)
+    def calculate_r_precision(self, knn_labels, query_labels, not_lone_query_mask, ref_includes_query, label_counts,
+                              **kwargs):
+        if not self._ours(knn_labels, kwargs):
+            return super().calculate_r_precision(knn_labels, query_labels, not_lone_query_mask, ref_includes_query,
+                                                 label_counts, **kwargs)
+        rel, mask = self._relevance_mask(kwargs["relevance"], kwargs["num_relevant"], kwargs["k"])
         matches = torch.sum(rel * mask, dim=1)
-        return self._pml_average(matches.type(torch.float64) / torch.sum(mask, dim=1), **kwargs)
+        return self._pml_average(matches.type(torch.float64) / torch.sum(mask, dim=1),
+                                 not_lone_query_mask=not_lone_query_mask, label_counts=label_counts, **kwargs)
 
-    def _map(self, relevance, num_relevant, k, at_r, **kwargs):
+    def _map(self, at_r: bool, **kwargs):
+        relevance, num_relevant, k = kwargs["relevance"], kwargs["num_relevant"], kwargs["k"]
+        if not at_r and kwargs.get("full_ranking") is not None:
+            return self._pml_average(kwargs["full_ranking"][0] / num_relevant, **kwargs)
         rel, mask = self._relevance_mask(relevance, num_relevant, k)
         equality = rel * mask if at_r else rel
         cumulative_correct = torch.cumsum(equality, dim=1)
@@ -354,28 +399,45 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
         summed = torch.sum(precision_at_ks * mask if at_r else precision_at_ks, dim=1)
         return self._pml_average(summed / num_relevant, **kwargs)
 
-    def calculate_mean_average_precision_at_r(self, relevance, num_relevant, k, **kwargs):
-        return self._map(relevance, num_relevant, k, True, **kwargs)
+    def calculate_mean_average_precision_at_r(self, knn_labels, query_labels, not_lone_query_mask,
+                                              ref_includes_query, label_counts, **kwargs):
+        if not self._ours(knn_labels, kwargs):
+            return super().calculate_mean_average_precision_at_r(knn_labels, query_labels, not_lone_query_mask,
+                                                                 ref_includes_query, label_counts, **kwargs)
+        return self._map(True, not_lone_query_mask=not_lone_query_mask, label_counts=label_counts, **kwargs)
 
-    def calculate_mean_average_precision(self, relevance, num_relevant, k, **kwargs):
-        return self._map(relevance, num_relevant, k, False, **kwargs)
+    def calculate_mean_average_precision(self, knn_labels, query_labels, not_lone_query_mask, ref_includes_query,
+                                         label_counts, **kwargs):
+        if not self._ours(knn_labels, kwargs):
+            return super().calculate_mean_average_precision(knn_labels, query_labels, not_lone_query_mask,
+                                                            ref_includes_query, label_counts, **kwargs)
+        return self._map(False, not_lone_query_mask=not_lone_query_mask, label_counts=label_counts, **kwargs)
 
-    def calculate_mean_reciprocal_rank(self, relevance, k, **kwargs):
-        rel = relevance[:, :k]
+    def calculate_mean_reciprocal_rank(self, knn_labels, query_labels, not_lone_query_mask, label_counts, **kwargs):
+        if not self._ours(knn_labels, kwargs):
+            return super().calculate_mean_reciprocal_rank(knn_labels, query_labels, not_lone_query_mask,
+                                                          label_counts, **kwargs)
+        avg = {"not_lone_query_mask": not_lone_query_mask, "label_counts": label_counts, **kwargs}
+        if kwargs.get("full_ranking") is not None:
+            first = kwargs["full_ranking"][1]
+            # float32 like PML's 1 / (argmax + 1.0)
+            reciprocal = torch.where(first > 0, 1.0 / first.clamp(min=1).to(torch.float32), torch.zeros(()))
+            return self._pml_average(reciprocal, **avg)
+        rel = kwargs["relevance"][:, :kwargs["k"]]
         if rel.shape[1] == 0:
-            return self._pml_average(torch.zeros(len(rel)), **kwargs)
+            return self._pml_average(torch.zeros(len(rel)), **avg)
         # descending weights make argmax pick the first relevant rank (as PML)
         first = torch.argmax(rel * torch.arange(rel.shape[1], 0, -1, device=rel.device), dim=1) + 1.0
         found = rel.any(dim=1)
         reciprocal = torch.where(found, 1.0 / first, torch.zeros_like(first))
-        return self._pml_average(reciprocal, **kwargs)
+        return self._pml_average(reciprocal, **avg)
 
     # -- new metrics -------------------------------------------------------------------------
     def _calculate_recall(self, relevance, at, **kwargs):
         """Recall@k: 1 when any of the ``at`` nearest references is relevant."""
         return self._pml_average(relevance[:, :at].any(dim=1).type(torch.float64), **kwargs)
 
-    def _calculate_ndcg(self, relevance, num_relevant, at, knn_labels, query_labels, reference_labels,
+    def _calculate_ndcg(self, relevance, num_relevant, at, searched_knn_labels, query_labels, reference_labels,
                         ref_includes_query, **kwargs):
         """nDCG@k, eq. 19-20 of the Multi-Proxy Anchor paper."""
         device = relevance.device
@@ -385,7 +447,7 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
             ideal_per_count = torch.cat([discount.new_zeros(1), torch.cumsum(discount, 0)])
             ideal = ideal_per_count[num_relevant.clamp(0, at)]  # min(k, R) relevant items first
         else:
-            gains = _gains(self.gain_fn, query_labels[:, None], knn_labels[:, :at])
+            gains = _gains(self.gain_fn, query_labels[:, None], searched_knn_labels[:, :at])
             ideal = _ideal_dcg(self.gain_fn, query_labels, reference_labels, ref_includes_query, discount)
         dcg = torch.sum(gains * discount[: gains.shape[1]], dim=1)  # eq. 19
         mask = ideal > 0
@@ -396,6 +458,9 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
 
     def _calculate_plugin_metric(self, name, **kwargs):
         fn, meta = self._plugin_metrics[name]
+        if "searched_knn_labels" in kwargs:  # a plugin metric sees every searched column (at least its k)
+            kwargs = {**kwargs, "knn_labels": kwargs["searched_knn_labels"],
+                      "knn_distances": kwargs["searched_knn_distances"], "knn_indices": kwargs["searched_knn_indices"]}
         value = fn(**kwargs)
         if isinstance(value, torch.Tensor):
             if value.ndim == 1 and len(value) == len(kwargs["query_labels"]):
@@ -472,6 +537,15 @@ def _finish(unique_query_labels, match_counts, lone, query_label_ids, self_count
         "query_group_ids": query_group_ids,
         "reference_label_ids": reference_label_ids,
     }
+
+
+def _relevant_blocks(stats: dict[str, Any], query_labels: torch.Tensor, reference_labels: torch.Tensor,
+                     label_comparison_fn: Callable) -> Callable[[int, int], torch.Tensor]:
+    """``relevant(start, stop)``: ``(stop - start, N)`` bool, reference relevant to query (for the ranking pass)."""
+    if stats["reference_label_ids"] is not None:
+        ref_ids, query_ids = stats["reference_label_ids"], stats["query_group_ids"]
+        return lambda start, stop: ref_ids[None, :] == query_ids[start:stop, None]
+    return lambda start, stop: label_comparison_fn(query_labels[start:stop, None], reference_labels[None]).bool()
 
 
 # -- graded relevance ------------------------------------------------------------------------------

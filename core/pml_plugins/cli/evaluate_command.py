@@ -82,7 +82,8 @@ def _labels(t: Any, column: int | None, what: str) -> Any:
 
 def _knn_params(index: str, items: list[str]) -> dict[str, Any]:
     """``--knn-param NAME=VALUE`` items, checked against ``--knn-index`` (errors name the option)."""
-    from ..knn import check_index_params, parse_index_params  # noqa: PLC0415
+    from ..knn import check_index_params  # noqa: PLC0415
+    from .knn_params import parse_index_params  # noqa: PLC0415
 
     try:
         return check_index_params(index, parse_index_params(items))
