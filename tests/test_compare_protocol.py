@@ -232,6 +232,7 @@ def test_compare_on_glyphs_and_bad_protocol_flags(tmp_path, monkeypatch, capsys)
     for bad, message in ((["--seeds", "0"], "seeds must be an integer >= 1"),
                          (["--folds", "3"], "cannot make 3 folds"),
                          (["--val-classes", "0", "--tune", "2"], "--tune selects settings on validation classes"),
-                         (["--primary", "accuracy"], "--primary must be one of")):
+                         (["--primary", "accuracy"], "--primary must be one of"),
+                         (["--seed", "3"], "use --seeds N")):
         assert main(["compare", "--losses", "proxy_anchor", "--out", str(tmp_path / "bad"), *TINY, *bad]) == 2
         assert message in capsys.readouterr().err

@@ -24,10 +24,12 @@ examples:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="train several losses on the same budget; table, CSV, Markdown, plot",
-                       description="Train each loss with the same data, backbone, seed and budget; print one "
-                                   "table (Recall@k, MAP@R, nDCG@k, time per epoch, peak memory) with the "
-                                   "untrained model as the floor; write results.csv, results.md, "
-                                   "comparison.png and every run under --out.",
+                       description="Train each loss with the same data, backbone, budget and seeds, pick each "
+                                   "run's epoch on validation classes, test each selected model once; print one "
+                                   "table (Recall@k, MAP@R, nDCG@k as mean ± 95% interval over seeds, ties with "
+                                   "the best, time per epoch, peak memory) with the untrained model as the floor; "
+                                   "write results.csv, runs.csv, results.md, comparison.png and every run under "
+                                   "--out.",
                        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--losses", help="comma-separated loss names (default: every plugin loss + PML references)")
     add_protocol_arguments(p)
@@ -96,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
     from ..pipeline.config import build_config
 
     start = time.perf_counter()
+    if args.seed is not None:
+        raise ValueError("compare trains every loss with seeds 0..N-1: use --seeds N (--seed is for train)")
     fvals = file_values(args, extra_keys=("losses", "loss", *PROTOCOL_KEYS))
     if args.losses:
         losses = [s.strip() for s in args.losses.split(",") if s.strip()]
