@@ -293,7 +293,7 @@ def write_results(rows: Sequence[LossSummary], out: Path, base: TrainConfig, pro
         kinds = {r.result.memory_kind for r in row.runs if r.ok}
         writer.writerow([row.label, row.status,
                          *[c for k in keys for c in (_num(row.means.get(k)), _num(row.ci95.get(k)))],
-                         row.n_seeds, protocol.folds,
+                         row.n_seeds, "" if row.is_floor else protocol.folds,  # the floor is not trained
                          *[c for k in vkeys for c in (_num(row.means.get(k)), _num(row.ci95.get(k)))],
                          _tied_csv(row), _num(row.p_value),
                          _num(float(sum(epochs) / len(epochs)), 2) if epochs else "",
