@@ -23,10 +23,10 @@ import argparse
 from typing import Callable
 
 import torch
+from loss_timing import median_step_seconds, peak_step_bytes
 from pytorch_metric_learning.losses import CosFaceLoss, NormalizedSoftmaxLoss
 
 from pml_plugin_adaptive_margin import AdaptiveMarginSoftmaxLoss
-from loss_timing import median_step_seconds, peak_step_bytes  # noqa: E402 (this folder)
 
 SCALES = {  # name: (B, D, C)
     "CUB-like (B=180, D=512, C=100)": (180, 512, 100),
@@ -44,7 +44,9 @@ def run(device: str, repeats: int, threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    print(f"device {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, median of {repeats}")
+    print(
+        f"device {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, median of {repeats}"
+    )
     for scale, (b, dim, c) in SCALES.items():
         torch.manual_seed(0)
         x = torch.randn(b, dim, device=device, requires_grad=True)
@@ -69,7 +71,10 @@ def run(device: str, repeats: int, threads: int | None) -> None:
         print("| method | fwd+bwd ms | / CosFace | step peak MiB | d buffer MiB |")
         print("|---|---:|---:|---:|---:|")
         for row, seconds, peak, d_bytes in rows:
-            print(f"| {row} | {seconds * 1e3:.2f} | {seconds / cosface:.2f} | {peak / 2**20:.1f} | {d_bytes / 2**20:.1f} |")
+            print(
+                f"| {row} | {seconds * 1e3:.2f} | {seconds / cosface:.2f} | {peak / 2**20:.1f} "
+                f"| {d_bytes / 2**20:.1f} |"
+            )
 
 
 def main() -> None:

@@ -47,7 +47,7 @@ def worker(name: str, t: int, device: str, batch: int, dim: int, reps: int) -> d
     labels = torch.randint(t, (batch,), device=device)
     if name == "proxy_anchor":
         loss = ProxyAnchorLoss(t, dim).to(device)
-        step = lambda: loss(emb, labels)  # noqa: E731
+        step = lambda: loss(emb, labels)
     else:
         loss = ClassAnchorMarginLoss(t, dim).to(device)
         step = (lambda: loss(emb, labels)) if name == "cam" else (lambda: naive_cam(emb, labels, loss.anchors))
@@ -132,7 +132,10 @@ def main() -> None:
                     continue
                 ratio_t = f"{r['ms'] / ref['ms']:.2f}x" if ref else "-"
                 ratio_m = f"{r['peak_mib'] / ref['peak_mib']:.2f}x" if ref and ref["peak_mib"] > 0 else "-"
-                print(f"| {device} | {t:,} | {LABELS[name]} | {r['ms']:.2f} | {r['peak_mib']:.1f} | {ratio_t} | {ratio_m} |")
+                print(
+                    f"| {device} | {t:,} | {LABELS[name]} | {r['ms']:.2f} | {r['peak_mib']:.1f} "
+                    f"| {ratio_t} | {ratio_m} |"
+                )
             sys.stdout.flush()
 
 

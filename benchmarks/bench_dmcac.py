@@ -82,7 +82,9 @@ def main() -> None:
     centers = torch.randn(CLASSES, DIM, generator=g)
     B, A = args.queries, args.views
     x_lab = torch.randint(CLASSES, (B,), generator=g)
-    x = torch.nn.functional.normalize(centers[x_lab].repeat_interleave(A, 0) + 0.8 * torch.randn(B * A, DIM, generator=g) / DIM ** 0.5, dim=1)
+    x = torch.nn.functional.normalize(
+        centers[x_lab].repeat_interleave(A, 0) + 0.8 * torch.randn(B * A, DIM, generator=g) / DIM**0.5, dim=1
+    )
     y = x_lab.repeat_interleave(A)
     torch.manual_seed(0)
     model = torch.nn.Linear(DIM, DIM)
@@ -92,7 +94,8 @@ def main() -> None:
     baseline = time_steps(NormalizedSoftmaxLoss(CLASSES, DIM), model, x, y, args.steps)
     print(f"torch threads {torch.get_num_threads()}, B={B} queries x A={A} views = {B * A} rows, k={args.k}, d={DIM}")
     print(f"PML NormalizedSoftmaxLoss step (same model and batch): {baseline * 1e3:.1f} ms\n")
-    header = f"| database rows | retrieval | step (ms) | top-k search (ms) | index build (s) | IVF recall@k | x NormSoftmax |"
+    header = ("| database rows | retrieval | step (ms) | top-k search (ms) | index build (s) | IVF recall@k "
+              "| x NormSoftmax |")
     print(header)
     print("|" + "---|" * 7)
     for n in args.sizes:
@@ -120,8 +123,11 @@ def main() -> None:
                 got, ok = cosine_topk(views, db, args.k, index=index)
                 hits = (got[:, :, None] == exact_idx[:, None, :]).any(1) & ok.any(1, keepdim=True)
                 recall = f"{float(hits.float().mean()):.3f}"
-            print(f"| {n:,} | {name} | {step * 1e3:.1f} | {search * 1e3:.1f} | {build:.1f} | {recall} | {step / baseline:.1f} |",
-                  flush=True)
+            print(
+                f"| {n:,} | {name} | {step * 1e3:.1f} | {search * 1e3:.1f} | {build:.1f} | {recall} "
+                f"| {step / baseline:.1f} |",
+                flush=True,
+            )
             del loss, index
         del db, db_labels
 

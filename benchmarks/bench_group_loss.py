@@ -24,10 +24,10 @@ import warnings
 from typing import Callable
 
 import torch
+from loss_timing import median_step_seconds, peak_step_bytes
 from pytorch_metric_learning.losses import NormalizedSoftmaxLoss
 
 from pml_plugin_group_loss import GroupLoss
-from loss_timing import median_step_seconds, peak_step_bytes  # noqa: E402 (this folder)
 
 N_CLASSES_PER_BATCH, M, D = 10, 6, 512
 SCALES = {"C = 100": 100, "C = 11,318": 11318}
@@ -38,7 +38,9 @@ def run(device: str, repeats: int, threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    print(f"device {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, median of {repeats}")
+    print(
+        f"device {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, median of {repeats}"
+    )
     n = N_CLASSES_PER_BATCH * M
     for scale, c in SCALES.items():
         torch.manual_seed(0)
@@ -54,14 +56,22 @@ def run(device: str, repeats: int, threads: int | None) -> None:
         rows = []
         for label, make in makers.items():
             loss_fn = make().to(device)
-            rows.append((label, median_step_seconds(loss_fn, x, labels, repeats, device, warmup=3), peak_step_bytes(loss_fn, x, labels, device)))
+            rows.append(
+                (
+                    label,
+                    median_step_seconds(loss_fn, x, labels, repeats, device, warmup=3),
+                    peak_step_bytes(loss_fn, x, labels, device),
+                )
+            )
             del loss_fn
         ref_t, ref_m = rows[0][1], rows[0][2]
         print(f"\nn = {n} ({N_CLASSES_PER_BATCH} classes x {M}), d = {D}, {scale}")
         print("| loss | fwd+bwd ms | x NormSoftmax time | peak MiB | x NormSoftmax memory |")
         print("|---|---:|---:|---:|---:|")
         for label, seconds, peak in rows:
-            print(f"| {label} | {seconds * 1e3:.2f} | {seconds / ref_t:.2f} | {peak / 2**20:.2f} | {peak / ref_m:.2f} |")
+            print(
+                f"| {label} | {seconds * 1e3:.2f} | {seconds / ref_t:.2f} | {peak / 2**20:.2f} | {peak / ref_m:.2f} |"
+            )
 
 
 def main() -> None:

@@ -38,7 +38,6 @@ import time
 
 import numpy as np
 import torch
-import tqdm
 
 from pml_plugins.knn import KNN, KNNIndex, faiss_available
 from pml_plugins.metrics import AccuracyCalculator
@@ -61,7 +60,9 @@ def clustered(n: int, q: int, dim: int, items_per_class: int, noise: float, seed
         x = np.empty((m, dim), dtype=np.float32)
         for s in range(0, m, 100_000):  # blocks: no float64 temporaries of the whole set
             e = min(m, s + 100_000)
-            x[s:e] = centers[labels[s:e]] + (noise / math.sqrt(dim)) * rng.standard_normal((e - s, dim), dtype=np.float32)
+            x[s:e] = centers[labels[s:e]] + (noise / math.sqrt(dim)) * rng.standard_normal(
+                (e - s, dim), dtype=np.float32
+            )
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         return torch.from_numpy(x), torch.from_numpy(labels)
 
@@ -114,7 +115,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000], help="numbers of references N")
     p.add_argument("--queries", type=int, default=100_000, help="queries searched per N (and evaluated end to end)")
-    p.add_argument("--exact-queries", type=int, default=10_000, help="queries of the exact-search subset (recall, extrapolated time)")
+    p.add_argument(
+        "--exact-queries",
+        type=int,
+        default=10_000,
+        help="queries of the exact-search subset (recall, extrapolated time)",
+    )
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--items-per-class", type=int, default=100, help="references per cluster on average")
     p.add_argument("--noise", type=float, default=1.5, help="norm of the Gaussian noise around a unit centre")
@@ -123,13 +129,20 @@ def main() -> None:
     p.add_argument("--nprobe", type=int, nargs="*", default=[8, 16, 32, 64], help="IVF sweep (none: no IVF)")
     p.add_argument("--ef-search", type=int, nargs="+", default=[32, 64, 128])
     p.add_argument("--hnsw-max-n", type=int, default=100_000, help="largest N for HNSW (its build is slow on 2 cores)")
-    p.add_argument("--pml-max-n", type=int, default=100_000, help="largest N for PML's FaissKNN (exact, same cost as ours)")
+    p.add_argument(
+        "--pml-max-n", type=int, default=100_000, help="largest N for PML's FaissKNN (exact, same cost as ours)"
+    )
     p.add_argument("--pq-k-factor", type=int, nargs="*", default=[4, 16, 64],
                    help="PQ sweep: candidates re-ranked exactly per neighbour (none: no PQ)")
     p.add_argument("--pq-m", type=int, default=None, help="PQ sub-quantizers (default dim / 2)")
     p.add_argument("--e2e-index", choices=("auto", "ivf", "hnsw", "pq", "flat"), default="auto",
                    help="index of the end-to-end run (flat: exact, for the baseline)")
-    p.add_argument("--e2e-nprobe", type=int, default=None, help="IVF nprobe of the end-to-end run (default: smallest with R@1 >= 0.95)")
+    p.add_argument(
+        "--e2e-nprobe",
+        type=int,
+        default=None,
+        help="IVF nprobe of the end-to-end run (default: smallest with R@1 >= 0.95)",
+    )
     p.add_argument("--e2e-ef-search", type=int, default=None,
                    help="HNSW ef_search of the end-to-end run (default: smallest with R@1 >= 0.95)")
     p.add_argument("--threads", type=int, default=None, help="FAISS / torch threads (default: all cores)")
@@ -162,7 +175,7 @@ def main() -> None:
         print(f"\nN = {n}: data {gen_s:.1f} s; exact search of {sub} queries, k = {k_exact}")
         flat, build_s = timed(lambda: KNNIndex(ref, metric="cosine", index="flat"))
         (ex_s, ex_i), search_s = timed(lambda: flat.search(qs, k_exact, progress=None))
-        del flat
+        flat = None  # frees the index before the next size
         exact_per_query = (build_s + search_s) / sub
         exact_total = build_s + exact_per_query * args.queries
         rows.append(dict(n=n, method="exact flat (ours)", params="-", build=build_s, search=exact_total,
@@ -174,8 +187,11 @@ def main() -> None:
             rows.append(dict(n=n, method="exact PML FaissKNN", params="IndexFlatIP", build=float("nan"),
                              search=pml_s / sub * args.queries, note=f"measured on {sub} queries",
                              r1=float((pml_i[:, 0] == ex_i[:, 0]).float().mean()), in10=float("nan"), r10=float("nan")))
-        ivf_base, ivf_build = (None, 0.0) if not args.nprobe else timed(lambda: KNNIndex(ref, metric="cosine", index="ivf",
-                                                     index_params=ivf_params(args)))
+        ivf_base, ivf_build = (
+            (None, 0.0)
+            if not args.nprobe
+            else timed(lambda: KNNIndex(ref, metric="cosine", index="ivf", index_params=ivf_params(args)))
+        )
         nlist, train_size = (0, 0) if ivf_base is None else (ivf_base.params["nlist"], ivf_base.params["train_size"])
         for nprobe in args.nprobe if ivf_base is not None else ():
             ivf_base.faiss_index.nprobe = min(nprobe, nlist)
@@ -185,7 +201,7 @@ def main() -> None:
                              note=f"trained on {train_size} rows", r1=r1, in10=in10, r10=r10,
                              index="ivf", index_params={"nprobe": nprobe, **ivf_params(args)}))
             print(f"  IVF nprobe={nprobe}: search {s:.1f} s, R@1 {r1:.4f}")
-        del ivf_base
+        ivf_base = None  # frees the index
         if n <= args.hnsw_max_n:
             hnsw, hnsw_build = timed(lambda: KNNIndex(ref, metric="cosine", index="hnsw", progress=None))
             for ef in args.ef_search:
@@ -204,9 +220,21 @@ def main() -> None:
                 pq.params["k_factor"] = k_factor
                 (a_s, a_i), s = timed(lambda: pq.search(query, 10, progress=None))
                 r1, in10, r10 = recall(a_s[:sub], a_i[:sub], ex_s, ex_i)
-                rows.append(dict(n=n, method="PQ fast scan + exact re-rank", params=f"m={pq.params['m']} k_factor={k_factor}",
-                                 build=pq_build, search=s, note=f"4-bit codes, trained on {pq.params['train_size']} rows",
-                                 r1=r1, in10=in10, r10=r10, index="pq", index_params={**pq_build_params, "k_factor": k_factor}))
+                rows.append(
+                    dict(
+                        n=n,
+                        method="PQ fast scan + exact re-rank",
+                        params=f"m={pq.params['m']} k_factor={k_factor}",
+                        build=pq_build,
+                        search=s,
+                        note=f"4-bit codes, trained on {pq.params['train_size']} rows",
+                        r1=r1,
+                        in10=in10,
+                        r10=r10,
+                        index="pq",
+                        index_params={**pq_build_params, "k_factor": k_factor},
+                    )
+                )
                 print(f"  PQ k_factor={k_factor}: search {s:.1f} s, R@1 {r1:.4f}")
             del pq
 
@@ -236,16 +264,37 @@ def main() -> None:
         used_s, used_i = calc.knn_func.result
         e2e_r1 = recall(used_s[:sub], used_i[:sub], ex_s, ex_i)[0]
         subset_metrics = lambda s_, i_: AccuracyCalculator(
-            include=INCLUDE, k="max_bin_count", ndcg_ks=NDCG_KS, recall_ks=RECALL_KS, device="cpu", plugin_metrics=False,
-            knn_func=Precomputed(s_, i_)).get_accuracy(qs, query_labels[:sub], ref, ref_labels, False)
+            include=INCLUDE,
+            k="max_bin_count",
+            ndcg_ks=NDCG_KS,
+            recall_ks=RECALL_KS,
+            device="cpu",
+            plugin_metrics=False,
+            knn_func=Precomputed(s_, i_),
+        ).get_accuracy(qs, query_labels[:sub], ref, ref_labels, False)
         exact_sub, approx_sub = subset_metrics(ex_s, ex_i), subset_metrics(used_s[:sub], used_i[:sub])
-        e2e_rows.append(dict(n=n, q=args.queries, index=label, r1=e2e_r1, seconds=e2e_s, exact_est=exact_total, approx=approx,
-                             exact_sub=exact_sub, approx_sub=approx_sub, sub=sub))
+        e2e_rows.append(
+            dict(
+                n=n,
+                q=args.queries,
+                index=label,
+                r1=e2e_r1,
+                seconds=e2e_s,
+                exact_est=exact_total,
+                approx=approx,
+                exact_sub=exact_sub,
+                approx_sub=approx_sub,
+                sub=sub,
+            )
+        )
         print(f"  end to end ({args.queries} x {n}, {label}): {e2e_s:.1f} s, R@1 of the index {e2e_r1:.4f}")
-        del ref, query
+        ref = query = None  # frees the data before the next size
 
     print("\n## kNN: approximate vs exact (k = 10, cosine, all queries; recall on the exact subset)\n")
-    print("| N | method | parameters | build (s) | search (s) | total (s) | vs exact | R@1 | R@1 in top10 | 10-R@10 | note |")
+    print(
+        "| N | method | parameters | build (s) | search (s) | total (s) | vs exact | R@1 | R@1 in top10 | 10-R@10 "
+        "| note |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         exact = next(x for x in rows if x["n"] == r["n"] and x["method"] == "exact flat (ours)")
@@ -269,8 +318,11 @@ def main() -> None:
     for e in e2e_rows:
         worst = max(INCLUDE, key=lambda m: abs(e["exact_sub"][m] - e["approx_sub"][m]))
         for m in ("precision_at_1", "recall_at_1", "mean_average_precision_at_r", "ndcg_at_10", worst):
-            print(f"| {e['n']:,} | {e['sub']:,} | {e['index']} | {m} | {e['exact_sub'][m]:.4f} | {e['approx_sub'][m]:.4f} | "
-                  f"{e['approx_sub'][m] - e['exact_sub'][m]:+.4f} |")
+            print(
+                f"| {e['n']:,} | {e['sub']:,} | {e['index']} | {m} | {e['exact_sub'][m]:.4f} "
+                f"| {e['approx_sub'][m]:.4f} | "
+                f"{e['approx_sub'][m] - e['exact_sub'][m]:+.4f} |"
+            )
 
 
 if __name__ == "__main__":

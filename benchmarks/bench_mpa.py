@@ -9,7 +9,8 @@ after warm-up, all rows measured side by side in one run. Rows per scale:
 - the three MPA losses (K proxies per class, tau = 0.2 so the regulariser is included).
 
 Peak memory: the high-water mark of the bytes held by tensors allocated during one step,
-estimated from ``torch.profiler``'s per-op memory records (CPU), or exactly by ``torch.cuda.max_memory_allocated`` (CUDA).
+estimated from ``torch.profiler``'s per-op memory records (CPU), or exactly by
+``torch.cuda.max_memory_allocated`` (CUDA).
 
     python benchmarks/bench_mpa.py                 # SOP and CUB scale, CPU
     python benchmarks/bench_mpa.py --device cuda
@@ -20,10 +21,10 @@ import argparse
 from typing import Callable
 
 import torch
+from loss_timing import median_step_seconds, peak_step_bytes
 from pytorch_metric_learning.losses import ProxyAnchorLoss, SoftTripleLoss
 
 from pml_plugin_mpa import MultiProxyAnchorAPLoss, MultiProxyAnchorDWLoss, MultiProxyAnchorLoss
-from loss_timing import median_step_seconds, peak_step_bytes  # noqa: E402 (this folder)
 
 SCALES = {  # name: (B, d, C, K)
     "SOP (B=32, d=512, C=11318, K=10)": (32, 512, 11318, 10),
@@ -73,7 +74,9 @@ def run(device: str, repeats: int, threads: int | None) -> None:
         print("| method | fwd+bwd ms | x floor | SoftTriple / this | peak MiB |")
         print("|---|---:|---:|---:|---:|")
         for name, seconds, peak in rows:
-            print(f"| {name} | {seconds * 1e3:.1f} | {seconds / floor:.2f} | {soft / seconds:.2f} | {peak / 2**20:.1f} |")
+            print(
+                f"| {name} | {seconds * 1e3:.1f} | {seconds / floor:.2f} | {soft / seconds:.2f} | {peak / 2**20:.1f} |"
+            )
 
 
 def main() -> None:

@@ -20,7 +20,11 @@ import numpy as np
 import torch
 from sklearn.datasets import load_digits
 
-from pml_plugin_adaptive_margin import AdaptiveMarginSoftmaxLoss, class_distances_from_embeddings, class_distances_from_text
+from pml_plugin_adaptive_margin import (
+    AdaptiveMarginSoftmaxLoss,
+    class_distances_from_embeddings,
+    class_distances_from_text,
+)
 
 SEEDS = (0, 1, 2)
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -109,7 +113,10 @@ def main() -> None:
                 torch.stack([torch.nn.functional.normalize(emb[y == c], dim=1).mean(0) for c in range(5)]), dim=1)
             sep = (1 - means @ means.t())[pairs[0], pairs[1]]
             corrs.append(float(np.corrcoef(d[pairs[0], pairs[1]].numpy(), sep.numpy())[0, 1]))
-        print(f"Recall@1 {name}: {np.mean(recalls):.4f}   corr(d_ij, 1 - cos of class means i, j): {np.mean(corrs):+.2f}")
+        print(
+            f"Recall@1 {name}: {np.mean(recalls):.4f}   corr(d_ij, 1 - cos of class means i, j): {np.mean(corrs):+.2f}"
+        )
+
 
 if __name__ == "__main__":
     main()

@@ -67,7 +67,7 @@ def main() -> None:
     trunk = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU())
     embedder = torch.nn.Linear(64, args.embedding_size)
     model = torch.nn.Sequential(trunk, embedder)
-    proxy_lr = pml_plugins.get_entry("loss", "adaptive_margin_softmax").metadata["loss_lr"]
+    proxy_lr = pml_plugins.get_entry("loss", "adaptive_margin_softmax").spec.loss_lr
     optimizers = {
         "trunk_optimizer": torch.optim.Adam(trunk.parameters(), lr=1e-3),
         "embedder_optimizer": torch.optim.Adam(embedder.parameters(), lr=1e-3),

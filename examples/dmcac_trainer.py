@@ -10,8 +10,8 @@ import torch
 from pytorch_metric_learning import trainers
 from sklearn.datasets import load_digits
 
-from pml_plugins import TrainingContext
 from pml_plugin_dmcac import DMCACLoss, training_setup
+from pml_plugins import TrainingContext
 
 logging.getLogger("PML").setLevel(logging.WARNING)
 

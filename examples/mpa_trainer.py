@@ -49,7 +49,7 @@ def main() -> None:
     model = torch.nn.Sequential(trunk, embedder)
     loss = pml_plugins.create_loss(args.loss, num_classes=5, embedding_size=args.embedding_size,
                                    proxies_per_class=args.proxies_per_class)
-    proxy_lr = pml_plugins.get_entry("loss", args.loss).metadata["loss_lr"]  # 1e-2, the paper's
+    proxy_lr = pml_plugins.get_entry("loss", args.loss).spec.loss_lr  # 1e-2, the paper's
     optimizers = {
         "trunk_optimizer": torch.optim.AdamW(trunk.parameters(), lr=1e-3),
         "embedder_optimizer": torch.optim.AdamW(embedder.parameters(), lr=1e-3),
@@ -65,7 +65,7 @@ def main() -> None:
         sampler=samplers.MPerClassSampler(y_tr, m=16, batch_size=64, length_before_new_iter=len(y_tr)),
         dataloader_num_workers=0,
         data_device=torch.device("cpu"),
-        
+
     )
     trainer.train(num_epochs=args.epochs)
     print(f"Recall@1 after: {recall_at_1(model, x_te, y_te):.4f}")

@@ -14,7 +14,7 @@ import pml_plugins
 from pml_plugins.cli import main
 from pml_plugins.pipeline import compare as cmp
 
-TINY = ["--epochs", "1", "--iterations-per-epoch", "3", "--batch-size", "32", "--no-progress"]
+TINY = ["--epochs", "1", "--iterations-per-epoch", "3", "--batch-size", "32", "--no-progress", "--no-report"]
 
 
 class BrokenLoss(pml_losses.BaseMetricLossFunction):
@@ -122,8 +122,8 @@ def test_compare_config_file_as_a_subprocess(tmp_path):
         'losses = ["proxy_anchor", "soft_triple"]\nepochs = 1\niterations_per_epoch = 2\nbatch_size = 32\n'
         'embedding_size = 16\nseeds = 1\nval_classes = 0\n[loss_args.soft_triple]\ncenters_per_class = 3\n')
     result = subprocess.run([sys.executable, "-m", "pml_plugins", "compare", "--config", str(tmp_path / "c.toml"),
-                             "--out", str(tmp_path / "o"), "--no-progress"], capture_output=True, text=True,
-                            timeout=240)
+                             "--out", str(tmp_path / "o"), "--no-progress", "--no-report"], capture_output=True,
+                            text=True, timeout=240)
     assert result.returncode == 0, result.stderr
     assert "untrained (floor)" in result.stdout and "soft_triple" in result.stdout
     assert "1 seed (0): no interval (n/a)" in result.stdout and "no validation: last epoch reported" in result.stdout

@@ -14,7 +14,11 @@ def test_example_plugin_is_discovered_listed_and_created(with_example_plugins):
     info = {p["name"]: p for p in pml_plugins.plugin_info()}
     good = info["example_good"]
     assert good["distribution"] == "pml-plugins-example-good" and good["version"] == "1.2.3"
-    assert good["losses"] == ["hinge_pair"] and good["miners"] == ["hardest_pair"] and good["metrics"] == ["first_neighbor_match"]
+    assert (
+        good["losses"] == ["hinge_pair"]
+        and good["miners"] == ["hardest_pair"]
+        and good["metrics"] == ["first_neighbor_match"]
+    )
     loss = pml_plugins.create_loss("example_hinge", neg_margin=0.5)  # alias, unique
     assert type(loss).__name__ == "HingePairLoss" and loss.neg_margin == 0.5
     emb, labels = torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
@@ -77,7 +81,10 @@ def test_cli_list_shows_versions_errors_and_ambiguity(example_plugins_site, run_
     assert "fails on import on purpose" in out
     assert "hinge_pair (ambiguous: use example_good:hinge_pair)" in out
     data = json.loads(run_cli("list", "--json", pythonpath=example_plugins_site).stdout)
-    assert sorted(data["ambiguous"]["loss"]["hinge_pair"]) == ["example_colliding:hinge_pair", "example_good:hinge_pair"]
+    assert sorted(data["ambiguous"]["loss"]["hinge_pair"]) == [
+        "example_colliding:hinge_pair",
+        "example_good:hinge_pair",
+    ]
 
 
 def test_cli_info_and_unknown_name(example_plugins_site, run_cli):

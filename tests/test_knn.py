@@ -6,11 +6,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from pytorch_metric_learning.utils.inference import CustomKNN, FaissKNN
 from pytorch_metric_learning.distances import CosineSimilarity
+from pytorch_metric_learning.utils.inference import CustomKNN, FaissKNN
 
-from pml_plugins import knn_search
 from pml_plugins import knn as knn_module
+from pml_plugins import knn_search
 from pml_plugins.knn import KNN
 
 faiss_missing = not knn_module.faiss_available()
@@ -35,7 +35,9 @@ def points():
 
 
 @pytest.mark.parametrize("metric", ["cosine", "inner_product", "euclidean"])
-@pytest.mark.parametrize("backend", ["torch", pytest.param("faiss", marks=pytest.mark.skipif(faiss_missing, reason="no FAISS"))])
+@pytest.mark.parametrize(
+    "backend", ["torch", pytest.param("faiss", marks=pytest.mark.skipif(faiss_missing, reason="no FAISS"))]
+)
 def test_exact_search_matches_brute_force(points, metric, backend):
     q, r = points
     scores, indices = knn_search(q, r, 10, metric=metric, backend=backend, chunk_size=16)

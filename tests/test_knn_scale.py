@@ -27,7 +27,9 @@ def clustered(n, q, dim=32, classes=40, noise=1.0, seed=0):
     def draw(m):
         labels = rng.integers(classes, size=m)
         x = centers[labels] + noise / math.sqrt(dim) * rng.standard_normal((m, dim))
-        return torch.from_numpy((x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)), torch.from_numpy(labels)
+        return torch.from_numpy((x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)), torch.from_numpy(
+            labels
+        )
 
     return (*draw(n), *draw(q))
 

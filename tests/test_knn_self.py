@@ -30,7 +30,9 @@ def data(n: int, d: int, seed: int = 0) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "cosine", "inner_product"])
-@pytest.mark.parametrize("block_size", [128, 1000, 4096])  # ragged blocks (1000 = 7 x 128 + 104), one exact block, one big block
+@pytest.mark.parametrize(
+    "block_size", [128, 1000, 4096]
+)  # ragged blocks (1000 = 7 x 128 + 104), one exact block, one big block
 def test_equals_brute_force(metric, block_size):
     x = data(1000, 24)
     xs = torch.nn.functional.normalize(x, dim=1) if metric == "cosine" else x

@@ -15,7 +15,7 @@ from pytorch_metric_learning.utils.inference import CustomKNN
 
 from pml_plugins import AccuracyCalculator
 from pml_plugins.knn import KNN
-from pml_plugins.ranking import full_ranking_precisions
+from pml_plugins.ranking import Relevance, full_ranking_precisions
 
 pytest.importorskip("faiss")  # PML's own calculator needs FAISS (FaissKNN)
 
@@ -116,7 +116,7 @@ def test_default_k_searches_few_neighbours_but_custom_knn_gets_the_full_ranking(
     # a knn_func whose ranking we cannot reproduce (torch.topk orders ties its own way) is asked as PML asks it
     custom = CustomKNN(LpDistance(normalize_embeddings=False))
     calls = []
-    recorded = lambda q, k, r, inc: calls.append(k) or custom(q, k, r, inc)  # noqa: E731
+    recorded = lambda q, k, r, inc: calls.append(k) or custom(q, k, r, inc)
     a = ours(knn_func=recorded).get_accuracy(x, labels)
     assert calls == [len(x) - 1]
     assert_close(a, pml(knn_func=custom).get_accuracy(x, labels), PML_KNN_METRICS)
@@ -135,9 +135,12 @@ def test_ranking_pass_against_brute_force(metric, ref_includes_query):
     ref_labels = torch.randint(0, 4, (n,), generator=g)
     query = ref[:q] if ref_includes_query else draw(q)
     query_labels = ref_labels[:q] if ref_includes_query else torch.randint(0, 4, (q,), generator=g)
-    relevant = lambda s, e: query_labels[s:e, None] == ref_labels[None]  # noqa: E731
-    got_sum, got_first = full_ranking_precisions(query, ref, relevant, metric, ref_includes_query,
+    by_mask = Relevance.by_mask(lambda s, e: query_labels[s:e, None] == ref_labels[None])
+    got_sum, got_first = full_ranking_precisions(query, ref, by_mask, metric, ref_includes_query,
                                                  block_elements=3 * n)  # 3 queries a block
+    by_ids = full_ranking_precisions(query, ref, Relevance.by_ids(query_labels, ref_labels), metric, ref_includes_query,
+                                     block_elements=4 * n)
+    assert torch.equal(by_ids[0], got_sum) and torch.equal(by_ids[1], got_first)
     qq, rr = query.double(), ref.double()
     if metric == "cosine":
         qq, rr = torch.nn.functional.normalize(qq, dim=1), torch.nn.functional.normalize(rr, dim=1)
@@ -155,11 +158,11 @@ def test_ranking_pass_against_brute_force(metric, ref_includes_query):
 
 def test_custom_label_comparison_and_two_column_labels():
     x, labels = data(seed=7, lone=0)
-    same_pair = lambda a, b: (a // 2) == (b // 2)  # noqa: E731
+    same_pair = lambda a, b: (a // 2) == (b // 2)
     assert_close(ours(label_comparison_fn=same_pair).get_accuracy(x, labels),
                  pml(label_comparison_fn=same_pair).get_accuracy(x, labels), PML_KNN_METRICS)
     two = torch.stack([labels, labels % 3], dim=1)
-    first = lambda a, b: a[..., 0] == b[..., 0]  # noqa: E731
+    first = lambda a, b: a[..., 0] == b[..., 0]
     assert_close(ours(label_comparison_fn=first).get_accuracy(x, two),
                  pml(label_comparison_fn=first).get_accuracy(x, two), PML_KNN_METRICS)
 
@@ -181,7 +184,8 @@ def test_direct_calls_with_pmls_arguments():
     for option in ({}, {"avg_of_avgs": True}):
         a, b = ours(**option), pml(**option)
         assert_close(a._get_accuracy(a.get_function_dict(include=PML_KNN_METRICS), **kwargs),
-                     b._get_accuracy(b.get_function_dict(include=PML_KNN_METRICS), **kwargs), PML_KNN_METRICS, tol=1e-12)
+                     b._get_accuracy(b.get_function_dict(include=PML_KNN_METRICS), **kwargs), PML_KNN_METRICS,
+                     tol=1e-12)
         assert a.calculate_mean_average_precision(knn_labels, labels, not_lone, True, label_counts) == pytest.approx(
             b.calculate_mean_average_precision(knn_labels, labels, not_lone, True, label_counts), abs=1e-12)
 
@@ -230,3 +234,22 @@ def test_pmls_tester_with_default_arguments():
     for key, value in results[1].items():
         if key != "epoch":
             assert results[0][key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_our_metrics_from_pmls_arguments_alone():
+    # PML's own tests call _get_accuracy on every metric of the calculator with PML's arguments only
+    query_labels = torch.tensor([1, 1, 2, 3, 4, 0])
+    knn_labels = torch.tensor([[0, 1, 1, 2, 2], [1, 0, 1, 1, 3], [4, 4, 4, 4, 2], [3, 1, 3, 1, 3], [0, 0, 4, 2, 2],
+                               [1, 2, 3, 4, 5]])
+    label_counts = ([0, 1, 2, 3, 4], [2, 3, 5, 4, 5])
+    calc = ours(ndcg_ks=(4,), recall_ks=(1, 2))
+    acc = calc._get_accuracy(calc.get_function_dict(), query_labels=query_labels, knn_labels=knn_labels,
+                             label_counts=label_counts, not_lone_query_mask=torch.ones(6, dtype=torch.bool),
+                             ref_includes_query=False)
+    assert acc["recall_at_1"] == pytest.approx(2 / 6) and acc["recall_at_2"] == pytest.approx(3 / 6)
+    discount = 1 / np.log2(np.arange(2, 6))  # nDCG@4 by hand
+    counts = dict(zip(*label_counts))
+    ndcg = [float((knn_labels[i, :4] == q).numpy() @ discount) / discount[:min(4, counts[int(q)])].sum()
+            for i, q in enumerate(query_labels)]
+    assert acc["ndcg_at_4"] == pytest.approx(np.mean(ndcg), abs=1e-12)
+    assert acc["precision_at_1"] == pytest.approx(2 / 6)

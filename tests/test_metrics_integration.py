@@ -40,8 +40,12 @@ def test_global_embedding_space_tester_on_digits(digits):
     assert results["recall_at_1_level0"] == results["precision_at_1_level0"]
     assert results["recall_at_8_level0"] >= results["recall_at_4_level0"] >= results["recall_at_1_level0"]
     # the same numbers as PML's own calculator in the same tester
-    pml_tester = GlobalEmbeddingSpaceTester(accuracy_calculator=pml_ac.AccuracyCalculator(
-        device=CPU, k="max_bin_count", exclude=("NMI", "AMI")), dataloader_num_workers=0, batch_size=512, data_device=CPU)
+    pml_tester = GlobalEmbeddingSpaceTester(
+        accuracy_calculator=pml_ac.AccuracyCalculator(device=CPU, k="max_bin_count", exclude=("NMI", "AMI")),
+        dataloader_num_workers=0,
+        batch_size=512,
+        data_device=CPU,
+    )
     expected = pml_tester.test({"val": dataset}, 0, torch.nn.Identity())["val"]
     for key, value in expected.items():
         if key != "epoch":
@@ -140,7 +144,13 @@ def test_plugin_metric_appears_by_name(metric_plugin, digits):
     x, y = digits[0][:400], digits[1][:400]
     calc = AccuracyCalculator(device=CPU, exclude=("NMI", "AMI"), ndcg_ks=(2,), recall_ks=(1,))
     res = calc.get_accuracy(x, y)
-    for name in ("precision_at_3", "num_queries", "mean_first_distance", "neighbours_seen", "test_metrics_plugin:precision_at_1"):
+    for name in (
+        "precision_at_3",
+        "num_queries",
+        "mean_first_distance",
+        "neighbours_seen",
+        "test_metrics_plugin:precision_at_1",
+    ):
         assert name in res, name
     assert res["num_queries"] == 400
     assert res["neighbours_seen"] >= 40  # the declared k widened the one search

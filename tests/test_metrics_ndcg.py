@@ -97,15 +97,19 @@ def test_against_loop_reference(seed, gain):
     n = 120
     labels = torch.randint(0, 15, (n,), generator=g)
     labels[:2] = torch.tensor([50, 51])  # lone queries (no other item of their class)
-    x = torch.randn(n, 6, generator=g, dtype=torch.float64) + torch.randn(60, 6, generator=g, dtype=torch.float64)[labels % 60]
+    x = (
+        torch.randn(n, 6, generator=g, dtype=torch.float64)
+        + torch.randn(60, 6, generator=g, dtype=torch.float64)[labels % 60]
+    )
     ks = (1, 3, 10, 50)
     for reference_split in (False, True):
         if reference_split:
             q, ql, r, rl, inc = x[:40], labels[:40], x[40:], labels[40:], False
         else:
             q, ql, r, rl, inc = x, labels, x, labels, True
-        res = calculator(ndcg_ks=ks, recall_ks=(), gain_fn=gain, include=tuple(f"ndcg_at_{k}" for k in ks)).get_accuracy(
-            q.float(), ql, r.float(), rl, ref_includes_query=inc)
+        res = calculator(
+            ndcg_ks=ks, recall_ks=(), gain_fn=gain, include=tuple(f"ndcg_at_{k}" for k in ks)
+        ).get_accuracy(q.float(), ql, r.float(), rl, ref_includes_query=inc)
         for k in ks:
             expected = [v for v in reference_ndcg(q, ql, r, rl, k, inc, gain) if v is not None]
             assert res[f"ndcg_at_{k}"] == pytest.approx(float(np.mean(expected)), abs=1e-9), (k, reference_split)
@@ -118,7 +122,9 @@ def test_against_sklearn_ndcg_score(gain):
     r = torch.randn(200, 5, generator=g)
     ql = torch.randint(0, 12, (30,), generator=g)
     rl = torch.randint(0, 12, (200,), generator=g)
-    res = calculator(ndcg_ks=(1, 5, 20, 200), recall_ks=(), gain_fn=gain, knn_func=KNN("cosine")).get_accuracy(q, ql, r, rl)
+    res = calculator(ndcg_ks=(1, 5, 20, 200), recall_ks=(), gain_fn=gain, knn_func=KNN("cosine")).get_accuracy(
+        q, ql, r, rl
+    )
     if gain is None:
         y_true = (ql[:, None] == rl[None]).double().numpy()
     else:
@@ -141,7 +147,9 @@ def test_ties():
     res = calculator(ndcg_ks=(2, 5), recall_ks=()).get_accuracy(q, ql, r, rl_same)
     y_score = -np.linalg.norm(r.numpy(), axis=1)[None]
     for k in (2, 5):
-        assert res[f"ndcg_at_{k}"] == pytest.approx(ndcg_score((rl_same == 0).double().numpy()[None], y_score, k=k), abs=1e-12)
+        assert res[f"ndcg_at_{k}"] == pytest.approx(
+            ndcg_score((rl_same == 0).double().numpy()[None], y_score, k=k), abs=1e-12
+        )
     # mixed relevance inside the tie: the value is that of the kNN's order, between worst and best
     res = calculator(ndcg_ks=(2,), recall_ks=()).get_accuracy(q, ql, r, rl)
     ideal = 1 + 1 / math.log2(3)  # R = 3 relevant, min(2, 3) in front

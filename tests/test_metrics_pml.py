@@ -17,7 +17,13 @@ from pml_plugins import AccuracyCalculator
 from pml_plugins.knn import KNN
 
 CPU = torch.device("cpu")
-KNN_METRICS = ("precision_at_1", "r_precision", "mean_average_precision_at_r", "mean_average_precision", "mean_reciprocal_rank")
+KNN_METRICS = (
+    "precision_at_1",
+    "r_precision",
+    "mean_average_precision_at_r",
+    "mean_average_precision",
+    "mean_reciprocal_rank",
+)
 
 
 def ours(**kw):
@@ -83,7 +89,9 @@ def test_plain_values_bitwise_and_clustering_identical():
     assert set(b) < set(a) and {"ndcg_at_10", "recall_at_1"} < set(a)
 
 
-@pytest.mark.parametrize("include", [("precision_at_1",), ("r_precision", "mean_average_precision"), ("mean_average_precision_at_r",)])
+@pytest.mark.parametrize(
+    "include", [("precision_at_1",), ("r_precision", "mean_average_precision"), ("mean_average_precision_at_r",)]
+)
 def test_include_exclude(include):
     x, labels = data(seed=2)
     a = ours(include=include).get_accuracy(x, labels)
@@ -134,8 +142,10 @@ def test_lone_queries_only_and_partly():
     assert_same(a, b, KNN_METRICS)
 
 
-@pytest.mark.parametrize("knn_func", [lambda: CustomKNN(CosineSimilarity()), lambda: CustomKNN(LpDistance(), batch_size=64),
-                                      lambda: KNN("cosine")])
+@pytest.mark.parametrize(
+    "knn_func",
+    [lambda: CustomKNN(CosineSimilarity()), lambda: CustomKNN(LpDistance(), batch_size=64), lambda: KNN("cosine")],
+)
 def test_custom_knn_func(knn_func):
     x, labels = data(seed=6)
     a = ours(knn_func=knn_func(), exclude=("NMI", "AMI")).get_accuracy(x, labels)

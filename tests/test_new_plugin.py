@@ -59,15 +59,22 @@ def test_generated_plugin_installs_passes_its_tests_and_is_listed(tmp_path):
     tests = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "tests"],
                            cwd=package, env=_env_with(site), capture_output=True, text=True, timeout=300)
     assert tests.returncode == 0, tests.stdout[-4000:] + tests.stderr[-2000:]
-    for case in ("test_value_by_hand", "test_matches_loop_reference", "test_registered_by_name",
-                 "test_conformance[ToyMarginLoss-check_is_pml_loss]", "test_conformance[ToyMarginLoss-check_trainer_step]"):
+    for case in (
+        "test_value_by_hand",
+        "test_matches_loop_reference",
+        "test_registered_by_name",
+        "test_conformance[ToyMarginLoss-check_is_pml_loss]",
+        "test_conformance[ToyMarginLoss-check_trainer_step]",
+    ):
         assert f"{case} PASSED" in tests.stdout, f"{case} did not pass:\n{tests.stdout[-4000:]}"
 
     listed = subprocess.run([sys.executable, "-m", "pml_plugins", "list"], env=_env_with(site),
                             capture_output=True, text=True, timeout=120)
     assert listed.returncode == 0, listed.stderr
     lines = listed.stdout.splitlines()
-    header = next((i for i, line in enumerate(lines) if line.startswith("toy_margin  [pml-plugin-toy-margin 0.1.0")), None)
+    header = next(
+        (i for i, line in enumerate(lines) if line.startswith("toy_margin  [pml-plugin-toy-margin 0.1.0")), None
+    )
     assert header is not None, listed.stdout
     assert lines[header].rstrip().endswith("ok") and lines[header + 1].split() == ["losses", "toy_margin"]
 

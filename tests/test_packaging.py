@@ -19,7 +19,7 @@ PLUGINS = sorted(p.parent for p in (ROOT / "plugins").glob("*/pyproject.toml"))
 
 pytestmark = pytest.mark.packaging
 
-VERIFY = textwrap.dedent('''
+VERIFY = textwrap.dedent("""
     import inspect, json, sys, warnings
     import pml_plugins
     from pml_plugins.testing import check_loss, check_miner
@@ -28,7 +28,8 @@ VERIFY = textwrap.dedent('''
     info = {p["name"]: p for p in pml_plugins.plugin_info()}
     report = {"plugins": {}, "checked": []}
     for name, plugin in info.items():
-        report["plugins"][name] = {k: plugin[k] for k in ("distribution", "version", "requires_core", "errors", "losses", "miners", "metrics")}
+        keys = ("distribution", "version", "requires_core", "errors", "losses", "miners", "metrics")
+        report["plugins"][name] = {k: plugin[k] for k in keys}
     for name, plugin in info.items():
         if name == "builtin":
             continue
@@ -59,17 +60,22 @@ VERIFY = textwrap.dedent('''
                         check_miner(make, embedding_size=8, max_examples=5, **options)
                 report["checked"].append(entry.qualified_name)
     print(json.dumps(report))
-''')
+""")
 
 
 def _run(cmd, **kwargs) -> subprocess.CompletedProcess:
     result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kwargs)
-    assert result.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, (
+        f"{' '.join(map(str, cmd))} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
     return result
 
 
 def _dist_name(project: Path) -> str:
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python < 3.11: the testing extra installs tomli
+        import tomli as tomllib
 
     return tomllib.loads((project / "pyproject.toml").read_text())["project"]["name"]
 
@@ -95,7 +101,11 @@ def test_clean_venv_install_lists_creates_and_passes_the_kit(wheelhouse, tmp_pat
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", venv])
     py = venv / "bin" / "python"
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PML_PLUGINS_BLOCK", "PML_PLUGINS_ALLOW", "PML_PLUGINS_DISABLE_AUTOLOAD")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PYTHONPATH", "PML_PLUGINS_BLOCK", "PML_PLUGINS_ALLOW", "PML_PLUGINS_DISABLE_AUTOLOAD")
+    }
     pip = [py, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--find-links", wheelhouse]
     # torch first: the CPU build on this machine's disk (small); any torch PML supports would do
     torch_spec = "torch==2.13.0"

@@ -75,11 +75,17 @@ def test_bad_kwargs_show_the_signature(fresh_registry):
 
 
 def test_in_process_plugin_registers_and_unregisters(fresh_registry):
-    plugin = make_plugin("notebook", losses_to_register=[(MyContrastive, "my_contrastive", {"summary": "s", "paper": "p"})])
+    plugin = make_plugin(
+        "notebook", losses_to_register=[(MyContrastive, "my_contrastive", {"summary": "s", "paper": "p"})]
+    )
     name = pml_plugins.register_plugin(plugin)
     assert name == "notebook"
     entry = pml_plugins.get_entry("loss", "my_contrastive")
-    assert entry.plugin == "notebook" and entry.metadata["summary"] == "s" and entry.qualified_name == "notebook:my_contrastive"
+    assert (
+        entry.plugin == "notebook"
+        and entry.metadata["summary"] == "s"
+        and entry.qualified_name == "notebook:my_contrastive"
+    )
     assert isinstance(pml_plugins.create_loss("my_contrastive", pos_margin=0.1), MyContrastive)
     info = {p["name"]: p for p in pml_plugins.plugin_info()}
     assert info["notebook"]["losses"] == ["my_contrastive"] and info["notebook"]["errors"] == []

@@ -25,7 +25,9 @@ class ValidatedContrastive(losses.ContrastiveLoss):
         return super().compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
 
-@parametrize_with_checks([lambda: ValidatedProxyAnchor(num_classes=10, embedding_size=8)], embedding_size=8, num_classes=10)
+@parametrize_with_checks(
+    [lambda: ValidatedProxyAnchor(num_classes=10, embedding_size=8)], embedding_size=8, num_classes=10
+)
 def test_validated_proxy_anchor_passes(check):
     check()
 
@@ -35,7 +37,9 @@ def test_validated_contrastive_passes(check):
     check()
 
 
-@parametrize_with_checks([lambda: miners.MultiSimilarityMiner(), lambda: miners.TripletMarginMiner(margin=0.2)], embedding_size=8)
+@parametrize_with_checks(
+    [lambda: miners.MultiSimilarityMiner(), lambda: miners.TripletMarginMiner(margin=0.2)], embedding_size=8
+)
 def test_pml_miners_pass(check):
     check()
 
@@ -53,7 +57,11 @@ class NaNForOneClass(ValidatedContrastive):
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         out = super().compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         negatives = (labels[:, None] != labels[None, :]).sum()
-        out["neg_loss"]["losses"] = out["neg_loss"]["losses"] / negatives if torch.is_tensor(out["neg_loss"]["losses"]) else torch.tensor(0.0) / negatives
+        out["neg_loss"]["losses"] = (
+            out["neg_loss"]["losses"] / negatives
+            if torch.is_tensor(out["neg_loss"]["losses"])
+            else torch.tensor(0.0) / negatives
+        )
         return out
 
 
@@ -83,7 +91,10 @@ class HalfPrecisionOverflow(ValidatedProxyAnchor):
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         pml_plugins.check_embeddings_and_labels(embeddings, labels, num_classes=self.num_classes)
-        sims = torch.nn.functional.normalize(embeddings) @ torch.nn.functional.normalize(c_f.to_dtype(self.proxies, embeddings)).T
+        sims = (
+            torch.nn.functional.normalize(embeddings)
+            @ torch.nn.functional.normalize(c_f.to_dtype(self.proxies, embeddings)).T
+        )
         value = torch.log(torch.exp(sims * 1000).sum(1)).mean()
         return {"loss": {"losses": value, "indices": None, "reduction_type": "already_reduced"}}
 

@@ -2,11 +2,15 @@
 every plugin's core range admits this core."""
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11: the testing extra installs tomli
+    import tomli as tomllib
 
 import pml_plugins
 

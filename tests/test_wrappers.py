@@ -23,8 +23,16 @@ class PluginPairLoss(losses.GenericPairLoss):
         pos = pos_pair_dist ** 2 if len(pos_pair_dist) else 0  # GenericPairLoss gives [] for no pairs
         neg = torch.relu(1 - neg_pair_dist) ** 2 if len(neg_pair_dist) else 0
         return {
-            "pos_loss": {"losses": pos, "indices": lmu.pos_pairs_from_tuple(indices_tuple), "reduction_type": "pos_pair"},
-            "neg_loss": {"losses": neg, "indices": lmu.neg_pairs_from_tuple(indices_tuple), "reduction_type": "neg_pair"},
+            "pos_loss": {
+                "losses": pos,
+                "indices": lmu.pos_pairs_from_tuple(indices_tuple),
+                "reduction_type": "pos_pair",
+            },
+            "neg_loss": {
+                "losses": neg,
+                "indices": lmu.neg_pairs_from_tuple(indices_tuple),
+                "reduction_type": "neg_pair",
+            },
         }
 
     def _sub_loss_names(self):
@@ -77,7 +85,9 @@ def test_self_supervised_loss_equals_loss_with_views_as_ref_emb(plugin_registere
     emb, views = torch.randn(6, 4), torch.randn(6, 4)
     value = SelfSupervisedLoss(loss, symmetric=False)(emb, views)
     ids = torch.arange(6)
-    assert torch.allclose(value, loss(emb, ids, ref_emb=views, ref_labels=ids.clone()))  # a distinct tensor: keep i<->i pairs
+    assert torch.allclose(
+        value, loss(emb, ids, ref_emb=views, ref_labels=ids.clone())
+    )  # a distinct tensor: keep i<->i pairs
     symmetric = SelfSupervisedLoss(loss)(emb, views)
     # symmetric: PML concatenates both views into one batch with repeated ids
     assert torch.allclose(symmetric, loss(torch.cat([emb, views]), torch.cat([ids, ids])))

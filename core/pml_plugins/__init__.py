@@ -26,7 +26,8 @@ from .registry import (
     register_plugin,
     unregister_plugin,
 )
-from .training import TrainingContext, TrainingSetup
+from .specs import LossSpec, MetricSpec, MinerSpec
+from .training_protocol import TrainingContext, TrainingSetup
 from .validation import check_embeddings_and_labels
 
 __version__ = "0.1.0"
@@ -50,6 +51,9 @@ __all__ = [
     "create_miner",
     "create_metric",
     "Entry",
+    "LossSpec",
+    "MinerSpec",
+    "MetricSpec",
     "PluginError",
     "UnknownNameError",
     "AmbiguousNameError",

@@ -10,9 +10,10 @@ import inspect
 from pytorch_metric_learning import losses, miners
 
 from .hookspecs import hookimpl
-from .registry import snake_case
+from .names import snake_case
+from .specs import LossSpec, MinerSpec
 
-pml_plugins_api_version = 1
+pml_plugins_api_version = "1.1"
 
 # Names where snake-casing the class name reads badly; the snake-cased form stays an alias.
 _NAME_OVERRIDES = {
@@ -88,22 +89,22 @@ def _names(class_name: str, suffix: str) -> tuple[str, tuple[str, ...]]:
 def register_losses(register):
     for class_name, cls in _classes(losses, losses.BaseMetricLossFunction):
         name, aliases = _names(class_name, "Loss")
-        metadata = {"summary": _summary(cls), "paper": "see the pytorch-metric-learning docs", "tags": ("pml",)}
+        common = dict(summary=_summary(cls), paper="see the pytorch-metric-learning docs")
         space = dict(_SEARCH_SPACES.get(class_name, {}))
         if class_name in _CLASSIFICATION_LOSSES:
             space["loss_lr"] = _LR
-            metadata.update(loss_optimizer=True, loss_lr=1e-2, tags=("pml", "proxy"))
+            spec = LossSpec(**common, tags=("pml", "proxy"), loss_optimizer=True, loss_lr=1e-2)
         elif class_name in _SELF_SUPERVISED:
-            metadata.update(loss_optimizer=False, tags=("pml", "self_supervised"))
+            spec = LossSpec(**common, tags=("pml", "self_supervised"), loss_optimizer=False)
         else:
-            metadata.update(loss_optimizer=False, sampler="m_per_class", tags=("pml", "pair"))
+            spec = LossSpec(**common, tags=("pml", "pair"), loss_optimizer=False, sampler="m_per_class")
         if space:
-            metadata["search_space"] = space
-        register(cls, name=name, aliases=aliases, **metadata)
+            spec = spec.replace(search_space=space)
+        register(cls, name=name, aliases=aliases, spec=spec)
 
 
 @hookimpl
 def register_miners(register):
     for class_name, cls in _classes(miners, miners.BaseMiner):
         name, aliases = _names(class_name, "Miner")
-        register(cls, name=name, aliases=aliases, summary=_summary(cls), tags=("pml",))
+        register(cls, name=name, aliases=aliases, spec=MinerSpec(summary=_summary(cls), tags=("pml",)))

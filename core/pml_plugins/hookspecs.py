@@ -6,77 +6,25 @@ implements any of these hooks with ``@pml_plugins.hookimpl``::
     import pml_plugins
     from .my_loss import MyLoss
 
+    pml_plugins_api_version = "1.1"
+
     @pml_plugins.hookimpl
     def register_losses(register):
-        register(MyLoss, name="my_loss", aliases=("ml",),
-                 summary="One line on what it does", paper="Author et al., Venue 2024",
-                 tags=("proxy",), loss_optimizer=True)
+        register(MyLoss, name="my_loss", aliases=("ml",), spec=pml_plugins.LossSpec(
+            summary="One line on what it does", paper="Author et al., Venue 2024",
+            tags=("proxy",), loss_optimizer=True, loss_lr=1e-2))
 
 Each hook receives one argument, ``register``, a callable with the signature
-``register(obj, name=None, aliases=(), **metadata)`` (see :class:`pml_plugins.registry.Registrar`).
-Known metadata keys, all optional:
+``register(obj, name=None, aliases=(), spec=None)`` (see :class:`pml_plugins.registry.Registrar`).
+What the registry knows of the entry is its spec, a frozen dataclass documented field by field:
+:class:`pml_plugins.LossSpec` (the sampler, multi-view batches, the loss's own optimizer and
+learning rate, the retrieval geometry, DDP semantics, a ``training_setup`` for the main job,
+options for the conformance kit, ...), :class:`pml_plugins.MinerSpec` and
+:class:`pml_plugins.MetricSpec`. Consumers read ``entry.spec.<field>``.
 
-``summary`` (str)
-    One line shown by ``pml-plugins list`` / ``info``.
-``paper`` (str)
-    The reference to cite.
-``tags`` (tuple of str)
-    Free-form labels ("proxy", "pair", "classification", ...).
-``sampler`` (str or None)
-    ``"m_per_class"`` when the loss needs batches with several samples per class.
-``multi_view`` (bool)
-    The loss expects each sample as consecutive augmented views (B*A rows).
-``database_refresh`` (bool)
-    The loss keeps a database of embeddings that the training loop must refresh.
-``loss_optimizer`` (bool)
-    The loss owns parameters that need their own optimizer (inferred when absent).
-``loss_lr`` (float)
-    The learning rate the paper uses for those parameters.
-``retrieval_distance`` (``"cosine"`` or ``"euclidean"``)
-    Which geometry retrieval should use for embeddings trained with this loss.
-``supports_ref_emb`` (bool)
-    Set False when the loss rejects ``ref_emb`` (the drop-in ``CrossBatchMemory`` /
-    ``SelfSupervisedLoss`` of :mod:`pml_plugins.wrappers` then refuse it up front).
-``distributed`` (str)
-    What happens under DDP (``pml-plugins train --distributed``, see
-    :mod:`pml_plugins.distributed`), a test proves it for every plugin loss of this repository:
-
-    * ``"gradient_equivalent"``: with the core's rank-ordered ``DistributedLossWrapper``
-      (``efficient=False``) and :func:`pml_plugins.distributed.average_loss_gradients`, the
-      gradients on every rank (model after DDP's averaging, the loss's own parameters) equal
-      the single-process gradients on the gathered global batch; ranks stay identical.
-    * ``"batch_dependent"``: runs distributed and ranks stay in sync, but the value differs from
-      a single process on the global batch; ``distributed_note`` must say how.
-    * ``"unsupported"``: the trainer refuses the loss with an error naming it (give the reason
-      in ``distributed_note``).
-
-    Absent: the loss still runs, reported as "not declared".
-``distributed_note`` (str)
-    One or two sentences on the loss's distributed semantics (shown by ``pml-plugins info``).
-``distributed_efficient`` (bool, default False)
-    The loss supports PML's efficient mode (``DistributedLossWrapper(efficient=True)``: local
-    embeddings as queries, the gathered batch as ``ref_emb``). Without it,
-    ``--distributed-efficient`` is refused with an error naming the loss.
-``demo_loss_args`` (dict)
-    Loss arguments ``pml-plugins compare`` uses on its bundled digits data (``digits``,
-    ``digits:raw``: five training classes) when the user gives none for this loss, for a loss
-    whose defaults are meant for 100+ training classes and overfit five. The row is named with
-    them (``group_loss (ce_weight=0)``); ``--loss-arg``/per-loss arguments replace them.
-``search_space`` (dict)
-    What ``pml-plugins compare --tune`` searches: ``{argument: (low, high[, "log"][, "int"])}`` or
-    ``{"choices": [...]}`` per constructor argument, plus ``loss_lr`` for the loss's own parameters
-    (format: :mod:`pml_plugins.search_space`; shown by ``pml-plugins info``).
-``training_setup`` (callable)
-    ``training_setup(loss, context) -> TrainingSetup`` for losses that need data handling
-    in the main job (see :mod:`pml_plugins.training`).
-``conformance`` (dict)
-    Options for :func:`pml_plugins.testing.check_loss` when the kit runs on the installed
-    plugin (e.g. ``{"num_views": 2}``, ``{"samples_per_class": 2}``).
-``conformance_factory`` (callable)
-    ``conformance_factory(num_classes, embedding_size) -> loss``: a small ready-to-use instance
-    for the kit, for losses that need more than constructor arguments (e.g. a database).
-
-Anything else is stored as-is and shown by ``pml-plugins info``.
+The keyword form of plugin API 1.0, ``register(MyLoss, name="my_loss", summary=..., loss_lr=...)``,
+still works: the keywords are converted to the spec; an unknown keyword is dropped with a
+``UserWarning`` naming the plugin, the key and the closest field.
 """
 from __future__ import annotations
 
@@ -102,7 +50,7 @@ def register_miners(register):  # type: ignore[empty-body]
 def register_metrics(register):  # type: ignore[empty-body]
     """Register retrieval metrics for :class:`pml_plugins.AccuracyCalculator`.
 
-    ``register(fn, name="my_metric", **metadata)``: ``fn`` is a function, or a class whose
+    ``register(fn, name="my_metric", spec=MetricSpec(...))``: ``fn`` is a function, or a class whose
     instances (made with no arguments) are callable. Every
     ``pml_plugins.AccuracyCalculator()`` then computes it (unless built with
     ``plugin_metrics=False`` or a list of names) and reports it under its registered name,
@@ -121,21 +69,16 @@ def register_metrics(register):  # type: ignore[empty-body]
     ``query_label_ids`` ``(Q,)``, each query's row in ``label_counts[0]``; ``k``, the k of
     PML's metrics; and ``cluster_labels`` when it needs clustering. All tensors are on the
     calculator's device, the query's own match already removed from the neighbours, and
-    ``K`` is at least the ``k`` the metric declared (capped at the number of references). Keep it vectorised (no loop over queries).
+    ``K`` is at least the ``k`` the metric declared (capped at the number of references). Keep it
+    vectorised (no loop over queries).
 
     ``fn`` returns either the final value (a float, or anything JSON-friendly), or a 1-D
     tensor of one score per query: the calculator then averages it over the queries that
     are not lone (with the kNN) and not NaN, per class first with ``avg_of_avgs``, or
     per class with ``return_per_class``, exactly as it does its own metrics.
 
-    Metadata the calculator reads (besides ``summary``/``paper``/``tags``):
-
-    ``requires_knn`` (bool, default True)
-        Run the kNN search and pass its results.
-    ``requires_clustering`` (bool, default False)
-        Run k-means and pass ``cluster_labels``.
-    ``k`` (int or ``"max_bin_count"``, default: PML's ``k``)
-        How many neighbours the metric needs; the single search uses the largest k needed.
+    What the calculator reads of the registration is its :class:`pml_plugins.MetricSpec`
+    (``requires_knn``, ``requires_clustering``, ``k``).
 
     Example::
 
@@ -143,5 +86,5 @@ def register_metrics(register):  # type: ignore[empty-body]
         def register_metrics(register):
             def precision_at_5(relevance, **kwargs):
                 return relevance[:, :5].sum(1).double() / 5
-            register(precision_at_5, name="precision_at_5", k=5, summary="P@5")
+            register(precision_at_5, name="precision_at_5", spec=pml_plugins.MetricSpec(k=5, summary="P@5"))
     """

@@ -42,7 +42,7 @@ from pytorch_metric_learning.utils import accuracy_calculator as pml_ac
 from pytorch_metric_learning.utils import common_functions as c_f
 
 from .knn import KNN, import_faiss
-from .ranking import full_ranking_precisions
+from .ranking import Relevance, full_ranking_precisions
 
 __all__ = ["AccuracyCalculator", "SklearnKMeans", "DEFAULT_NDCG_KS", "DEFAULT_RECALL_KS", "PML_METRICS"]
 
@@ -66,7 +66,7 @@ class SklearnKMeans:
         self.seed = seed
 
     def __call__(self, x: torch.Tensor, nmb_clusters: int) -> torch.Tensor:
-        from sklearn.cluster import KMeans  # noqa: PLC0415
+        from sklearn.cluster import KMeans
 
         data = c_f.to_numpy(x).astype(np.float32)
         km = KMeans(n_clusters=nmb_clusters, n_init=1, max_iter=self.niter, random_state=self.seed)
@@ -169,7 +169,7 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
             self._metric_k[name] = kk
             setattr(self, f"calculate_{name}", functools.partial(self._calculate_recall, at=kk))
         self._plugin_metrics = _registered_metrics(plugin_metrics, taken=set(PML_METRICS) | set(self._metric_k))
-        for name, (fn, meta) in self._plugin_metrics.items():
+        for name in self._plugin_metrics:
             setattr(self, f"calculate_{name}", functools.partial(self._calculate_plugin_metric, name=name))
 
         pml_k = None if k == "all" else k
@@ -186,20 +186,24 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
                          kmeans_func=kmeans_func)
         # PML metrics first (its order), then nDCG and Recall by k, then plugin metrics
         order = {n: i for i, n in enumerate([*PML_METRICS, *self._metric_k, *self._plugin_metrics])}
-        self.original_function_dict = dict(sorted(self.original_function_dict.items(), key=lambda kv: order.get(kv[0], len(order))))
+        self.original_function_dict = dict(
+            sorted(self.original_function_dict.items(), key=lambda kv: order.get(kv[0], len(order)))
+        )
         self.curr_function_dict = self.get_function_dict()
 
     # -- what each metric needs ------------------------------------------------------------
     def requires_knn(self) -> list[str]:
         # PML's list omits mean_reciprocal_rank, so include=("mean_reciprocal_rank",) crashed there
-        plugin = [n for n, (_, meta) in self._plugin_metrics.items() if meta.get("requires_knn", True)]
+        plugin = [n for n, (_, spec) in self._plugin_metrics.items() if spec.requires_knn]
         return [*_PML_KNN_METRICS, *self._metric_k, *plugin]
 
     def requires_clustering(self) -> list[str]:
-        plugin = [n for n, (_, meta) in self._plugin_metrics.items() if meta.get("requires_clustering", False)]
+        plugin = [n for n, (_, spec) in self._plugin_metrics.items() if spec.requires_clustering]
         return ["NMI", "AMI", *plugin]
 
-    def _pml_k(self, max_bin_count: int, match_counts: torch.Tensor, num_reference: int, ref_includes_query: bool) -> int:
+    def _pml_k(
+        self, max_bin_count: int, match_counts: torch.Tensor, num_reference: int, ref_includes_query: bool
+    ) -> int:
         """The k PML would search for its own metrics (with its warnings), capped by the reference size."""
         available = num_reference - int(ref_includes_query)
         k = super().determine_k(match_counts, num_reference, ref_includes_query) if len(match_counts) else 0
@@ -232,8 +236,8 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
                 rank = True
             elif m in self._metric_k:
                 needs.append(self._metric_k[m])
-            elif m in self._plugin_metrics and self._plugin_metrics[m][1].get("k") is not None:
-                want = self._plugin_metrics[m][1]["k"]
+            elif m in self._plugin_metrics and self._plugin_metrics[m][1].k is not None:
+                want = self._plugin_metrics[m][1].k
                 needs.append(max_bin_count - self_count if want == "max_bin_count" else int(want))
             else:  # PML's metrics in a subclass's version, or a subclass's own: PML's columns
                 needs.append(k_pml)
@@ -263,7 +267,9 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
         if len(query) != len(query_labels) or len(reference) != len(reference_labels):
             raise ValueError("embeddings and labels must have the same length")
         if query.shape[1] != reference.shape[1]:
-            raise ValueError(f"query and reference must have the same embedding size, got {query.shape[1]} and {reference.shape[1]}")
+            raise ValueError(
+                f"query and reference must have the same embedding size, got {query.shape[1]} and {reference.shape[1]}"
+            )
         if query_labels.shape[1:] != reference_labels.shape[1:]:
             raise ValueError("query_labels and reference_labels must have the same number of label columns")
         if ref_includes_query and not (
@@ -288,12 +294,16 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
             "label_comparison_fn": self.label_comparison_fn,
         }
         if any(m in self.requires_knn() for m in metrics):
-            kwargs.update(self._knn_context(query, query_labels, reference, reference_labels, ref_includes_query, metrics))
+            kwargs.update(
+                self._knn_context(query, query_labels, reference, reference_labels, ref_includes_query, metrics)
+            )
         if any(m in self.requires_clustering() for m in metrics):
             kwargs["cluster_labels"] = self.get_cluster_labels(**kwargs)
         return self._get_accuracy(self.curr_function_dict, **kwargs)
 
-    def _knn_context(self, query, query_labels, reference, reference_labels, ref_includes_query, metrics) -> dict[str, Any]:
+    def _knn_context(
+        self, query, query_labels, reference, reference_labels, ref_includes_query, metrics
+    ) -> dict[str, Any]:
         stats = _label_stats(query_labels, reference_labels, ref_includes_query, self.label_comparison_fn)
         match_counts = stats["label_counts"][1]
         max_bin_count = int(match_counts.max()) if len(match_counts) else 0
@@ -317,7 +327,7 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
         full_ranking = None
         if rank and bool(stats["not_lone_query_mask"].any()):
             full_ranking = full_ranking_precisions(
-                query, reference, _relevant_blocks(stats, query_labels, reference_labels, self.label_comparison_fn),
+                query, reference, _relevance(stats, query_labels, reference_labels, self.label_comparison_fn),
                 self._ranking_metric(), ref_includes_query, progress=getattr(self.knn_func, "progress", None))
         # PML's metrics and subclass metrics see exactly PML's columns; ours read the rest
         pml_labels = knn_labels[:, :k_pml]
@@ -341,7 +351,9 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
         }
 
     # -- averaging as PML does it ------------------------------------------------------------
-    def _average(self, per_query: torch.Tensor, mask: torch.Tensor, label_ids: torch.Tensor, unique_labels: torch.Tensor) -> Any:
+    def _average(
+        self, per_query: torch.Tensor, mask: torch.Tensor, label_ids: torch.Tensor, unique_labels: torch.Tensor
+    ) -> Any:
         """Mean over the queries in ``mask``; per class first with ``avg_of_avgs``/``return_per_class``."""
         values = per_query[mask]
         if values.numel() == 0:
@@ -356,7 +368,9 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
         return torch.mean(per_class).item()
 
     def _pml_average(self, per_query: torch.Tensor, **kwargs) -> Any:
-        return self._average(per_query, kwargs["not_lone_query_mask"], kwargs["query_label_ids"], kwargs["label_counts"][0])
+        return self._average(
+            per_query, kwargs["not_lone_query_mask"], kwargs["query_label_ids"], kwargs["label_counts"][0]
+        )
 
     def _ours(self, knn_labels: Any, kwargs: dict[str, Any]) -> bool:
         """Whether a ``calculate_`` call comes from our ``get_accuracy`` with its own columns (fast
@@ -433,13 +447,41 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
         return self._pml_average(reciprocal, **avg)
 
     # -- new metrics -------------------------------------------------------------------------
-    def _calculate_recall(self, relevance, at, **kwargs):
-        """Recall@k: 1 when any of the ``at`` nearest references is relevant."""
-        return self._pml_average(relevance[:, :at].any(dim=1).type(torch.float64), **kwargs)
+    def _with_extras(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """PML's keyword arguments (``knn_labels``, ``query_labels``, ``label_counts``,
+        ``not_lone_query_mask``, ``ref_includes_query``), as PML's own code or tests pass them to
+        ``_get_accuracy``, completed with the inputs our metrics read (computed from them)."""
+        if "relevance" in kwargs:
+            return kwargs
+        knn_labels = c_f.numpy_to_torch(kwargs["knn_labels"])
+        query_labels = c_f.numpy_to_torch(kwargs["query_labels"]).to(knn_labels.device)
+        unique = torch.as_tensor(kwargs["label_counts"][0], device=knn_labels.device)
+        counts = torch.as_tensor(kwargs["label_counts"][1], device=knn_labels.device)
+        match = c_f.torch_all_from_dim_to_end(query_labels[:, None] == unique[None], 2)  # (Q, labels)
+        query_label_ids = torch.argmax(match.to(torch.uint8), dim=1)
+        self_count = int(bool(kwargs.get("ref_includes_query", False)))
+        num_relevant = torch.where(match.any(1), counts[query_label_ids] - self_count, torch.zeros_like(counts[:1]))
+        return {**kwargs, "knn_labels": knn_labels, "query_labels": query_labels, "label_counts": (unique, counts),
+                "not_lone_query_mask": torch.as_tensor(kwargs["not_lone_query_mask"], device=knn_labels.device),
+                "relevance": self.label_comparison_fn(query_labels[:, None], knn_labels).bool(),
+                "num_relevant": num_relevant, "query_label_ids": query_label_ids, "k": knn_labels.shape[1],
+                "searched_knn_labels": knn_labels, "reference_labels": kwargs.get("reference_labels"),
+                "ref_includes_query": bool(kwargs.get("ref_includes_query", False))}
 
-    def _calculate_ndcg(self, relevance, num_relevant, at, searched_knn_labels, query_labels, reference_labels,
-                        ref_includes_query, **kwargs):
+    def _calculate_recall(self, at, **kwargs):
+        """Recall@k: 1 when any of the ``at`` nearest references is relevant."""
+        kwargs = self._with_extras(kwargs)
+        return self._pml_average(kwargs["relevance"][:, :at].any(dim=1).type(torch.float64), **kwargs)
+
+    def _calculate_ndcg(self, at, **kwargs):
         """nDCG@k, eq. 19-20 of the Multi-Proxy Anchor paper."""
+        kwargs = self._with_extras(kwargs)
+        relevance, num_relevant, searched_knn_labels = kwargs["relevance"], kwargs["num_relevant"], kwargs[
+            "searched_knn_labels"]
+        query_labels, reference_labels = kwargs["query_labels"], kwargs["reference_labels"]
+        ref_includes_query = kwargs["ref_includes_query"]
+        if self.gain_fn is not None and reference_labels is None:
+            return pml_ac.nan_accuracy(kwargs["label_counts"][0], self.return_per_class)  # ideal DCG needs them
         device = relevance.device
         discount = 1.0 / torch.log2(torch.arange(2, at + 2, device=device, dtype=torch.float64))  # eq. 19 denominators
         if self.gain_fn is None:
@@ -458,6 +500,8 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
 
     def _calculate_plugin_metric(self, name, **kwargs):
         fn, meta = self._plugin_metrics[name]
+        if "knn_labels" in kwargs:
+            kwargs = self._with_extras(kwargs)
         if "searched_knn_labels" in kwargs:  # a plugin metric sees every searched column (at least its k)
             kwargs = {**kwargs, "knn_labels": kwargs["searched_knn_labels"],
                       "knn_distances": kwargs["searched_knn_distances"], "knn_indices": kwargs["searched_knn_indices"]}
@@ -539,13 +583,13 @@ def _finish(unique_query_labels, match_counts, lone, query_label_ids, self_count
     }
 
 
-def _relevant_blocks(stats: dict[str, Any], query_labels: torch.Tensor, reference_labels: torch.Tensor,
-                     label_comparison_fn: Callable) -> Callable[[int, int], torch.Tensor]:
-    """``relevant(start, stop)``: ``(stop - start, N)`` bool, reference relevant to query (for the ranking pass)."""
+def _relevance(stats: dict[str, Any], query_labels: torch.Tensor, reference_labels: torch.Tensor,
+               label_comparison_fn: Callable) -> Relevance:
+    """Which references are relevant to which queries, for the ranking pass."""
     if stats["reference_label_ids"] is not None:
-        ref_ids, query_ids = stats["reference_label_ids"], stats["query_group_ids"]
-        return lambda start, stop: ref_ids[None, :] == query_ids[start:stop, None]
-    return lambda start, stop: label_comparison_fn(query_labels[start:stop, None], reference_labels[None]).bool()
+        return Relevance.by_ids(stats["query_group_ids"], stats["reference_label_ids"])
+    return Relevance.by_mask(lambda start, stop: label_comparison_fn(query_labels[start:stop, None],
+                                                                     reference_labels[None]).bool())
 
 
 # -- graded relevance ------------------------------------------------------------------------------
@@ -596,13 +640,13 @@ def _ideal_dcg(gain_fn: Callable, query_labels: torch.Tensor, reference_labels: 
 
 
 # -- plugin metrics --------------------------------------------------------------------------------
-def _registered_metrics(selection: bool | Iterable[str], taken: set[str]) -> dict[str, tuple[Callable, dict]]:
+def _registered_metrics(selection: bool | Iterable[str], taken: set[str]) -> dict[str, tuple[Callable, Any]]:
     """Metrics from the registry, by the name they appear under in the calculator."""
     if selection is False or selection is None:
         return {}
-    from . import registry as reg  # noqa: PLC0415
+    from . import registry as reg
 
-    out: dict[str, tuple[Callable, dict]] = {}
+    out: dict[str, tuple[Callable, Any]] = {}
     if selection is True:
         names = reg.registry.names("metric")
     else:
@@ -615,12 +659,16 @@ def _registered_metrics(selection: bool | Iterable[str], taken: set[str]) -> dic
         obj = entry.obj
         if inspect.isclass(obj):
             obj = obj()
-        meta = dict(entry.metadata)
-        k = meta.get("k")
+        spec = entry.spec
+        k = spec.k
         if k is not None and k != "max_bin_count" and not (isinstance(k, int) and k > 0):
-            warnings.warn(f"metric {entry.qualified_name!r}: metadata k must be a positive int or 'max_bin_count', got {k!r}; ignored",
-                          RuntimeWarning, stacklevel=3)
-            meta.pop("k")
-        out[key] = (obj, meta)
+            warnings.warn(
+                f"metric {entry.qualified_name!r}: MetricSpec.k must be a positive int or 'max_bin_count', "
+                f"got {k!r}; ignored",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            spec = spec.replace(k=None)
+        out[key] = (obj, spec)
     return out
 

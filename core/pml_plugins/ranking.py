@@ -6,7 +6,10 @@ ranking only at the relevant references. A relevant reference's rank is one plus
 references that come before it, so the ranking is never needed as a whole: for a block of
 queries we score every reference, keep only the references that come before the query's *last*
 relevant one (usually a handful), sort those, and read each relevant reference's rank and its
-order among the relevant ones. Memory is bounded by the block (``block_elements`` scores).
+order among the relevant ones. Memory is bounded by the block (``block_elements`` scores, and
+the kept references, at most as many). With integer labels compared for equality, each query's
+relevant references are looked up among the references sorted by label, without a
+``block x N`` label comparison.
 
 Order of references, exactly as PML's default kNN (FAISS's flat indexes, which ``FaissKNN``
 and :class:`pml_plugins.knn.KNN` use) returns them -- checked on data with many exact ties:
@@ -31,7 +34,7 @@ import torch
 
 from .knn.progress import progress_bar
 
-__all__ = ["RANKABLE_METRICS", "full_ranking_precisions", "DEFAULT_BLOCK_ELEMENTS"]
+__all__ = ["RANKABLE_METRICS", "Relevance", "full_ranking_precisions", "DEFAULT_BLOCK_ELEMENTS"]
 
 #: Metrics of :class:`pml_plugins.knn.KNN` whose full ranking this module reproduces.
 RANKABLE_METRICS = ("euclidean", "cosine", "inner_product")
@@ -46,11 +49,59 @@ def _sortable(scores: torch.Tensor) -> torch.Tensor:
     return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long() + 2**31
 
 
+class Relevance:
+    """Which references are relevant to which queries, for a block of queries.
+
+    ``Relevance.by_ids(query_ids, reference_ids)``: relevant means the same integer label id
+    (the calculator's equality case; no ``(block x N)`` comparison is made: each query's
+    relevant references come from the references sorted by id). ``Relevance.by_mask(fn)``:
+    ``fn(start, stop)`` returns the ``(stop - start, N)`` bool mask (``label_comparison_fn``).
+    """
+
+    def __init__(self, query_ids: torch.Tensor | None = None, reference_ids: torch.Tensor | None = None,
+                 mask_fn: Callable[[int, int], torch.Tensor] | None = None) -> None:
+        if (query_ids is None) == (mask_fn is None):
+            raise ValueError("give either query_ids and reference_ids, or mask_fn")
+        self.query_ids, self.reference_ids, self.mask_fn = query_ids, reference_ids, mask_fn
+        if query_ids is not None:
+            if reference_ids is None:
+                raise ValueError("query_ids needs reference_ids")
+            size = int(max(int(query_ids.max()) if len(query_ids) else 0,
+                           int(reference_ids.max()) if len(reference_ids) else 0)) + 1
+            self._sorted_refs = torch.sort(reference_ids, stable=True).indices
+            self._counts = torch.bincount(reference_ids, minlength=size)
+            self._starts = torch.cumsum(self._counts, 0) - self._counts
+
+    @classmethod
+    def by_ids(cls, query_ids: torch.Tensor, reference_ids: torch.Tensor) -> Relevance:
+        return cls(query_ids=query_ids, reference_ids=reference_ids)
+
+    @classmethod
+    def by_mask(cls, mask_fn: Callable[[int, int], torch.Tensor]) -> Relevance:
+        return cls(mask_fn=mask_fn)
+
+    def block(self, start: int, stop: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, Callable]:
+        """``(rows, cols, member)``: the relevant pairs of queries ``start:stop`` (rows local to the
+        block), and ``member(rows, cols)``, whether given pairs are relevant."""
+        if self.mask_fn is not None:
+            mask = self.mask_fn(start, stop).to(device=device, dtype=torch.bool)
+            rows, cols = mask.nonzero(as_tuple=True)
+            return rows, cols, lambda r, c: mask[r, c]
+        q = self.query_ids[start:stop]
+        counts = self._counts[q]
+        rows = torch.repeat_interleave(torch.arange(len(q), device=q.device), counts)
+        offsets = torch.arange(len(rows), device=q.device) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts,
+                                                                                   counts)
+        cols = self._sorted_refs[self._starts[q][rows] + offsets]
+        ref_ids = self.reference_ids
+        return rows, cols, lambda r, c: ref_ids[c] == q[r]
+
+
 @torch.no_grad()
 def full_ranking_precisions(
     query: torch.Tensor,
     reference: torch.Tensor,
-    relevant: Callable[[int, int], torch.Tensor],
+    relevance: Relevance,
     metric: str,
     ref_includes_query: bool,
     *,
@@ -62,8 +113,7 @@ def full_ranking_precisions(
     Args:
         query: ``(Q, D)`` float32.
         reference: ``(N, D)`` float32, on the query's device.
-        relevant: ``relevant(start, stop)`` -> ``(stop - start, N)`` bool: whether each reference
-            is relevant to queries ``start:stop`` (``label_comparison_fn`` of the labels).
+        relevance: which references are relevant to which queries (:class:`Relevance`).
         metric: ``"euclidean"``, ``"cosine"`` or ``"inner_product"`` (see the module docstring).
         ref_includes_query: query ``i`` is reference ``i``; it is neither ranked nor relevant.
         block_elements: scores held at once (the block is ``block_elements // N`` queries).
@@ -76,6 +126,8 @@ def full_ranking_precisions(
     """
     if metric not in RANKABLE_METRICS:
         raise ValueError(f"metric must be one of {RANKABLE_METRICS}, got {metric!r}")
+    if not isinstance(relevance, Relevance):
+        raise TypeError(f"relevance must be a Relevance, got {type(relevance).__name__}")
     num_query, n = len(query), len(reference)
     device = query.device
     if metric == "cosine":
@@ -86,9 +138,7 @@ def full_ranking_precisions(
     precision_sum = torch.zeros(num_query, dtype=torch.float64, device=device)
     first_rank = torch.zeros(num_query, dtype=torch.long, device=device)
     step = max(1, block_elements // max(n, 1))
-    blocks = -(-num_query // step)
-    cols = torch.arange(n, device=device)
-    with progress_bar(num_query, blocks, progress, "full ranking (MAP, MRR)") as bar:
+    with progress_bar(num_query, -(-num_query // step), progress, "full ranking (MAP, MRR)") as bar:
         for start in range(0, num_query, step):
             stop = min(num_query, start + step)
             q = query[start:stop]
@@ -96,45 +146,48 @@ def full_ranking_precisions(
                 score = torch.addmm(ref_sq[None, :] + (q * q).sum(1, keepdim=True), q, reference.T, alpha=-2)
             else:  # negated similarity: lower is better
                 score = torch.neg(q @ reference.T)
-            rel = relevant(start, stop).to(device=device, dtype=torch.bool)
+            rows, cols, member = relevance.block(start, stop, device)
             if ref_includes_query:
-                rows = torch.arange(stop - start, device=device)
-                own = rows + start
-                keep = own < n
-                rel[rows[keep], own[keep]] = False
-                score[rows[keep], own[keep]] = float("inf")  # never before a relevant reference
-            if not euclidean:  # FAISS's IP heaps put the larger index first among equal scores
-                score, rel = score.flip(1), rel.flip(1)
-            _accumulate(score, rel, cols, precision_sum[start:stop], first_rank[start:stop])
+                keep = cols != rows + start  # the query itself is not in PML's ranking
+                rows, cols = rows[keep], cols[keep]
+                own = torch.arange(start, min(stop, n), device=device)
+                score[own - start, own] = float("inf")  # never before a relevant reference
+            _accumulate(score, rows, cols, member, not euclidean, precision_sum[start:stop], first_rank[start:stop])
             bar.update(stop - start)
     return precision_sum, first_rank
 
 
-def _accumulate(score: torch.Tensor, rel: torch.Tensor, cols: torch.Tensor, precision_sum: torch.Tensor,
-                first_rank: torch.Tensor) -> None:
-    """One block: ranks of the relevant references, in the order (score, column) ascending."""
-    b = len(score)
-    worst = torch.where(rel, score, torch.full_like(score, float("-inf"))).amax(1, keepdim=True)
-    # among relevant references at the worst score, the last column comes last
-    at_worst = rel & (score == worst)
-    worst_col = (len(cols) - 1) - torch.argmax(at_worst.flip(1).to(torch.uint8), dim=1, keepdim=True)
-    # every reference ranked at or before the last relevant one (none for rows without one)
-    before = (score < worst) | ((score == worst) & (cols[None, :] <= worst_col))
-    rows, col = before.nonzero(as_tuple=True)
-    if len(rows) == 0:
+def _accumulate(score: torch.Tensor, rel_rows: torch.Tensor, rel_cols: torch.Tensor, member: Callable,
+                descending_cols: bool, precision_sum: torch.Tensor, first_rank: torch.Tensor) -> None:
+    """One block: ranks of the relevant references, by (score, column) ascending (column
+    descending with ``descending_cols``)."""
+    if len(rel_rows) == 0:
         return
-    # nonzero is row-major with ascending columns; a stable sort on (row, score) keeps them so
-    order = torch.sort((rows << 32) | _sortable(score[rows, col]), stable=True).indices
-    rows = rows[order]
-    is_rel = rel[rows, col[order]]
+    b, n = score.shape
+    rel_score = score[rel_rows, rel_cols]
+    worst = torch.full((b,), float("-inf"), device=score.device).scatter_reduce(0, rel_rows, rel_score, "amax")
+    tie = -rel_cols if descending_cols else rel_cols  # tie order: larger key comes later
+    at_worst = rel_score == worst[rel_rows]
+    worst_tie = torch.full((b,), -n - 1, dtype=torch.long, device=score.device).scatter_reduce(
+        0, rel_rows[at_worst], tie[at_worst], "amax")
+    # every reference ranked at or before each row's last relevant one: one pass over the block,
+    # then the (rare) references tied with it but ordered after it are dropped from the short list
+    rows, cols = (score <= worst[:, None]).nonzero(as_tuple=True)
+    s = score[rows, cols]
+    keep = (s < worst[rows]) | ((-cols if descending_cols else cols) <= worst_tie[rows])
+    rows, cols, s = rows[keep], cols[keep], s[keep]
+    if descending_cols:  # nonzero lists columns ascending; reversed, the stable sort keeps them descending
+        rows, cols, s = rows.flip(0), cols.flip(0), s.flip(0)
+    order = torch.sort((rows << 32) | _sortable(s), stable=True).indices
+    rows, cols = rows[order], cols[order]
+    is_rel = member(rows, cols)
     counts = torch.bincount(rows, minlength=b)
     row_start = torch.cumsum(counts, 0) - counts
     rank = torch.arange(len(rows), device=rows.device) - row_start[rows] + 1
     found = torch.cumsum(is_rel.long(), 0)
     found_before_row = (found - is_rel.long())[row_start.clamp(max=len(rows) - 1)]
     t = found - found_before_row[rows]  # this relevant reference's order among the row's relevant ones
-    contribution = torch.where(is_rel, t.double() / rank.double(), torch.zeros((), dtype=torch.float64,
-                                                                                device=rows.device))
-    precision_sum.index_add_(0, rows, contribution)
+    zero = torch.zeros((), dtype=torch.float64, device=rows.device)
+    precision_sum.index_add_(0, rows, torch.where(is_rel, t.double() / rank.double(), zero))
     first = is_rel & (t == 1)
     first_rank[rows[first]] = rank[first]

@@ -4,34 +4,57 @@ Discovery iterates the ``pml_plugins`` entry-point group itself (instead of plug
 ``load_setuptools_entrypoints``, which stops at the first plugin that fails to import and
 silently drops a duplicate entry-point name), so one broken plugin is recorded and skipped
 while every other plugin still loads.
+
+One cohesive thing, kept in one module on purpose: the :class:`Registry` (discovery, error
+isolation, lookup, building), the :class:`Registrar` its hooks call, and the module-level
+functions that front the process-wide instance. What it reads of the environment and of the
+installed distributions is in :mod:`pml_plugins.discovery`; name spelling in
+:mod:`pml_plugins.names`; the argument rules in :mod:`pml_plugins.arguments`; what an entry
+declares in :mod:`pml_plugins.specs`.
 """
 from __future__ import annotations
 
 import difflib
 import fnmatch
-import importlib.metadata as importlib_metadata
 import inspect
 import os
-import re
 import threading
 import warnings
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import pluggy
 
 from . import hookspecs
+from .arguments import describe_signature, resolve_arguments, signature_parameters
+from .discovery import (
+    BUILTIN_PLUGIN,
+    ENTRY_POINT_GROUP,
+    ENV_ALLOW,
+    ENV_BLOCK,
+    ENV_DISABLE_AUTOLOAD,
+    PLUGIN_API_VERSION,
+    PluginRecord,
+    api_version_supported,
+    core_requirement,
+    dist_version,
+    entry_points,
+    split_env_list,
+)
+from .names import normalize_name, snake_case
+from .specs import KINDS, SPEC_OF_KIND, LossSpec, Spec, spec_from_metadata
 
-ENTRY_POINT_GROUP = "pml_plugins"
-#: Version of the hook contract; a plugin module may declare ``pml_plugins_api_version``.
-PLUGIN_API_VERSION = 1
-#: Environment variables that control discovery (mirroring pytest's).
-ENV_DISABLE_AUTOLOAD = "PML_PLUGINS_DISABLE_AUTOLOAD"
-ENV_ALLOW = "PML_PLUGINS_ALLOW"
-ENV_BLOCK = "PML_PLUGINS_BLOCK"
-BUILTIN_PLUGIN = "builtin"
-KINDS = ("loss", "miner", "metric")
+# names other modules and users import from here (they moved to leaf modules)
+__all__ = [
+    "BUILTIN_PLUGIN", "ENTRY_POINT_GROUP", "ENV_ALLOW", "ENV_BLOCK", "ENV_DISABLE_AUTOLOAD", "KINDS",
+    "PLUGIN_API_VERSION", "PluginRecord", "api_version_supported", "describe_signature", "normalize_name",
+    "snake_case", "PluginError", "UnknownNameError", "AmbiguousNameError", "RegistrationError", "Entry",
+    "BuildResult", "Registrar", "Registry", "registry", "load_plugins", "register_plugin", "unregister_plugin",
+    "plugin_info", "list_losses", "list_miners", "list_metrics", "get_loss", "get_miner", "get_metric",
+    "get_entry", "create_loss", "create_miner", "create_metric",
+]
+
 _HOOK_OF_KIND = {"loss": "register_losses", "miner": "register_miners", "metric": "register_metrics"}
 
 
@@ -54,24 +77,10 @@ class RegistrationError(PluginError, TypeError):
     """A plugin tried to register something invalid."""
 
 
-def normalize_name(name: str) -> str:
-    """Names are case-insensitive and treat ``-`` like ``_``."""
-    if not isinstance(name, str) or not name.strip():
-        raise TypeError(f"name must be a non-empty str, got {name!r}")
-    return name.strip().lower().replace("-", "_")
-
-
-def snake_case(class_name: str, suffix: str = "") -> str:
-    """``ProxyAnchorLoss`` -> ``proxy_anchor`` (with ``suffix="Loss"``)."""
-    if suffix and class_name.endswith(suffix) and class_name != suffix:
-        class_name = class_name[: -len(suffix)]
-    s = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", class_name)
-    return s.lower()
-
 
 @dataclass(frozen=True)
 class Entry:
-    """One registered loss, miner or metric."""
+    """One registered loss, miner or metric: its object, who registered it, and its :class:`~pml_plugins.specs.Spec`."""
 
     kind: str
     name: str
@@ -80,74 +89,49 @@ class Entry:
     distribution: str | None = None
     version: str | None = None
     aliases: tuple[str, ...] = ()
-    metadata: Mapping[str, Any] = field(default_factory=dict)
+    #: What the plugin declared: a :class:`~pml_plugins.LossSpec`, :class:`~pml_plugins.MinerSpec` or
+    #: :class:`~pml_plugins.MetricSpec` (the defaults when it declared nothing).
+    spec: Spec = field(default_factory=Spec)
 
     @property
     def qualified_name(self) -> str:
         return f"{self.plugin}:{self.name}"
 
     @property
+    def metadata(self) -> Mapping[str, Any]:
+        """Deprecated (plugin API 1.1): read ``entry.spec.<field>``. A read-only view of the spec's fields."""
+        warnings.warn("Entry.metadata is deprecated; read entry.spec.<field> (pml_plugins.LossSpec / MinerSpec / "
+                      "MetricSpec)", DeprecationWarning, stacklevel=2)
+        return MappingProxyType(self.spec.as_dict())
+
+    @property
     def requires_optimizer(self) -> bool:
         """Whether the loss owns parameters that need their own optimizer."""
-        if "loss_optimizer" in self.metadata:
-            return bool(self.metadata["loss_optimizer"])
-        params = _signature_parameters(self.obj)
-        return "num_classes" in params
+        return bool(getattr(self.spec, "loss_optimizer", False))
 
     def needs(self) -> dict[str, Any]:
-        """What a training loop must provide for this entry."""
+        """What a training loop must provide for this entry (a summary of the loss's spec)."""
+        spec = self.spec if isinstance(self.spec, LossSpec) else LossSpec()
         return {
-            "sampler": self.metadata.get("sampler"),
-            "multi_view": bool(self.metadata.get("multi_view", False)),
-            "database_refresh": bool(self.metadata.get("database_refresh", False)),
+            "sampler": spec.sampler,
+            "multi_view": spec.multi_view,
+            "database_refresh": spec.database_refresh,
             "loss_optimizer": self.requires_optimizer if self.kind == "loss" else False,
-            "loss_lr": self.metadata.get("loss_lr"),
-            "retrieval_distance": self.metadata.get("retrieval_distance", "cosine"),
+            "loss_lr": spec.loss_lr,
+            "retrieval_distance": spec.retrieval_distance,
         }
 
 
-@dataclass
-class PluginRecord:
-    """What one plugin is and what it did."""
+@dataclass(frozen=True)
+class BuildResult:
+    """What :meth:`Registry.build` made: the object, its entry, the arguments it got, the options left."""
 
-    name: str
-    distribution: str | None = None
-    version: str | None = None
-    module: str | None = None
-    api_version: int | None = None
-    #: The core versions the plugin's distribution declares it was built for (its requirement on pml-plugins).
-    requires_core: str | None = None
-    errors: list[str] = field(default_factory=list)
-    loaded: bool = False
-    registered: dict[str, list[str]] = field(default_factory=lambda: {k: [] for k in KINDS})
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "distribution": self.distribution,
-            "version": self.version,
-            "module": self.module,
-            "api_version": self.api_version,
-            "requires_core": self.requires_core,
-            "loaded": self.loaded,
-            "losses": list(self.registered["loss"]),
-            "miners": list(self.registered["miner"]),
-            "metrics": list(self.registered["metric"]),
-            "errors": list(self.errors),
-        }
-
-
-def _signature_parameters(obj: Any) -> Mapping[str, inspect.Parameter]:
-    try:
-        return inspect.signature(obj).parameters
-    except (TypeError, ValueError):
-        return {}
-
-
-def _split_env_list(value: str | None) -> set[str] | None:
-    if value is None or not value.strip():
-        return None
-    return {normalize_name(v) for v in value.split(",") if v.strip()}
+    obj: Any
+    entry: Entry
+    #: the keyword arguments the constructor was called with
+    arguments: dict
+    #: arguments the constructor does not take, kept for the loss's ``training_setup`` (``with_options``)
+    options: dict
 
 
 def _base_class_for(kind: str) -> type | None:
@@ -165,19 +149,23 @@ def _base_class_for(kind: str) -> type | None:
 class Registrar:
     """The ``register`` callable handed to a plugin's hooks.
 
-    ``register(obj, name=None, aliases=(), **metadata)``: ``obj`` is a loss class, a miner
-    class or a metric callable; ``name`` defaults to the snake-cased class name without the
-    ``Loss``/``Miner`` suffix. Registrations are staged and committed only when the hook
-    returns without error.
+    ``register(obj, name=None, aliases=(), spec=None, **metadata)``: ``obj`` is a loss class, a
+    miner class or a metric callable; ``name`` defaults to the snake-cased class name without the
+    ``Loss``/``Miner`` suffix; ``spec`` is a :class:`~pml_plugins.LossSpec` (miners:
+    ``MinerSpec``, metrics: ``MetricSpec``). Keyword ``metadata`` (plugin API 1.0) is converted
+    to the spec instead (:func:`~pml_plugins.specs.spec_from_metadata`): an unknown key is dropped
+    with a ``UserWarning``. Registrations are staged and committed only when the hook returns
+    without error.
     """
 
-    def __init__(self, registry: "Registry", plugin: PluginRecord, kind: str):
+    def __init__(self, registry: Registry, plugin: PluginRecord, kind: str):
         self._registry = registry
         self._plugin = plugin
         self._kind = kind
         self.staged: list[Entry] = []
 
-    def __call__(self, obj: Any, name: str | None = None, aliases: Iterable[str] = (), **metadata: Any) -> Any:
+    def __call__(self, obj: Any, name: str | None = None, aliases: Iterable[str] = (), spec: Spec | None = None,
+                 **metadata: Any) -> Any:
         kind = self._kind
         base = _base_class_for(kind)
         if base is not None:
@@ -187,7 +175,9 @@ class Registrar:
                     f"must be a subclass of pytorch_metric_learning's {base.__name__}"
                 )
         elif not callable(obj):
-            raise RegistrationError(f"plugin {self._plugin.name!r} registered {obj!r} as a metric, but it is not callable")
+            raise RegistrationError(
+                f"plugin {self._plugin.name!r} registered {obj!r} as a metric, but it is not callable"
+            )
         if name is None:
             suffix = {"loss": "Loss", "miner": "Miner"}.get(kind, "")
             name = snake_case(getattr(obj, "__name__", ""), suffix)
@@ -197,6 +187,7 @@ class Registrar:
         if ":" in name:
             raise RegistrationError(f"{kind} name {name!r} must not contain ':' (reserved for plugin:name)")
         alias_names = tuple(dict.fromkeys(normalize_name(a) for a in aliases if normalize_name(a) != name))
+        spec = self._spec(obj, name, spec, metadata)
         entry = Entry(
             kind=kind,
             name=name,
@@ -205,7 +196,7 @@ class Registrar:
             distribution=self._plugin.distribution,
             version=self._plugin.version,
             aliases=alias_names,
-            metadata=MappingProxyType(dict(metadata)),
+            spec=spec,
         )
         for existing in self.staged + self._registry._entries_of_plugin(self._plugin.name, kind):
             taken = {existing.name, *existing.aliases}
@@ -216,6 +207,24 @@ class Registrar:
                 )
         self.staged.append(entry)
         return obj
+
+    def _spec(self, obj: Any, name: str, spec: Spec | None, metadata: Mapping[str, Any]) -> Spec:
+        kind, cls = self._kind, SPEC_OF_KIND[self._kind]
+        if spec is not None and metadata:
+            raise RegistrationError(f"plugin {self._plugin.name!r} registered the {kind} {name!r} with spec= and "
+                                    f"metadata keywords {sorted(metadata)}; put them all in the spec")
+        if spec is None:
+            try:
+                spec = spec_from_metadata(kind, metadata, plugin=self._plugin.name, name=name, stacklevel=4)
+            except (TypeError, ValueError) as exc:
+                raise RegistrationError(f"plugin {self._plugin.name!r} registered the {kind} {name!r}: {exc}") from exc
+        elif type(spec) is not cls:
+            raise RegistrationError(f"plugin {self._plugin.name!r} registered the {kind} {name!r} with a "
+                                    f"{type(spec).__name__}; a {kind} takes a pml_plugins.{cls.__name__}")
+        if isinstance(spec, LossSpec) and spec.loss_optimizer is None:
+            # a loss whose constructor takes num_classes owns class weights / proxies
+            spec = spec.replace(loss_optimizer="num_classes" in signature_parameters(obj))
+        return spec
 
 
 class Registry:
@@ -260,8 +269,14 @@ class Registry:
             :meth:`plugin_info` after loading.
         """
         with self._lock:
-            allow_set = {normalize_name(a) for a in allow} if allow is not None else _split_env_list(os.environ.get(ENV_ALLOW))
-            block_set = {normalize_name(b) for b in block} if block is not None else (_split_env_list(os.environ.get(ENV_BLOCK)) or set())
+            allow_set = (
+                {normalize_name(a) for a in allow} if allow is not None else split_env_list(os.environ.get(ENV_ALLOW))
+            )
+            block_set = (
+                {normalize_name(b) for b in block}
+                if block is not None
+                else (split_env_list(os.environ.get(ENV_BLOCK)) or set())
+            )
             if autoload is None:
                 autoload = not os.environ.get(ENV_DISABLE_AUTOLOAD)
             self._loaded = True
@@ -269,8 +284,8 @@ class Registry:
                 from . import builtin
 
                 self._add_plugin(builtin, PluginRecord(name=BUILTIN_PLUGIN, distribution="pml-plugins",
-                                                       version=_dist_version("pml-plugins"), module=builtin.__name__))
-            for ep in _entry_points():
+                                                       version=dist_version("pml-plugins"), module=builtin.__name__))
+            for ep in entry_points():
                 name = normalize_name(ep.name)
                 if name in block_set or name == BUILTIN_PLUGIN:
                     continue
@@ -280,17 +295,20 @@ class Registry:
                     continue
                 dist = getattr(ep, "dist", None)
                 dist_name = dist.metadata["Name"] if dist is not None else None
-                dist_version = dist.version if dist is not None else None
+                ep_version = dist.version if dist is not None else None
                 plugin_name = name
                 if plugin_name in self.plugins:
-                    if self.plugins[plugin_name].distribution == dist_name and self.plugins[plugin_name].module == ep.value:
+                    if (
+                        self.plugins[plugin_name].distribution == dist_name
+                        and self.plugins[plugin_name].module == ep.value
+                    ):
                         continue  # the same entry point seen twice (e.g. loaded already)
                     # two distributions use the same entry-point name: keep both, qualified
                     plugin_name = f"{name}@{normalize_name(dist_name or 'unknown')}"
                     if plugin_name in self.plugins:
                         continue
-                record = PluginRecord(name=plugin_name, distribution=dist_name, version=dist_version, module=ep.value,
-                                      requires_core=_core_requirement(dist))
+                record = PluginRecord(name=plugin_name, distribution=dist_name, version=ep_version, module=ep.value,
+                                      requires_core=core_requirement(dist))
                 try:
                     obj = ep.load()
                 except Exception as exc:  # a broken plugin must not break the host
@@ -315,7 +333,9 @@ class Registry:
                 name = getattr(plugin, "__name__", None) or type(plugin).__name__
             name = normalize_name(name)
             if name in self.plugins:
-                raise PluginError(f"a plugin named {name!r} is already registered; pass name=... or unregister it first")
+                raise PluginError(
+                    f"a plugin named {name!r} is already registered; pass name=... or unregister it first"
+                )
             record = PluginRecord(name=name, module=getattr(plugin, "__name__", type(plugin).__name__))
             self._add_plugin(plugin, record)
             if record.errors and not record.loaded:
@@ -339,11 +359,11 @@ class Registry:
         self.plugins[record.name] = record
         api = getattr(obj, "pml_plugins_api_version", None)
         record.api_version = api
-        if api is not None and api != PLUGIN_API_VERSION:
+        if api is not None and not api_version_supported(api):
             self._record_error(
                 record,
                 f"plugin API version {api} is not supported by pml-plugins "
-                f"{_dist_version('pml-plugins')} (API version {PLUGIN_API_VERSION}); "
+                f"{dist_version('pml-plugins')} (API version {PLUGIN_API_VERSION}); "
                 f"install a release of {record.distribution or record.name} built for API {PLUGIN_API_VERSION}",
             )
             return
@@ -438,27 +458,36 @@ class Registry:
         return self.get_entry(kind, name).obj
 
     def create(self, kind: str, name: str, **kwargs: Any) -> Any:
-        """Instantiate the registered class ``name`` with ``kwargs``."""
+        """Instantiate the registered class ``name`` with ``kwargs`` (see :meth:`build`)."""
+        return self.build(kind, name, kwargs).obj
+
+    def build(self, kind: str, name: str, arguments: Optional[Mapping[str, Any]] = None, *,
+              offered: Optional[Mapping[str, Any]] = None, with_options: bool = False) -> BuildResult:
+        """Instantiate the registered class ``name``: the one place a loss, miner or metric is built from a name.
+
+        The rules (:func:`pml_plugins.arguments.resolve_arguments`): the class takes the keyword
+        arguments of its ``__init__`` and of the PML base classes it forwards ``**kwargs`` to; an
+        unknown or missing argument is a ``TypeError`` naming the closest argument and showing
+        the signature, as is a ``TypeError`` the constructor raises.
+
+        Args:
+            arguments: keyword arguments for the constructor.
+            offered: values passed only when the constructor takes them and ``arguments`` does not
+                give them (the main job and the conformance kit offer ``num_classes`` / ``embedding_size``).
+            with_options: for a loss with a ``training_setup``, arguments the constructor does not
+                take are returned as ``options`` (its training options) instead of refused.
+        """
         entry = self.get_entry(kind, name)
         obj = entry.obj
         if not inspect.isclass(obj):
             raise PluginError(f"the {kind} {entry.name!r} is a function, not a class; call get_{kind}() instead")
-        signature = describe_signature(obj)
-        params = _signature_parameters(obj)
-        accepts_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        unknown = [k for k in kwargs if k not in params]
-        if unknown and not accepts_var_kw:
-            raise TypeError(f"{obj.__name__} got unexpected argument(s) {unknown}; signature: {obj.__name__}{signature}")
-        missing = [n for n, p in params.items()
-                   if p.default is inspect.Parameter.empty
-                   and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-                   and n not in kwargs]
-        if missing:
-            raise TypeError(f"{obj.__name__} needs argument(s) {missing}; signature: {obj.__name__}{signature}")
+        keep = with_options and callable(getattr(entry.spec, "training_setup", None))
+        kwargs, options = resolve_arguments(kind, entry.name, obj, arguments, offered=offered, keep_unknown=keep)
         try:
-            return obj(**kwargs)
+            built = obj(**kwargs)
         except TypeError as exc:
-            raise TypeError(f"{obj.__name__}: {exc}; signature: {obj.__name__}{signature}") from exc
+            raise TypeError(f"{obj.__name__}: {exc}; signature: {obj.__name__}{describe_signature(obj)}") from exc
+        return BuildResult(obj=built, entry=entry, arguments=kwargs, options=options)
 
     def plugin_info(self) -> list[dict[str, Any]]:
         """Every plugin: name, distribution, version, what it registered, load errors."""
@@ -471,58 +500,17 @@ class Registry:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
 
-def describe_signature(cls: type) -> str:
-    """The constructor signature, including the PML base-class keywords it forwards."""
-    try:
-        sig = inspect.signature(cls)
-    except (TypeError, ValueError):
-        return "(...)"
-    text = str(sig)
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
-        extra = []
-        for base in inspect.getmro(cls)[1:]:
-            init = base.__dict__.get("__init__")
-            if init is None:
-                continue
-            for n, p in _signature_parameters(init).items():
-                if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n not in sig.parameters and n not in extra:
-                    extra.append(n)
-        if extra:
-            text += f"  [forwarded to the PML base class: {', '.join(extra)}]"
-    return text
-
-
-def _entry_points() -> list[Any]:
-    eps = importlib_metadata.entry_points()
-    if hasattr(eps, "select"):
-        selected = list(eps.select(group=ENTRY_POINT_GROUP))
-    else:  # Python < 3.10
-        selected = list(eps.get(ENTRY_POINT_GROUP, []))
-    return sorted(selected, key=lambda ep: (ep.name, ep.value))
-
-
-def _core_requirement(dist: Any) -> str | None:
-    """The version range a plugin distribution requires of pml-plugins, e.g. ``>=0.1,<0.2``."""
-    for requirement in (getattr(dist, "requires", None) or []):
-        spec = requirement.split(";", 1)[0].strip()
-        match = re.match(r"^([A-Za-z0-9._-]+)\s*(\[[^\]]*\])?\s*\(?([^)]*)\)?$", spec)
-        if match and normalize_name(match.group(1)).replace(".", "_") == "pml_plugins":
-            return match.group(3).strip() or "any version"
-    return None
-
-
-def _dist_version(dist: str) -> str | None:
-    try:
-        return importlib_metadata.version(dist)
-    except importlib_metadata.PackageNotFoundError:
-        return None
-
-
 #: The process-wide registry behind the module-level functions.
 registry = Registry()
 
 
-def load_plugins(allow: Iterable[str] | None = None, block: Iterable[str] | None = None, *, autoload: bool | None = None, reload: bool = False) -> list[dict[str, Any]]:
+def load_plugins(
+    allow: Iterable[str] | None = None,
+    block: Iterable[str] | None = None,
+    *,
+    autoload: bool | None = None,
+    reload: bool = False,
+) -> list[dict[str, Any]]:
     """Discover plugins now (otherwise done lazily on first use). ``reload=True`` starts over."""
     if reload:
         registry.reset()
@@ -575,7 +563,7 @@ def get_metric(name: str) -> Callable[..., Any]:
 
 
 def get_entry(kind: str, name: str) -> Entry:
-    """The full registry :class:`Entry` (plugin, version, metadata) for ``name``."""
+    """The full registry :class:`Entry` (plugin, version, spec) for ``name``."""
     return registry.get_entry(kind, name)
 
 

@@ -1,6 +1,7 @@
 """Hyper-parameter search spaces that losses declare for ``pml-plugins compare --tune``.
 
-A loss declares its space when it registers, under the metadata key ``search_space``: a dict from
+A loss declares its space when it registers, in the field ``search_space`` of its
+:class:`~pml_plugins.LossSpec` (the keyword ``search_space=`` of plugin API 1.0): a dict from
 a constructor argument (or ``loss_lr``, the learning rate of the loss's own parameters) to
 
 - ``(low, high)``: a float, uniform in [low, high];
@@ -11,9 +12,10 @@ a constructor argument (or ``loss_lr``, the learning rate of the loss's own para
 
 For example::
 
-    register(MyLoss, name="my_loss", loss_optimizer=True,
-             search_space={"margin": (0.0, 0.5), "scale": (4.0, 64.0, "log"),
-                           "proxies_per_class": (1, 8, "int"), "loss_lr": (1e-4, 1e-1, "log")})
+    register(MyLoss, name="my_loss", spec=pml_plugins.LossSpec(
+        loss_optimizer=True,
+        search_space={"margin": (0.0, 0.5), "scale": (4.0, 64.0, "log"),
+                      "proxies_per_class": (1, 8, "int"), "loss_lr": (1e-4, 1e-1, "log")}))
 
 ``pml-plugins info NAME`` shows the space; :func:`suggest` draws one setting from an Optuna trial.
 """
@@ -23,7 +25,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-#: the key of the registry metadata holding a loss's space
+#: the LossSpec field (and API 1.0 metadata key) holding a loss's space
 METADATA_KEY = "search_space"
 #: a space key that is not a constructor argument: the loss parameters' learning rate
 LOSS_LR = "loss_lr"
@@ -107,11 +109,8 @@ def parse_search_space(space: Optional[Mapping[str, Any]]) -> dict[str, SearchPa
 
 
 def entry_search_space(entry: Any) -> dict[str, SearchParam]:
-    """The parsed space a registry entry declares (typed spec attribute or metadata key)."""
-    space = getattr(entry, "search_space", None)
-    if space is None:
-        space = getattr(entry, "metadata", {}).get(METADATA_KEY)
-    return parse_search_space(space)
+    """The parsed space a registry entry declares (``entry.spec.search_space``)."""
+    return parse_search_space(getattr(getattr(entry, "spec", None), METADATA_KEY, None))
 
 
 def suggest(trial: Any, space: Mapping[str, SearchParam]) -> dict[str, Any]:

@@ -28,7 +28,7 @@ def _check_support(wrapper: str, pml_supported: list[str], loss_name: str, loss_
             f"{wrapper} needs a loss that supports ref_emb: PML's {', '.join(pml_supported)}, or a loss registered "
             f"with pml-plugins; {loss_name} is neither (register it with pml_plugins.register_plugin)"
         )
-    if entry.plugin == _registry.BUILTIN_PLUGIN or entry.metadata.get("supports_ref_emb") is False:
+    if entry.plugin == _registry.BUILTIN_PLUGIN or not entry.spec.supports_ref_emb:
         raise TypeError(f"{wrapper} needs a loss that supports ref_emb; {loss_name} ({entry.qualified_name}) does not")
 
 

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
+from ..progress import show_progress
 from .train_command import add_common_arguments, add_distributed_arguments, file_values, flag_values
 
 _EPILOG = """With no arguments this is the main job: every installed plugin loss plus PML's ProxyAnchor,
@@ -28,8 +28,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "run's epoch on validation classes, test each selected model once; print one "
                                    "table (Recall@k, MAP@R, nDCG@k as mean ± 95% interval over seeds, ties with "
                                    "the best, time per epoch, peak memory) with the untrained model as the floor; "
-                                   "write results.csv, runs.csv, results.md, comparison.png and every run under "
-                                   "--out.",
+                                   "write results.csv, runs.csv, results.md, comparison.png, every run under "
+                                   "--out, and report.html (the comparison's offline HTML report, linking to each "
+                                   "run's own).",
                        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--losses", help="comma-separated loss names (default: every plugin loss + PML references)")
     add_protocol_arguments(p)
@@ -121,9 +122,13 @@ def run(args: argparse.Namespace) -> int:
     protocol_values = {k: fvals.pop(k) for k in PROTOCOL_KEYS if k in fvals}
     base = build_config(fvals, {**flags, "loss": None})
     protocol = protocol_from(args, protocol_values, base, distributed=bool(base.distributed))
+    if base.tensorboard:
+        from ..report.tensorboard import require_tensorboard
+
+        require_tensorboard()
     if base.distributed:  # one process group for all the runs (re-initialising one per run can hang)
-        from ..distributed import env_from_torchrun
-        from ..pipeline.distributed import local_device, process_group
+        from ..distributed_losses import env_from_torchrun
+        from ..pipeline.ddp import local_device, process_group
         from ..pipeline.train import resolve_device
 
         env = env_from_torchrun()
@@ -136,7 +141,6 @@ def _run_compare(args: argparse.Namespace, base, losses: list[str], per_loss: di
                  lead: bool) -> int:
     """Every rank trains; only the lead (rank 0, or the single process) evaluates, prints and writes."""
     from ..pipeline import compare as cmp
-    from .train_command import _force_progress
 
     out = Path(base.out or "pml-plugins-compare")
     base.out = str(out)
@@ -144,7 +148,7 @@ def _run_compare(args: argparse.Namespace, base, losses: list[str], per_loss: di
         cmp.run_compare(base, losses, out, per_loss_args=per_loss, protocol=protocol, progress=False,
                         log=lambda msg: None, lead=False)
         return 0
-    progress = not args.no_progress and (sys.stderr.isatty() or _force_progress())
+    progress = show_progress(args.no_progress)
     print(f"comparing {len(losses)} losses on {base.dataset} ({base.epochs} epochs, batch {base.batch_size}, "
           f"embedding {base.embedding_size}, seeds 0-{protocol.seeds - 1}, folds {protocol.folds}, "
           f"tune {protocol.tune}): {', '.join(losses)}", flush=True)
@@ -163,4 +167,8 @@ def _run_compare(args: argparse.Namespace, base, losses: list[str], per_loss: di
     if warned:
         print(f"WARNING: {', '.join(warned)}: the loss was 0 for a whole epoch in some runs (nothing trained then); "
               f"see the status column and runs.csv (zero_loss_epochs)")
+    if not args.no_report:
+        from .train_command import write_report_safely
+
+        write_report_safely(str(out))
     return 0

@@ -1,4 +1,5 @@
-"""``pml-plugins evaluate``: every retrieval metric from saved embeddings, no training needed."""
+"""``pml-plugins evaluate``: every retrieval metric from saved embeddings, no training needed,
+or (``evaluate RUN_DIR``) a training run's own evaluation from its folder."""
 from __future__ import annotations
 
 import argparse
@@ -16,19 +17,34 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "evaluate",
         help="compute every retrieval metric (PML's, nDCG@k, Recall@k, plugin metrics) from saved embeddings",
         description="Compute retrieval metrics with pml_plugins.AccuracyCalculator from .npy (or .pt) files. "
-                    "Without --reference, each query is searched among all the others (leave-one-out).",
+                    "Without --reference, each query is searched among all the others (leave-one-out). "
+                    "With a run folder (pml-plugins evaluate RUN_DIR), rebuild the trained model from its "
+                    "config.json and checkpoint.pt and evaluate its test split (or --data) with the run's distance: "
+                    "the run's metrics.json numbers, exactly.",
     )
-    p.add_argument("--embeddings", required=True, type=Path, help="query embeddings, (N, D) .npy or .pt")
-    p.add_argument("--labels", required=True, type=Path, help="query labels, (N,) or (N, C) .npy or .pt")
+    p.add_argument("run_dir", nargs="?", type=Path, metavar="RUN_DIR", help="a train --out folder (or use --run)")
+    p.add_argument("--run", type=Path, metavar="RUN_DIR", help="a train --out folder: evaluate its model")
+    p.add_argument("--data", metavar="DATASET", help="with a run: evaluate this dataset's test split (a --dataset "
+                                                     "spec of train) instead of the run's")
+    p.add_argument("--embeddings", type=Path, help="query embeddings, (N, D) .npy or .pt")
+    p.add_argument("--labels", type=Path, help="query labels, (N,) or (N, C) .npy or .pt")
     p.add_argument("--reference", type=Path, help="reference embeddings (default: the queries themselves)")
     p.add_argument("--reference-labels", type=Path, help="reference labels (required with --reference)")
     p.add_argument("--ref-includes-query", action="store_true",
                    help="the first N reference rows are the queries (their self-matches are skipped)")
     p.add_argument("--label-column", type=int, help="use this column of 2-D labels (default: compare whole rows)")
-    p.add_argument("--distance", choices=METRICS, default="euclidean",
-                   help="kNN ranking (default: euclidean, as PML's calculator)")
-    p.add_argument("--ndcg-ks", type=int, nargs="*", default=None, metavar="K", help="k of nDCG@k (default 2 4 8 10 100)")
-    p.add_argument("--recall-ks", type=int, nargs="*", default=None, metavar="K", help="k of Recall@k (default 1 2 4 8)")
+    p.add_argument(
+        "--distance",
+        choices=METRICS,
+        default=None,
+        help="kNN ranking (default: the run's distance with RUN_DIR, else euclidean as PML's calculator)",
+    )
+    p.add_argument(
+        "--ndcg-ks", type=int, nargs="*", default=None, metavar="K", help="k of nDCG@k (default 2 4 8 10 100)"
+    )
+    p.add_argument(
+        "--recall-ks", type=int, nargs="*", default=None, metavar="K", help="k of Recall@k (default 1 2 4 8)"
+    )
     p.add_argument("--k", default=None, help="PML's k: an int, max_bin_count or all (default: max_bin_count)")
     p.add_argument("--include", nargs="*", default=(), metavar="METRIC", help="only these metrics")
     p.add_argument("--exclude", nargs="*", default=(), metavar="METRIC", help="skip these metrics (e.g. NMI AMI)")
@@ -41,8 +57,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="approximate-index parameter, repeatable: ivf " + ", ".join(INDEX_PARAMS["ivf"])
                         + "; hnsw " + ", ".join(INDEX_PARAMS["hnsw"]) + "; pq " + ", ".join(INDEX_PARAMS["pq"])
                         + " (e.g. --knn-param nlist=4096 --knn-param nprobe=32)")
-    p.add_argument("--knn-device", default=None,
-                   help="where the kNN search runs (default: --device); cuda puts FAISS on the GPU(s) when it has GPU support")
+    p.add_argument(
+        "--knn-device",
+        default=None,
+        help="where the kNN search runs (default: --device); cuda puts FAISS on the GPU(s) when it has GPU support",
+    )
     p.add_argument("--knn-shard", choices=("auto", "yes", "no"), default="auto",
                    help="with several GPUs, split the FAISS index over them (auto: yes)")
     p.add_argument("--device", default="cpu", help="torch device for the metrics (default: cpu)")
@@ -51,13 +70,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _load(path: Path, what: str) -> Any:
-    import numpy as np  # noqa: PLC0415
-    import torch  # noqa: PLC0415
+    import numpy as np
+    import torch
 
     if not path.exists():
         raise FileNotFoundError(f"{what} file {str(path)!r} does not exist")
     if path.suffix in (".pt", ".pth"):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        from ..pipeline.checkpoint import safe_torch_load
+
+        obj = safe_torch_load(path, f"{what} file {str(path)!r}")  # one-line errors, never unpickles
+        if isinstance(obj, dict) and "trunk" in obj and "embedder" in obj:
+            raise ValueError(f"{what} file {str(path)!r} is a training checkpoint, not embeddings: use "
+                             f"pml-plugins evaluate {path.parent} (the run folder) or pml-plugins embed {path.parent}")
         if not isinstance(obj, torch.Tensor):
             raise ValueError(f"{what} file {str(path)!r} must hold one tensor, got {type(obj).__name__}")
         return obj
@@ -73,7 +97,9 @@ def _load(path: Path, what: str) -> Any:
 def _labels(t: Any, column: int | None, what: str) -> Any:
     if column is not None:
         if t.ndim != 2 or not 0 <= column < t.shape[1]:
-            raise ValueError(f"--label-column {column} needs 2-D {what} with more than {column} columns, got shape {tuple(t.shape)}")
+            raise ValueError(
+                f"--label-column {column} needs 2-D {what} with more than {column} columns, got shape {tuple(t.shape)}"
+            )
         t = t[:, column]
     if t.is_floating_point() and bool((t == t.round()).all()):
         t = t.long()  # labels saved as floats: compare them as the integers they are
@@ -82,8 +108,8 @@ def _labels(t: Any, column: int | None, what: str) -> Any:
 
 def _knn_params(index: str, items: list[str]) -> dict[str, Any]:
     """``--knn-param NAME=VALUE`` items, checked against ``--knn-index`` (errors name the option)."""
-    from ..knn import check_index_params  # noqa: PLC0415
-    from .knn_params import parse_index_params  # noqa: PLC0415
+    from ..knn import check_index_params
+    from .knn_params import parse_index_params
 
     try:
         return check_index_params(index, parse_index_params(items))
@@ -101,20 +127,36 @@ def _parse_k(value: str | None) -> int | str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch  # noqa: PLC0415
+    import torch
 
-    from ..knn import KNN  # noqa: PLC0415
-    from ..metrics import DEFAULT_NDCG_KS, DEFAULT_RECALL_KS, AccuracyCalculator  # noqa: PLC0415
+    from ..knn import KNN
+    from ..metrics import DEFAULT_NDCG_KS, DEFAULT_RECALL_KS, AccuracyCalculator
+    from .run_evaluate import evaluate_run, run_dir_argument
 
+    run_dir = run_dir_argument(args)
+    if run_dir is not None:
+        return evaluate_run(args, run_dir)
+    if args.embeddings is None or args.labels is None:
+        raise ValueError("give a run folder (evaluate RUN_DIR) or both --embeddings and --labels")
+    if args.data is not None:
+        raise ValueError("--data goes with a run folder (evaluate RUN_DIR --data ...)")
+    args.distance = args.distance or "euclidean"
     if (args.reference is None) != (args.reference_labels is None):
         raise ValueError("--reference and --reference-labels go together")
-    knn_func = KNN(metric=args.distance, index=args.knn_index, index_params=_knn_params(args.knn_index, args.knn_param),
-                   device=args.knn_device or args.device, shard={"auto": None, "yes": True, "no": False}[args.knn_shard])
+    knn_func = KNN(
+        metric=args.distance,
+        index=args.knn_index,
+        index_params=_knn_params(args.knn_index, args.knn_param),
+        device=args.knn_device or args.device,
+        shard={"auto": None, "yes": True, "no": False}[args.knn_shard],
+    )
     query = _load(args.embeddings, "--embeddings")
     query_labels = _labels(_load(args.labels, "--labels"), args.label_column, "--labels")
     if args.reference is not None:
         reference = _load(args.reference, "--reference")
-        reference_labels = _labels(_load(args.reference_labels, "--reference-labels"), args.label_column, "--reference-labels")
+        reference_labels = _labels(
+            _load(args.reference_labels, "--reference-labels"), args.label_column, "--reference-labels"
+        )
         ref_includes_query = args.ref_includes_query
     else:
         reference, reference_labels, ref_includes_query = None, None, True
@@ -143,7 +185,9 @@ def run(args: argparse.Namespace) -> int:
         }, indent=2))
         return 0
     knn_text = " ".join(f"{k}={v}" for k, v in knn.items())
-    print(f"{len(query)} queries, {num_reference} references, {args.distance} distance, kNN {knn_text}, {seconds:.2f} s")
+    print(
+        f"{len(query)} queries, {num_reference} references, {args.distance} distance, kNN {knn_text}, {seconds:.2f} s"
+    )
     width = max([len(k) for k in results] + [6])
     print(f"{'metric':{width}s}  {'value':>8s}  {'x100':>6s}")
     for name, value in results.items():

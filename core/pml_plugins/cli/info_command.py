@@ -5,6 +5,7 @@ import argparse
 import inspect
 
 from .. import registry as reg
+from ..specs import LossSpec, MetricSpec
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -14,33 +15,52 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-_DISTRIBUTED_KEYS = ("distributed", "distributed_note", "distributed_efficient")
-
-
 def _print_distributed(entry: reg.Entry) -> None:
-    """The loss's DDP semantics (``distributed`` metadata; see docs/distributed-training.md)."""
-    from ..distributed import DISTRIBUTED_SEMANTICS
+    """The loss's DDP semantics (``LossSpec.distributed``; see docs/distributed-training.md)."""
+    from ..distributed_losses import DISTRIBUTED_SEMANTICS
 
-    value = entry.metadata.get("distributed")
-    if value is None:
+    spec = entry.spec
+    if spec.distributed is None:
         print("  distributed not declared (runs under --distributed; gradient equivalence not verified)")
     else:
-        print(f"  distributed {value}: {DISTRIBUTED_SEMANTICS.get(value, 'unknown value')}")
-    if entry.metadata.get("distributed_note"):
-        print(f"             {entry.metadata['distributed_note']}")
-    efficient = "supported" if entry.metadata.get("distributed_efficient") else "not supported"
+        print(f"  distributed {spec.distributed}: {DISTRIBUTED_SEMANTICS.get(spec.distributed, 'unknown value')}")
+    if spec.distributed_note:
+        print(f"             {spec.distributed_note}")
+    efficient = "supported" if spec.distributed_efficient else "not supported"
     print(f"             PML efficient mode (--distributed-efficient): {efficient}")
+
+
+def _print_loss_needs(spec: LossSpec) -> None:
+    parts = []
+    if spec.sampler:
+        sampler = spec.sampler.replace("_", "-")
+        # "an m-per-class sampler": a vowel, or a letter whose name starts with one, then "-"
+        vowel_sound = sampler[:1] in "aeiou" or (sampler[1:2] == "-" and sampler[0] in "fhlmnrsx")
+        m = f", m={spec.samples_per_class}" if spec.samples_per_class else ""
+        parts.append(f"{'an' if vowel_sound else 'a'} {sampler} sampler{m}")
+    if spec.multi_view:
+        parts.append("multi-view batches")
+    if spec.database_refresh:
+        parts.append("a database refresh during training")
+    if spec.loss_optimizer:
+        lr = f" (lr {spec.loss_lr})" if spec.loss_lr else ""
+        parts.append(f"an optimizer for its own parameters{lr}")
+    print(f"  needs      {'; '.join(parts) if parts else 'nothing beyond embeddings and labels'}")
+    if spec.loss_lr_note:
+        print(f"  loss lr    {spec.loss_lr_note}")
+    print(f"  retrieval  {spec.retrieval_distance}")
+    if spec.training_setup is not None:
+        print(f"  training   {getattr(spec.training_setup, '__module__', '?')}."
+              f"{getattr(spec.training_setup, '__qualname__', spec.training_setup)!s} sets up the trainer")
+    if not spec.supports_ref_emb:
+        print("  ref_emb    not supported (CrossBatchMemory / SelfSupervisedLoss refuse it)")
 
 
 def _print_search_space(entry: reg.Entry) -> None:
     """What ``compare --tune`` searches for this loss (see pml_plugins.search_space)."""
     from ..search_space import entry_search_space
 
-    try:
-        space = entry_search_space(entry)
-    except ValueError as exc:
-        print(f"  tune       invalid search_space declaration: {exc}")
-        return
+    space = entry_search_space(entry)
     if not space:
         print("  tune       no search space declared (compare --tune trains it with its defaults)")
         return
@@ -70,31 +90,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"  plugin     {entry.plugin} [{entry.distribution or 'in-process'} {entry.version or ''}]".rstrip())
         if entry.aliases:
             print(f"  aliases    {', '.join(entry.aliases)}")
-        for key in ("summary", "paper", "tags"):
-            if key in entry.metadata:
-                value = entry.metadata[key]
-                print(f"  {key:10s} {', '.join(value) if isinstance(value, (tuple, list)) else value}")
-        if entry.kind == "loss":
-            needs = entry.needs()
-            parts = []
-            if needs["sampler"]:
-                sampler = needs["sampler"].replace("_", "-")
-                # "an m-per-class sampler": a vowel, or a letter whose name starts with one, then "-"
-                vowel_sound = sampler[:1] in "aeiou" or (sampler[1:2] == "-" and sampler[0] in "fhlmnrsx")
-                parts.append(f"{'an' if vowel_sound else 'a'} {sampler} sampler")
-            if needs["multi_view"]:
-                parts.append("multi-view batches")
-            if needs["database_refresh"]:
-                parts.append("a database refresh during training")
-            if needs["loss_optimizer"]:
-                lr = f" (lr {needs['loss_lr']})" if needs["loss_lr"] else ""
-                parts.append(f"an optimizer for its own parameters{lr}")
-            print(f"  needs      {'; '.join(parts) if parts else 'nothing beyond embeddings and labels'}")
-            print(f"  retrieval  {needs['retrieval_distance']}")
+        spec = entry.spec
+        for key, value in (("summary", spec.summary), ("paper", spec.paper), ("tags", ", ".join(spec.tags))):
+            if value:
+                print(f"  {key:10s} {value}")
+        if isinstance(spec, LossSpec):
+            _print_loss_needs(spec)
             _print_search_space(entry)
             _print_distributed(entry)
-        shown = {"summary", "paper", "tags", "search_space", *_DISTRIBUTED_KEYS} | set(entry.needs())
-        extra = {k: v for k, v in entry.metadata.items() if k not in shown}
-        for k, v in extra.items():
-            print(f"  {k:10s} {v}")
+        elif isinstance(spec, MetricSpec):
+            k = spec.k if spec.k is not None else "PML's k"
+            print(f"  needs      kNN: {spec.requires_knn} (k: {k}); clustering: {spec.requires_clustering}")
     return 0

@@ -18,9 +18,17 @@ def run(args: argparse.Namespace) -> int:
     info = reg.plugin_info()
     ambiguous = {kind: reg.registry.ambiguous_names(kind) for kind in reg.KINDS}
     if args.json:
-        print(json.dumps({"plugins": info,
-                          "ambiguous": {k: {n: [e.qualified_name for e in es] for n, es in v.items()} for k, v in ambiguous.items()}},
-                         indent=2))
+        print(
+            json.dumps(
+                {
+                    "plugins": info,
+                    "ambiguous": {
+                        k: {n: [e.qualified_name for e in es] for n, es in v.items()} for k, v in ambiguous.items()
+                    },
+                },
+                indent=2,
+            )
+        )
         return 0
     from .. import __version__
 

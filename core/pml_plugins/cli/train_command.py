@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from typing import Any
+
+from ..progress import show_progress
 
 _EPILOG = """examples:
   pml-plugins train --loss proxy_anchor                       # the digits default, a few seconds
@@ -17,15 +17,20 @@ _EPILOG = """examples:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train one loss, evaluate it, write metrics/config/checkpoint/plot",
+    p = sub.add_parser("train", help="train one loss, evaluate it, write metrics/config/checkpoint/plot/report",
                        description="Train an embedding model with any registered loss (PML's MetricLossOnly "
                                    "trainer), evaluate it on the unseen test classes, and write metrics.json, "
-                                   "config.json, checkpoint.pt and metrics.png under --out.",
+                                   "metrics.jsonl (per epoch), config.json, checkpoint.pt, metrics.png, "
+                                   "test_embeddings.npz and the offline HTML report report.html under --out.",
                        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--loss", help="loss name (pml-plugins list), alias or plugin:name (default proxy_anchor)")
     p.add_argument("--seeds", type=int, metavar="N",
                    help="train with seeds 0..N-1 (runs in OUT/seed<k>/; mean ± 95%% interval in OUT/results.csv); "
                         "default: one run with --seed")
+    p.add_argument("--resume", metavar="OUT", help="continue the run in OUT from its latest checkpoint, with its "
+                                                   "settings (see docs/long-runs.md)")
+    p.add_argument("--force", action="store_true", help="with --resume: continue even if the given settings differ "
+                                                        "from the checkpoint's (recorded in OUT/resumed.json)")
     add_common_arguments(p)
     add_distributed_arguments(p)
     p.set_defaults(func=run)
@@ -55,7 +60,9 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backbone", help="auto (default) | cnn | mlp | identity | timm:NAME")
     g.add_argument("--embedding-size", type=int, help="embedding dimension (default 64)")
     g.add_argument("--pooling", choices=["avg", "gem"], help="feature-map pooling in the head (default avg)")
-    g.add_argument("--head-norm", choices=["none", "l2", "layernorm", "layernorm+l2"], help="after the head's linear layer")
+    g.add_argument(
+        "--head-norm", choices=["none", "l2", "layernorm", "layernorm+l2"], help="after the head's linear layer"
+    )
     g.add_argument("--pretrained", nargs="?", const="cache", metavar="PATH",
                    help="timm: local weights file, or no value for already-cached weights (never downloads)")
     g.add_argument("--image-size", type=int, help="input size for image datasets (default: the backbone's)")
@@ -85,13 +92,21 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
                    help="also evaluate binarised embeddings (LayerNorm + sign, ranked by Hamming distance): "
                         "bits_* metrics, the 'bits' rows of the adaptive-margin paper")
     g.add_argument("--out", metavar="DIR", help="output folder")
+    g.add_argument("--keep-last", type=int, metavar="N",
+                   help="checkpoints kept: OUT/checkpoint.pt (the latest, written after every epoch) and, for N > 1, "
+                        "the N latest epochs as OUT/checkpoint-epochNNNN.pt (default 1: the latest only)")
+    g.add_argument("--no-report", action="store_true",
+                   help="do not write the offline HTML report (report.html; see pml-plugins report)")
+    g.add_argument("--tensorboard", action="store_true", default=None,
+                   help="also write TensorBoard events (per-epoch scalars, test metrics, test embeddings for the "
+                        "projector) to OUT/tensorboard; needs the tensorboard package")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 _FLAG_FIELDS = ("miner", "dataset", "backbone", "embedding_size", "pooling", "head_norm", "pretrained", "image_size",
                 "epochs", "batch_size", "iterations_per_epoch", "sampler", "m", "optimizer", "lr", "loss_lr",
                 "weight_decay", "lr_step", "lr_gamma", "seed", "device", "amp", "threads", "num_workers",
-                "retrieval_distance", "eval_batch_size", "eval_binarize", "out")
+                "retrieval_distance", "eval_batch_size", "eval_binarize", "out", "keep_last", "tensorboard")
 
 
 def flag_values(args: argparse.Namespace) -> dict[str, Any]:
@@ -137,19 +152,35 @@ def run(args: argparse.Namespace) -> int:
     flags = flag_values(args)
     flags["loss"] = args.loss
     flags["distributed"], flags["distributed_efficient"] = args.distributed, args.distributed_efficient
+    if args.force and not args.resume:
+        raise ValueError("--force goes with --resume OUT")
+    if args.resume:
+        fvals = {**resumed_settings(args.resume, flags.get("out")), **fvals}
+        flags["out"] = args.resume
     cfg = build_config(fvals, flags)
+    if cfg.tensorboard:
+        from ..report.tensorboard import require_tensorboard
+
+        require_tensorboard()
     if cfg.out is None:
         cfg.out = f"pml-plugins-runs/{(cfg.loss or 'untrained').replace(':', '_')}"
-    progress = not args.no_progress and sys.stderr.isatty() or (not args.no_progress and _force_progress())
+    progress = show_progress(args.no_progress)
     if args.seeds is not None:
+        if args.resume:
+            raise ValueError("--seeds starts new runs; --resume continues one (resume each OUT/seed<k> on its own)")
         return _run_seeds(cfg, args.seeds, progress)
-    result = run_training(cfg, progress=progress, log=lambda msg: print(msg, flush=True))
+    result = run_training(cfg, progress=progress, log=lambda msg: print(msg, flush=True),
+                          resume=bool(args.resume), force=args.force)
     if result.config.get("resolved", {}).get("distributed", {}).get("rank", 0) != 0:
         return 0  # only rank 0 evaluates and writes
     print(f"{result.name}: trained {cfg.epochs} epochs"
           + (f", {result.seconds_per_epoch:.2f} s/epoch" if result.seconds_per_epoch else ""))
     print_metrics(result.metrics, cfg.ks)
-    print(f"wrote {cfg.out}/metrics.json, config.json, checkpoint.pt, metrics.png")
+    written = "metrics.json, metrics.jsonl, config.json, checkpoint.pt, metrics.png, test_embeddings.npz"
+    print(f"wrote {cfg.out}/{written}" + (f", tensorboard/ (tensorboard --logdir {cfg.out}/tensorboard)"
+                                          if cfg.tensorboard else ""))
+    if not args.no_report:
+        write_report_safely(cfg.out)
     return 0
 
 
@@ -188,7 +219,38 @@ def _run_seeds(cfg, seeds: int, progress: bool) -> int:
     return 0 if row.status == "ok" else 1
 
 
-def _force_progress() -> bool:
-    import os
+def resumed_settings(out: str, flag_out: Any = None) -> dict[str, Any]:
+    """The settings stored in ``OUT/checkpoint.pt`` (what ``--resume OUT`` continues with)."""
+    from pathlib import Path
 
-    return os.environ.get("PML_PLUGINS_PROGRESS", "") not in ("", "0")
+    from ..pipeline.checkpoint import is_resumable, load_checkpoint
+    from ..pipeline.config import config_fields
+
+    if flag_out is not None and flag_out != out:
+        raise ValueError(f"--resume {out} continues the run in {out}; --out {flag_out} is another folder")
+    if not Path(out).is_dir():
+        raise FileNotFoundError(f"--resume: run folder {out!r} does not exist")
+    state = load_checkpoint(out, mmap=True)
+    if not is_resumable(state):
+        raise ValueError(f"{out}/checkpoint.pt holds final weights only (written by an older pml-plugins): it cannot "
+                         f"be resumed")
+    fields = set(config_fields())
+    return {k: v for k, v in (state.get("config") or {}).items() if k in fields and k != "out"}
+
+
+
+def write_report_safely(directory: str) -> None:
+    """The report at the end of train / compare; a failure is reported but leaves the run's files be."""
+    import sys
+    import time
+
+    from ..report import write_report
+
+    start = time.perf_counter()
+    try:
+        path = write_report(directory)
+    except Exception as exc:  # the run itself succeeded and is on disk
+        print(f"warning: could not write the HTML report ({type(exc).__name__}: {exc}); "
+              f"try: pml-plugins report {directory}", file=sys.stderr)
+        return
+    print(f"report: {path} ({time.perf_counter() - start:.1f} s; opens offline in any browser)")

@@ -67,6 +67,6 @@ def parse_index_params(items: Iterable[str]) -> dict[str, Any]:
     """Deprecated: moved to ``pml_plugins.cli.knn_params.parse_index_params`` (the CLI's parser)."""
     warnings.warn("pml_plugins.knn.parse_index_params moved to pml_plugins.cli.knn_params.parse_index_params",
                   DeprecationWarning, stacklevel=2)
-    from ..cli.knn_params import parse_index_params as parse  # noqa: PLC0415
+    from ..cli.knn_params import parse_index_params as parse
 
     return parse(items)

@@ -12,7 +12,7 @@ __all__ = ["import_faiss", "faiss_available", "faiss_num_gpus", "faiss_placement
 def import_faiss() -> Any:
     """The ``faiss`` module, or None when it is not installed (or fails to import)."""
     try:
-        import faiss  # noqa: PLC0415
+        import faiss
     except Exception:  # ImportError, or a broken binary wheel: both mean "use torch"
         return None
     return faiss

@@ -75,13 +75,17 @@ class KNNIndex:
         if backend == "faiss" and faiss is None:
             raise ImportError("backend='faiss' needs FAISS: pip install faiss-cpu (or faiss-gpu-cu12)")
         if index != "flat" and faiss is None:
-            raise ImportError(f"index={index!r} needs FAISS (pip install faiss-cpu); the torch backend is exact ('flat') only")
+            raise ImportError(
+                f"index={index!r} needs FAISS (pip install faiss-cpu); the torch backend is exact ('flat') only"
+            )
         run_device = torch.device(device) if device is not None else reference.device
         num_gpus = faiss_num_gpus(faiss) if faiss is not None else 0
         if shard:  # explicit sharding that cannot happen is an error, before any work
             faiss_placement(index, run_device.type, num_gpus, shard)
         # exact search on CUDA without FAISS GPU support stays on the GPU with torch
-        use_faiss = faiss is not None and (backend == "faiss" or index != "flat" or run_device.type != "cuda" or num_gpus > 0)
+        use_faiss = faiss is not None and (
+            backend == "faiss" or index != "flat" or run_device.type != "cuda" or num_gpus > 0
+        )
         self.metric, self.index, self.device = metric, index, run_device
         self.dim, self.ntotal = int(reference.shape[1]), int(reference.shape[0])
         self.faiss_index: Any = None
@@ -104,7 +108,9 @@ class KNNIndex:
         params = dict(params)
         if "nlist" in params:
             if params["nlist"] > n:
-                raise ValueError(f"index_params['nlist'] = {params['nlist']} must be at most the number of references {n}")
+                raise ValueError(
+                    f"index_params['nlist'] = {params['nlist']} must be at most the number of references {n}"
+                )
             params.setdefault("train_size", min(n, 64 * params["nlist"]))
         if "train_size" in params and params["train_size"] is None:
             params["train_size"] = n
@@ -122,7 +128,10 @@ class KNNIndex:
             p.setdefault("nprobe", 16)
             train_size = p["train_size"] = min(n, p.get("train_size") or 64 * nlist)
             if train_size < nlist:
-                raise ValueError(f"index_params['train_size'] = {train_size} must be >= nlist = {nlist} (k-means needs a row per cell)")
+                raise ValueError(
+                    f"index_params['train_size'] = {train_size} must be >= nlist = {nlist} "
+                    "(k-means needs a row per cell)"
+                )
             p.setdefault("niter", 10)
             p.setdefault("seed", 0)
             idx = faiss.IndexIVFFlat(flat(), d, nlist, faiss_metric)
@@ -150,7 +159,9 @@ class KNNIndex:
             p.setdefault("ef_construction", int(idx.hnsw.efConstruction))
         idx = self._to_gpu(faiss, idx)
         blocks = -(-n // _ADD_BLOCK)
-        with progress_bar(n, blocks if self.index == "hnsw" or n > 10 * _ADD_BLOCK else 1, progress, f"kNN index ({self.index}) add") as bar:
+        with progress_bar(
+            n, blocks if self.index == "hnsw" or n > 10 * _ADD_BLOCK else 1, progress, f"kNN index ({self.index}) add"
+        ) as bar:
             for start in range(0, n, _ADD_BLOCK):
                 idx.add(r_np[start:start + _ADD_BLOCK])
                 bar.update(min(_ADD_BLOCK, n - start))
@@ -177,7 +188,9 @@ class KNNIndex:
                              f"sub-quantizer; there are {n} references)")
         base = faiss.IndexPQFastScan(d, m, 4, faiss_metric)
         base.pq.cp.seed = p["seed"]
-        rows = np.sort(np.random.default_rng(p["seed"]).choice(n, train_size, replace=False)) if train_size < n else None
+        rows = (
+            np.sort(np.random.default_rng(p["seed"]).choice(n, train_size, replace=False)) if train_size < n else None
+        )
         base.train(r_np if rows is None else r_np[rows])
         idx = faiss.IndexRefineFlat(base)
         self._pq_base = base  # IndexRefineFlat does not own its base index: keep it alive here
@@ -235,7 +248,9 @@ class KNNIndex:
                 raise ValueError(f"k = {k} exceeds FAISS GPU's limit of {GPU_MAX_K}; build the index with k_hint={k} "
                                  f"(it then stays on the CPU)")
             q = search_rows(query, self.metric, "cpu")
-            scores, indices = self._faiss_search(np.ascontiguousarray(q.numpy(), dtype=np.float32), k, chunk_size, progress)
+            scores, indices = self._faiss_search(
+                np.ascontiguousarray(q.numpy(), dtype=np.float32), k, chunk_size, progress
+            )
         return scores.to(out_device), indices.to(out_device)
 
     def _faiss_search(self, q_np: np.ndarray, k: int, chunk_size: int | None,

@@ -1,6 +1,7 @@
 """:class:`KNN`: PML's ``knn_func`` (a drop-in for ``FaissKNN``) on top of :class:`KNNIndex`."""
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -14,6 +15,9 @@ from .self_search import symmetric_self_search
 from .torch_search import drop_self_matches
 
 __all__ = ["KNN"]
+
+# PML's logger: FaissKNN reports each search there at INFO level (PML's tests listen for it)
+_PML_LOGGER = logging.getLogger("PML")
 
 
 class KNN:
@@ -133,6 +137,7 @@ class KNN:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if ref_includes_query:
             k = k + 1
+        _PML_LOGGER.info("running k-nn with k=%d", k)
         if self.index_init_fn is not None:
             scores, indices = self._call_faiss_init_fn(query, k, reference)
         else:
@@ -150,7 +155,9 @@ class KNN:
             scores, indices = drop_self_matches(scores, indices)
         return scores, indices
 
-    def _search(self, query: Any, k: int, reference: Any, ref_includes_query: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _search(
+        self, query: Any, k: int, reference: Any, ref_includes_query: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         o = self.options
         if reference is None:
             if self.reference is None:

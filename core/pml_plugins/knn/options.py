@@ -59,7 +59,9 @@ def check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> 
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int{' or None' if allow_none else ''}, got {type(value).__name__} {value!r}")
+        raise TypeError(
+            f"{name} must be an int{' or None' if allow_none else ''}, got {type(value).__name__} {value!r}"
+        )
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
@@ -156,7 +158,7 @@ class KNNOptions:
         if self.shard and self.backend == "torch":
             raise ValueError("shard=True shards a FAISS index; backend='torch' cannot shard")
 
-    def replace(self, **changes: Any) -> "KNNOptions":
+    def replace(self, **changes: Any) -> KNNOptions:
         """A copy with ``changes`` (validated again)."""
         return dataclasses.replace(self, **changes)
 

@@ -16,9 +16,13 @@ def check_inputs(query: Any, reference: Any, k: int) -> tuple[torch.Tensor, torc
     query = as_tensor(query, "query")
     reference = as_tensor(reference, "reference")
     if query.ndim != 2 or reference.ndim != 2:
-        raise ValueError(f"query and reference must be 2-D (n, dim), got shapes {tuple(query.shape)} and {tuple(reference.shape)}")
+        raise ValueError(
+            f"query and reference must be 2-D (n, dim), got shapes {tuple(query.shape)} and {tuple(reference.shape)}"
+        )
     if query.shape[1] != reference.shape[1]:
-        raise ValueError(f"query and reference must have the same dimension, got {query.shape[1]} and {reference.shape[1]}")
+        raise ValueError(
+            f"query and reference must have the same dimension, got {query.shape[1]} and {reference.shape[1]}"
+        )
     check_k(k, len(reference))
     return query, reference
 

@@ -5,7 +5,11 @@ mean over seeds ± the half-width of its 95 % t-interval, marks the losses stati
 with the best one, and states the protocol in one line. A loss that fails (bad arguments, NaN, a
 bug in a plugin) gets an error row and the comparison goes on. Files are rewritten after every
 run, so an interrupted comparison keeps every completed run (``OUT/runs/<loss>/seed<k>/``) and
-the table of those runs.
+the table of those runs. Running the same command
+again with the same ``--out`` keeps the runs that finished with the same settings (and the same
+validation classes) and continues an interrupted run without validation from its checkpoint
+(``checkpoint.pt`` after every epoch); a run with per-epoch validation starts again (its epoch
+selection is not in the checkpoint). ``--tune`` continues its Optuna studies (``OUT/optuna.db``).
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from .. import registry as reg
 from . import stats
 from .config import TrainConfig
 from .outputs import metrics_record, write_json
-from .protocol import FLOOR, LossSummary, Protocol, metric_keys, run_protocol, val_keys
+from .protocol import FLOOR, LossSummary, Protocol, finished_run, metric_keys, run_protocol, val_keys  # noqa: F401
 
 #: PML's own losses every default comparison includes as references
 REFERENCE_LOSSES = ("proxy_anchor", "soft_triple", "normalized_softmax", "contrastive")
@@ -64,10 +68,8 @@ def demo_loss_args(dataset: str, losses: Sequence[str], per_loss_args: dict) -> 
         return {}
     out = {}
     for name in losses:
-        args = reg.get_entry("loss", name).metadata.get("demo_loss_args")
+        args = reg.get_entry("loss", name).spec.demo_loss_args  # a mapping: LossSpec checks it
         if args and name not in per_loss_args:
-            if not isinstance(args, dict):
-                raise TypeError(f"{name}: registration metadata demo_loss_args must be a dict, got {type(args).__name__}")
             out[name] = dict(args)
     return out
 
@@ -101,7 +103,7 @@ def run_compare(base: TrainConfig, losses: Sequence[str], out: Path, *, per_loss
     # The floor in every geometry the compared losses are evaluated in (L2 losses such as CAM
     # are compared against an L2 floor); a --retrieval-distance flag applies to all.
     distances = [base.retrieval_distance] if base.retrieval_distance else sorted(
-        {reg.get_entry("loss", n).needs()["retrieval_distance"] or "cosine" for n in losses} | {"cosine"})
+        {reg.get_entry("loss", n).spec.retrieval_distance for n in losses} | {"cosine"})
     floors = [(FLOOR if d == "cosine" else f"{FLOOR[:-1]}, {d})", d) for d in distances]
     demo_args = demo_loss_args(base.dataset, losses, per_loss_args)
     plan = [(_label(name, demo_args.get(name)), name, dict(per_loss_args.get(name, demo_args.get(name, {}))))
@@ -242,7 +244,9 @@ def format_table(rows: Sequence[LossSummary], ks: Iterable[int], protocol: Optio
     widths = [max(len(str(x[i])) for x in [header, *body]) for i in range(len(header))]
     lines = [caption(base, protocol, rows)] if base is not None else []
     for j, row in enumerate([header, *body]):
-        cells = [str(c).ljust(widths[i]) if i in (0, len(row) - 1) else str(c).rjust(widths[i]) for i, c in enumerate(row)]
+        cells = [
+            str(c).ljust(widths[i]) if i in (0, len(row) - 1) else str(c).rjust(widths[i]) for i, c in enumerate(row)
+        ]
         lines.append("  ".join(cells).rstrip())
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
@@ -252,7 +256,10 @@ def format_table(rows: Sequence[LossSummary], ks: Iterable[int], protocol: Optio
 def format_markdown(rows: Sequence[LossSummary], ks: Iterable[int], base: TrainConfig, protocol: Protocol) -> str:
     header, body = table_rows(rows, ks, protocol)
     esc = lambda s: str(s).replace("|", "\\|")
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([" --- "] + [" ---: "] * (len(header) - 2) + [" --- "]) + "|"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join([" --- "] + [" ---: "] * (len(header) - 2) + [" --- "]) + "|",
+    ]
     lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in body]
     setting = (f"dataset `{base.dataset}`, backbone `{base.backbone}`, embedding size {base.embedding_size}, "
                f"{base.epochs} epochs, batch {base.batch_size}, {base.optimizer} lr {base.lr:g}")

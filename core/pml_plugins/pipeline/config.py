@@ -59,6 +59,12 @@ class TrainConfig:
     eval_binarize: bool = False
     ks: list = field(default_factory=lambda: [1, 2, 4, 8])
     out: Optional[str] = None
+    #: checkpoints kept: OUT/checkpoint.pt (the latest) and, for N > 1, the N latest epochs as
+    #: OUT/checkpoint-epochNNNN.pt
+    keep_last: int = 1
+    #: also write TensorBoard events (per-epoch scalars, test metrics, the test embeddings for the
+    #: projector) to OUT/tensorboard
+    tensorboard: bool = False
     #: DDP under torchrun (batch_size is then the global batch over all processes)
     distributed: bool = False
     #: PML's efficient distributed mode (only for losses that declare distributed_efficient=True)
@@ -165,7 +171,7 @@ def build_config(file_values: Mapping[str, Any], flag_values: Mapping[str, Any])
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
-    for name in ("embedding_size", "batch_size", "eval_batch_size"):
+    for name in ("embedding_size", "batch_size", "eval_batch_size", "keep_last"):
         value = getattr(cfg, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
@@ -187,7 +193,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise ValueError(f"{name.replace('_', '-')} must be a number >= 0, got {value!r}")
     if cfg.device not in ("auto", "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
         raise ValueError(f"device must be auto, cpu or cuda[:N], got {cfg.device!r}")
-    for name in ("distributed", "distributed_efficient"):
+    for name in ("distributed", "distributed_efficient", "tensorboard"):
         if not isinstance(getattr(cfg, name), bool):
             raise ValueError(f"{name.replace('_', '-')} must be true or false, got {getattr(cfg, name)!r}")
     if cfg.distributed_efficient and not cfg.distributed:

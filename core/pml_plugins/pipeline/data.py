@@ -33,7 +33,6 @@ import dataclasses
 import difflib
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -136,7 +135,9 @@ def parse_dataset_spec(spec: str) -> tuple[str, Optional[str]]:
                          f"cars:PATH, sop:PATH, embeddings:PATH.npz")
     if kind == "digits":
         if path not in ("", "raw", "shifted"):
-            raise ValueError(f"digits takes no path: use 'digits' (shifted on a 12x12 canvas) or 'digits:raw', got {spec!r}")
+            raise ValueError(
+                f"digits takes no path: use 'digits' (shifted on a 12x12 canvas) or 'digits:raw', got {spec!r}"
+            )
         return kind, path or None
     if kind == "glyphs":
         from .glyphs import parse_glyphs_options

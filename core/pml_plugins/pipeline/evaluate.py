@@ -8,7 +8,7 @@ on the raw embeddings.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import tqdm
@@ -25,13 +25,20 @@ def make_accuracy_calculator(ks: Sequence[int] = DEFAULT_KS, retrieval_distance:
         raise ValueError(f"retrieval_distance must be one of {RETRIEVAL_DISTANCES}, got {retrieval_distance!r}")
     include = ("precision_at_1", "mean_average_precision_at_r", "r_precision",
                *[f"recall_at_{k}" for k in ks], *[f"ndcg_at_{k}" for k in ks])
-    from ..knn import KNN  # noqa: PLC0415
-    from ..metrics import AccuracyCalculator  # noqa: PLC0415
+    from ..knn import KNN
+    from ..metrics import AccuracyCalculator
 
     # one kNN layer for the whole toolkit (pml_plugins.knn); cosine: the tester L2-normalises
     # first, so both rankings are exact L2 / cosine kNN
-    return AccuracyCalculator(include=include, k="max_bin_count", device=device, knn_func=KNN(metric=retrieval_distance),
-                              ndcg_ks=tuple(ks), recall_ks=tuple(ks), plugin_metrics=False)
+    return AccuracyCalculator(
+        include=include,
+        k="max_bin_count",
+        device=device,
+        knn_func=KNN(metric=retrieval_distance),
+        ndcg_ks=tuple(ks),
+        recall_ks=tuple(ks),
+        plugin_metrics=False,
+    )
 
 
 class _QuietTester(GlobalEmbeddingSpaceTester):
@@ -44,14 +51,16 @@ class _QuietTester(GlobalEmbeddingSpaceTester):
 
     def compute_all_embeddings(self, dataloader, trunk_model, embedder_model):
         original = tqdm.tqdm
-        bar = lambda it, *a, **k: original(it, desc=self._desc, leave=False, disable=not self._progress, dynamic_ncols=True)
+        bar = lambda it, *a, **k: original(
+            it, desc=self._desc, leave=False, disable=not self._progress, dynamic_ncols=True
+        )
         tqdm.tqdm = bar  # PML's base tester calls tqdm.tqdm(dataloader) directly
         try:
             embeddings, labels = super().compute_all_embeddings(dataloader, trunk_model, embedder_model)
         finally:
             tqdm.tqdm = original
         if self._binarize:  # before the tester's L2 normalisation; codes of norm sqrt(D) become 1/sqrt(D)
-            from ..binarize import binarize_embeddings  # noqa: PLC0415
+            from ..binarize import binarize_embeddings
 
             embeddings = binarize_embeddings(embeddings)
         return embeddings, labels
@@ -70,13 +79,14 @@ def standard_metric_name(name: str) -> str:
 def evaluate(trunk: torch.nn.Module, embedder: torch.nn.Module, dataset: torch.utils.data.Dataset, *,
              device: torch.device, retrieval_distance: str = "cosine", ks: Sequence[int] = DEFAULT_KS,
              batch_size: int = 256, progress: bool = True, dtype: torch.dtype | None = None,
-             binarize: bool = False, with_bits: bool = False) -> dict[str, float]:
+             binarize: bool = False, with_bits: bool = False, keep: Optional[dict] = None) -> dict[str, float]:
     """Embed ``dataset`` and return retrieval metrics, test split queried against itself.
 
     ``binarize=True`` evaluates the ±1 codes of :func:`pml_plugins.binarize_embeddings`
     instead (cosine of codes = 1 - 2 Hamming / D, so the ranking is by Hamming distance; needs
     ``retrieval_distance="cosine"``). ``with_bits=True`` evaluates the float embeddings and
-    then, from the same embedding pass, their codes, reported as ``bits_<metric>``.
+    then, from the same embedding pass, their codes, reported as ``bits_<metric>``. A ``keep`` dict
+    receives the evaluated ``embeddings`` (L2-normalised for cosine) and ``labels`` (N,) as tensors.
     """
     if retrieval_distance not in RETRIEVAL_DISTANCES:
         raise ValueError(f"retrieval_distance must be one of {RETRIEVAL_DISTANCES}, got {retrieval_distance!r}")
@@ -85,15 +95,27 @@ def evaluate(trunk: torch.nn.Module, embedder: torch.nn.Module, dataset: torch.u
                          f"got {retrieval_distance!r}")
     calculator = make_accuracy_calculator(ks, retrieval_distance, device=device)
     kept: dict = {}  # the embeddings of the pass, for with_bits (PML's tester deletes them after its hook)
-    tester = _QuietTester(normalize_embeddings=retrieval_distance == "cosine", batch_size=batch_size,
-                          dataloader_num_workers=0, data_device=device, dtype=dtype,
-                          accuracy_calculator=calculator, end_of_testing_hook=lambda tester: kept.update(
-                              tester.embeddings_and_labels if with_bits else {}),
-                          progress=progress, binarize=binarize, desc="embedding test split" + (" (bits)" if binarize else ""))
+    tester = _QuietTester(
+        normalize_embeddings=retrieval_distance == "cosine",
+        batch_size=batch_size,
+        dataloader_num_workers=0,
+        data_device=device,
+        dtype=dtype,
+        accuracy_calculator=calculator,
+        end_of_testing_hook=lambda tester: kept.update(
+            tester.embeddings_and_labels if with_bits or keep is not None else {}
+        ),
+        progress=progress,
+        binarize=binarize,
+        desc="embedding test split" + (" (bits)" if binarize else ""),
+    )
     accuracies = tester.test({"test": dataset}, 0, trunk, embedder, splits_to_eval=[("test", ["test"])])
     out = {standard_metric_name(key): float(value) for key, value in accuracies["test"].items() if key != "epoch"}
+    if keep is not None:
+        embeddings, labels = kept["test"]
+        keep.update(embeddings=embeddings, labels=labels[:, 0] if labels.ndim == 2 else labels)
     if with_bits and not binarize:
-        from ..binarize import binarize_embeddings  # noqa: PLC0415
+        from ..binarize import binarize_embeddings
 
         # L2-normalised for cosine, which leaves the codes unchanged (the sign of x - mean(x) is
         # scale-invariant)

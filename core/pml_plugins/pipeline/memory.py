@@ -27,7 +27,7 @@ class PeakMemory:
         else:
             self.kind = "heap in use (sampled)" if _heap_bytes() is not None else "RSS growth (sampled)"
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)

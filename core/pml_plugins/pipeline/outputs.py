@@ -14,7 +14,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .. import distributed as dist_mod
+from .. import distributed_losses
 
 
 @dataclass
@@ -61,7 +61,7 @@ def write_outputs(out: Path, result: RunResult, trunk, embedder, trainer, write_
     out.mkdir(parents=True, exist_ok=True)
     if write_checkpoint:
         loss = trainer.loss_funcs["metric_loss"] if trainer is not None else None
-        if isinstance(loss, dist_mod.DistributedLossWrapper):
+        if isinstance(loss, distributed_losses.DistributedLossWrapper):
             loss = loss.loss
         state = {"trunk": trunk.state_dict(), "embedder": embedder.state_dict(),
                  "loss": loss.state_dict() if loss is not None else None}

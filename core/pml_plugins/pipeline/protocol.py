@@ -20,6 +20,7 @@ loss ``untrained``). :func:`run_protocol` returns one :class:`LossSummary` per r
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 import traceback
@@ -88,6 +89,8 @@ class RunRecord:
     fold: Optional[int]
     result: RunResult
     seconds: float = 0.0
+    #: finished in an earlier invocation with the same settings: read back, not trained again
+    reused: bool = False
 
     @property
     def ok(self) -> bool:
@@ -152,13 +155,23 @@ def run_dir(out: Path, loss_dir: str, seed: int, fold: Optional[int]) -> Path:
 def execute(cfg: TrainConfig, label: str, *, loss: Optional[str], seed: int, fold: Optional[int],
             held_out: Optional[np.ndarray], progress: bool, write_files: bool = True,
             report: Optional[Callable[[int, float], None]] = None, primary: str = "map_at_r") -> RunRecord:
-    """One run; an exception (other than Ctrl-C and Optuna's pruning) becomes an error record."""
+    """One run; an exception (other than Ctrl-C and Optuna's pruning) becomes an error record.
+
+    A run that finished before in ``cfg.out`` with the same settings and validation classes is
+    kept (``record.reused``); an interrupted one continues from its checkpoint when it has no
+    per-epoch validation, else starts again."""
     start = time.perf_counter()
-    selection = EpochSelection(held_out=held_out.tolist(), metric=primary, report=report) \
-        if held_out is not None and loss is not None else None
+    validates = held_out is not None and loss is not None
+    selection = EpochSelection(held_out=held_out.tolist(), metric=primary, report=report) if validates else None
+    if write_files and cfg.out:
+        finished = finished_run(cfg, label)
+        wanted = [int(c) for c in held_out] if validates else None
+        if finished is not None and finished.extra.get("val_classes") == wanted:
+            return RunRecord(label=label, loss=loss, seed=seed, fold=fold, result=finished, reused=True)
     try:
         result = run_training(cfg, progress=progress, name=label, write_checkpoint=loss is not None and write_files,
-                              selection=selection)
+                              selection=selection, resume="auto" if selection is None and write_files else False,
+                              resume_hint="the same pml-plugins compare command")
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # one failing loss must not end the comparison
@@ -170,6 +183,27 @@ def execute(cfg: TrainConfig, label: str, *, loss: Optional[str], seed: int, fol
             Path(cfg.out).mkdir(parents=True, exist_ok=True)
             (Path(cfg.out) / "error.txt").write_text(traceback.format_exc())
     return RunRecord(label=label, loss=loss, seed=seed, fold=fold, result=result, seconds=time.perf_counter() - start)
+
+
+def finished_run(cfg: TrainConfig, label: str) -> Optional[RunResult]:
+    """The result in ``cfg.out`` when a run with the same settings finished there (metrics.json is
+    written last), else None."""
+    from .resume import differences
+
+    folder = Path(cfg.out)
+    try:
+        record = json.loads((folder / "metrics.json").read_text())
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or not isinstance(config, dict) or differences(config, cfg.to_dict()):
+        return None
+    known = {"name", "metrics", "seconds_per_epoch", "train_seconds", "peak_memory_mb", "memory_kind"}
+    return RunResult(name=label, metrics=record.get("metrics") or {}, config=config, out=cfg.out,
+                     seconds_per_epoch=record.get("seconds_per_epoch"),
+                     train_seconds=record.get("train_seconds") or 0.0, peak_memory_mb=record.get("peak_memory_mb"),
+                     memory_kind=record.get("memory_kind") or "",
+                     extra={k: v for k, v in record.items() if k not in known})
 
 
 def split_loss_args(args: dict) -> tuple[dict, Optional[float]]:
@@ -301,6 +335,9 @@ def run_protocol(base: TrainConfig, losses: Sequence[tuple[str, str, dict]], out
 
 def _say_run(say: Callable[[str], None], i: int, total: int, record: RunRecord) -> None:
     where = f"seed {record.seed}" + ("" if record.fold is None else f" fold {record.fold}")
+    if record.reused:
+        say(f"[{i}/{total}] {record.label}: done before (same settings), kept ({where})")
+        return
     if not record.ok:
         say(f"[{i}/{total}] {record.label} {where}: FAILED ({record.result.error.splitlines()[0][:160]})")
         return

@@ -6,6 +6,8 @@ from typing import Optional, Sequence
 import numpy as np
 from pytorch_metric_learning.samplers import MPerClassSampler
 
+from ..specs import LossSpec
+
 
 def choose_m(batch_size: int, num_classes: int, m: Optional[int], preferred: int = 4) -> int:
     """Samples per class for an m-per-class batch; an explicit ``m`` is checked, not changed."""
@@ -33,14 +35,9 @@ def choose_m(batch_size: int, num_classes: int, m: Optional[int], preferred: int
     raise ValueError(f"batch size {batch_size} cannot be built m-per-class from {num_classes} classes")
 
 
-
-#: registry metadata keys a loss may use to ask for a number of samples per class
-M_KEYS = ("m_per_class", "samples_per_class", "m")
-
-
-def preferred_m(metadata: dict, default: int = 4) -> int:
-    """Samples per class a loss asks for in its registry metadata (``default`` when it does not)."""
-    return next((int(metadata[k]) for k in M_KEYS if metadata.get(k)), default)
+def preferred_m(spec: LossSpec, default: int = 4) -> int:
+    """Samples per class a loss asks for in its spec (``LossSpec.samples_per_class``; ``default`` when it does not)."""
+    return spec.samples_per_class or default
 
 
 def m_per_class_sampler(labels: Sequence[int], batch_size: int, m: Optional[int],

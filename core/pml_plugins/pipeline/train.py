@@ -13,24 +13,28 @@ one job each: :mod:`.builders` (loss and miner from a name), :mod:`.sampling` (b
 """
 from __future__ import annotations
 
+import datetime
+import json
+import os
 import platform
-import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
 from pytorch_metric_learning.utils import common_functions as c_f
 
-from .. import distributed as dist_mod
+from .. import distributed_losses
 from .. import registry as reg
-from ..training import TrainingContext, TrainingSetup
+from ..specs import LossSpec
+from ..training_protocol import TrainingContext, TrainingSetup
 from . import data as data_mod
-from . import distributed as ddp_mod
+from . import ddp
 from . import models as models_mod
+from . import resume as resume_mod
 from .builders import build_loss, build_miner, constructor_parameters
+from .checkpoint import seed_all
 from .config import TrainConfig
 from .evaluate import evaluate
 from .memory import PeakMemory
@@ -46,11 +50,7 @@ __all__ = ["RunResult", "run_training", "build_loss", "build_miner", "constructo
 # -- small utilities ---------------------------------------------------------------------------
 def set_seed(seed: int) -> None:
     """Seed every RNG the pipeline uses (PML's samplers use numpy's global RNG)."""
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-    if isinstance(c_f.NUMPY_RANDOM, np.random.RandomState):
-        c_f.NUMPY_RANDOM.seed(seed % (2**32))
+    seed_all(seed)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -77,17 +77,34 @@ def _versions() -> dict:
 
 
 
+def _machine(device: torch.device) -> dict:
+    """Where the run ran, for the report's setting."""
+    info = {"host": platform.node(), "platform": platform.platform(), "cpus": os.cpu_count()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
 # -- the run -----------------------------------------------------------------------------------
 def run_training(cfg: TrainConfig, *, progress: bool = True, log: Optional[Callable[[str], None]] = None,
-                 name: Optional[str] = None, write_checkpoint: bool = True,
+                 name: Optional[str] = None, write_checkpoint: bool = True, resume: Any = False,
+                 force: bool = False, resume_hint: Optional[str] = None,
                  selection: Optional[EpochSelection] = None) -> RunResult:
     """Train ``cfg.loss`` (or, with ``cfg.loss=None`` / ``epochs=0``, only evaluate the untrained
     model), evaluate on the test split and write ``metrics.json``, ``config.json``,
     ``checkpoint.pt`` and ``metrics.png`` under ``cfg.out`` (when set).
 
+    ``checkpoint.pt`` is written after every epoch (see :mod:`.resume`). ``resume=True`` continues
+    from ``cfg.out``'s checkpoint (settings that differ are refused unless ``force``); ``"auto"``
+    continues when the settings match and starts afresh otherwise. SIGINT / SIGTERM during
+    training save after the current step and raise :class:`~.resume.TrainingInterrupted`, whose
+    message says how to resume (``resume_hint``: the command, default ``train --resume OUT``).
+
     With ``selection`` its held-out training classes are validated after every epoch and the test
     split is evaluated once, on the weights of the best validation epoch (``result.extra`` holds
-    ``best_epoch``, ``val_metrics`` and ``val_history``)."""
+    ``best_epoch``, ``val_metrics`` and ``val_history``). A resumed run's selection covers only the
+    epochs run after the resume.
+    """
     name = name or cfg.loss or "untrained"
     threads = cfg.threads
     if threads is None and (cfg.backbone == "auto" or not cfg.backbone.startswith("timm:")):
@@ -97,16 +114,17 @@ def run_training(cfg: TrainConfig, *, progress: bool = True, log: Optional[Calla
         torch.set_num_threads(int(threads))
     try:
         if not cfg.distributed:
-            return _run(cfg, name, progress=progress, log=log, write_checkpoint=write_checkpoint, selection=selection)
+            return _run(cfg, name, progress=progress, log=log, write_checkpoint=write_checkpoint,
+                        resume=(resume, force, resume_hint), selection=selection)
         if selection is not None:
             raise ValueError("per-epoch validation (val-classes / folds) is not supported with --distributed; "
                              "use --val-classes 0 (the last epoch is reported)")
-        env = dist_mod.env_from_torchrun()
-        device = ddp_mod.local_device(resolve_device(cfg.device), env)
-        with ddp_mod.process_group(env, device):
+        env = distributed_losses.env_from_torchrun()
+        device = ddp.local_device(resolve_device(cfg.device), env)
+        with ddp.process_group(env, device):
             lead = env.rank == 0  # only rank 0 logs, evaluates and writes
             return _run(cfg, name, progress=progress and lead, log=log if lead else None,
-                        write_checkpoint=write_checkpoint, env=env, device=device)
+                        write_checkpoint=write_checkpoint, env=env, device=device, resume=(resume, force, resume_hint))
     finally:
         torch.set_num_threads(previous)
 
@@ -120,7 +138,7 @@ class _Run:
     device: torch.device
     progress: bool
     log: Optional[Callable[[str], None]]
-    env: Optional[dist_mod.DistributedEnv]
+    env: Optional[distributed_losses.DistributedEnv]
     amp_dtype: Optional[torch.dtype] = None
     entry: Optional[reg.Entry] = None
     backbone: str = ""
@@ -138,35 +156,162 @@ class _Run:
 
 
 def _run(cfg: TrainConfig, name: str, *, progress: bool, log: Optional[Callable[[str], None]],
-         write_checkpoint: bool, env: Optional[dist_mod.DistributedEnv] = None,
-         device: Optional[torch.device] = None, selection: Optional[EpochSelection] = None) -> RunResult:
+         write_checkpoint: bool, env: Optional[distributed_losses.DistributedEnv] = None,
+         device: Optional[torch.device] = None, resume: tuple = (False, False, None),
+         selection: Optional[EpochSelection] = None) -> RunResult:
     run = _Run(cfg=cfg, name=name, device=device if device is not None else resolve_device(cfg.device),
                progress=progress, log=log, env=env, selection=selection)
     run.amp_dtype = _amp_dtype(run.device, cfg.amp)
     _check_names(run)  # fail fast on names before touching data
-    _build_model_and_data(run)
     train = cfg.loss is not None and cfg.epochs > 0
+    state = resume_mod.find_resumable(cfg.to_dict(), cfg.out, resume[0], resume[1]) if train else None
+    _build_model_and_data(run)
     retrieval = cfg.retrieval_distance or "cosine"
     trainer, mem = None, PeakMemory(run.device)
-    if train:
-        trainer, setup, retrieval = _build_trainer(run)
-        with mem:
-            if setup.before_training is not None:
-                setup.before_training()
-            trainer.train(num_epochs=cfg.epochs)
-        if trainer.iterations_per_epoch == 0:
-            raise ValueError(f"no full batch of {cfg.batch_size} fits in the training split")
-        if selection is not None:  # the test split sees only the model of the best validation epoch
-            selection.restore(_selected_modules(run, trainer))
-    run.resolved["retrieval_distance"] = retrieval
-    metrics = {}
-    if run.lead:
-        metrics = evaluate(run.trunk, run.embedder, run.splits.test, device=run.device, retrieval_distance=retrieval,
-                           ks=cfg.ks, batch_size=cfg.eval_batch_size, progress=progress, with_bits=cfg.eval_binarize)
-    result = _result(run, metrics, trainer, mem if train else None)
-    if cfg.out and run.lead:
-        write_outputs(Path(cfg.out), result, run.trunk, run.embedder, trainer, write_checkpoint)
+    tb = _start_logs(run, resumed_epoch=int(state["epoch"]) if state is not None else 0)
+    try:
+        if train:
+            trainer, setup, retrieval = _build_trainer(run, epoch_log=_epoch_log(run, tb))
+            epoch_checkpoints = bool(cfg.out) and write_checkpoint
+            with mem, resume_mod.StopSignal(distributed=env is not None, log=log) as stop:
+                start = _prepare_resumable(run, trainer, setup, state, stop, epoch_checkpoints, resume[2])
+                if setup.before_training is not None and (state is None or setup.load_state_dict is None):
+                    setup.before_training()
+                if state is not None:
+                    _restore(run, trainer, setup, state)
+                trainer.train(num_epochs=cfg.epochs, **start)
+            write_checkpoint = write_checkpoint and not epoch_checkpoints  # the last epoch's is there already
+            if trainer.iterations_per_epoch == 0:
+                raise ValueError(f"no full batch of {cfg.batch_size} fits in the training split")
+            if selection is not None:  # the test split sees only the model of the best validation epoch
+                selection.restore(_selected_modules(run, trainer))
+        run.resolved["retrieval_distance"] = retrieval
+        metrics, kept = {}, {}
+        if run.lead:
+            metrics = evaluate(run.trunk, run.embedder, run.splits.test, device=run.device,
+                               retrieval_distance=retrieval, ks=cfg.ks, batch_size=cfg.eval_batch_size,
+                               progress=progress, with_bits=cfg.eval_binarize, keep=kept if cfg.out else None)
+        result = _result(run, metrics, trainer, mem if train else None)
+        if cfg.out and run.lead:
+            _save_test_embeddings(run, kept, retrieval, tb, metrics, step=int(result.extra.get("epochs_run", 0)))
+            write_outputs(Path(cfg.out), result, run.trunk, run.embedder, trainer, write_checkpoint)
+    finally:
+        if tb is not None:
+            tb.close()
     return result
+
+
+def _prepare_resumable(run: _Run, trainer: EmbeddingTrainer, setup: TrainingSetup, state: Optional[dict],
+                       stop: resume_mod.StopSignal, save: bool, hint: Optional[str]) -> dict:
+    """Per-epoch seeding, checkpoints and signal handling for the trainer; where training starts."""
+    cfg, env = run.cfg, run.env
+    rank = env.rank if env is not None else 0
+    loss = resume_mod.unwrap(trainer.loss_funcs["metric_loss"])
+    saver = None
+    if save:
+        saver = resume_mod.make_saver(lambda: trainer, out=Path(cfg.out), keep_last=cfg.keep_last, env=env,
+                                      log=run.log, trunk=run.trunk, embedder=run.embedder, loss=loss, setup=setup,
+                                      config=cfg.to_dict(), resolved=run.resolved)
+
+    def stop_error(epoch: int, iteration: int) -> BaseException:
+        text = resume_mod.interrupted_message(cfg.out if save else None, epoch, iteration, hint) if run.lead else ""
+        return resume_mod.TrainingInterrupted(text, epoch, iteration)
+
+    trainer.configure_checkpoints(begin_epoch=resume_mod.begin_epoch_fn(cfg.seed, lambda: trainer, rank), save=saver,
+                                  should_stop=stop, stop_error=stop_error, before_step=resume_mod.test_signal_hook())
+    if state is None:
+        return {}
+    return {"start_epoch": int(state["epoch"]) + 1, "resume_iteration": int(state.get("iteration", 0)),
+            "resume_total": float((state.get("trainer") or {}).get("partial_loss_sum", 0.0)),
+            "resume_rng": resume_mod.rank_rng(state, rank)}
+
+
+def _restore(run: _Run, trainer: EmbeddingTrainer, setup: TrainingSetup, state: dict) -> None:
+    source = f"checkpoint {str(Path(run.cfg.out) / 'checkpoint.pt')!r}"
+    resume_mod.restore_training(state, trainer, trunk=run.trunk, embedder=run.embedder,
+                                loss=resume_mod.unwrap(trainer.loss_funcs["metric_loss"]), setup=setup, source=source)
+    forced = state.get("forced_differences") or []
+    run.resolved["resumed_from"] = {"epoch": int(state["epoch"]), "iteration": int(state.get("iteration", 0)),
+                                    "forced_differences": forced}
+    if run.lead:
+        resume_mod.record_resume(Path(run.cfg.out), state, forced)
+    if run.log is not None:
+        steps = int(state.get("iteration", 0))
+        run.log(f"resuming {run.name} after epoch {state['epoch']}" + (f" + {steps} steps" if steps else "")
+                + (f" (forced despite: {'; '.join(forced)})" if forced else ""))
+
+
+def _start_logs(run: _Run, resumed_epoch: int = 0) -> Optional[Any]:
+    """The run's TensorBoard writer (``--tensorboard``, rank 0, with an output folder), else None;
+    also starts a fresh ``metrics.jsonl`` (a rerun into the same folder does not append to the old);
+    a resumed run keeps the lines of the epochs its checkpoint holds and drops later ones."""
+    cfg = run.cfg
+    if not cfg.out or not run.lead:
+        return None
+    from ..report.artifacts import METRICS_JSONL
+
+    _truncate_epoch_log(Path(cfg.out) / METRICS_JSONL, resumed_epoch)
+    if not cfg.tensorboard:
+        return None
+    from ..report.tensorboard import TENSORBOARD_DIR, TensorBoardLogger
+
+    return TensorBoardLogger(Path(cfg.out) / TENSORBOARD_DIR)
+
+
+def _truncate_epoch_log(path: Path, keep_through_epoch: int) -> None:
+    """Keep only the lines of epochs ``<= keep_through_epoch`` (all gone for a fresh run)."""
+    if not path.exists():
+        return
+    kept = []
+    if keep_through_epoch > 0:
+        for line in path.read_text().splitlines():
+            try:
+                if int(json.loads(line).get("epoch", 0)) <= keep_through_epoch:
+                    kept.append(line)
+            except (ValueError, AttributeError):
+                continue  # a line cut by a kill mid-write
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def _epoch_log(run: _Run, tb: Optional[Any]) -> Optional[Callable[[Any], None]]:
+    """The end-of-epoch hook that appends the epoch to ``OUT/metrics.jsonl`` (and TensorBoard)."""
+    if not run.cfg.out or not run.lead:
+        return None
+    from ..report.artifacts import append_metrics_line
+
+    out = Path(run.cfg.out)
+
+    def hook(trainer: Any) -> None:
+        record = {"epoch": int(trainer.epoch), "loss": float(trainer.last_loss), "lr": dict(trainer.epoch_lr),
+                  "seconds": float(trainer.epoch_seconds[-1])}
+        append_metrics_line(out, record)
+        if tb is not None:
+            tb.log_epoch(record)
+
+    return hook
+
+
+def _save_test_embeddings(run: _Run, kept: dict, retrieval: str, tb: Optional[Any], metrics: dict,
+                          step: int) -> None:
+    """``OUT/test_embeddings.npz`` for the report (thumbnails for image data), and TensorBoard's
+    test metrics and projector."""
+    from ..report.artifacts import make_thumbnails, save_test_artifacts, thumbnail_sample
+
+    if "embeddings" not in kept:
+        return
+    labels = kept["labels"].cpu().numpy()
+    rows = thumbnail_sample(len(labels), seed=run.cfg.seed)
+    thumbs = make_thumbnails(run.splits.test, rows)
+    names = run.splits.test_classes if len(run.splits.test_classes) == int(labels.max()) + 1 else None
+    save_test_artifacts(run.cfg.out, kept["embeddings"].float(), labels, thumbs,
+                        thumbnail_index=rows if thumbs is not None else None, class_names=names,
+                        retrieval_distance=retrieval)
+    if tb is not None:
+        tb.log_metrics(metrics, step)
+        tb.log_embeddings(kept["embeddings"].float().cpu().numpy(), labels, names, thumbs,
+                          rows if thumbs is not None else None, step=step, seed=run.cfg.seed)
 
 
 def _amp_dtype(device: torch.device, amp: str) -> Optional[torch.dtype]:
@@ -204,13 +349,15 @@ def _build_model_and_data(run: _Run) -> None:
                     "amp": str(run.amp_dtype) if run.amp_dtype else "off", "backbone": run.backbone,
                     "model": run.model.description, "data": run.splits.describe(),
                     "num_train_classes": run.splits.num_train_classes, "threads": torch.get_num_threads(),
-                    "versions": _versions(), "command": sys.argv}
+                    "versions": _versions(), "command": sys.argv, "machine": _machine(run.device),
+                    "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
     if run.env is not None:
         run.resolved["distributed"] = {"world_size": run.env.world_size, "rank": run.env.rank,
                                        "backend": torch.distributed.get_backend()}
 
 
-def _build_trainer(run: _Run) -> tuple[EmbeddingTrainer, TrainingSetup, str]:
+def _build_trainer(run: _Run, epoch_log: Optional[Callable[[Any], None]] = None
+                   ) -> tuple[EmbeddingTrainer, TrainingSetup, str]:
     """Loss, miner, the loss's training setup, sampler, optimizers and DDP wrapping -> PML trainer."""
     cfg, env, resolved = run.cfg, run.env, run.resolved
     loss, entry, loss_args, options = build_loss(run.entry.qualified_name, num_classes=run.splits.num_train_classes,
@@ -219,35 +366,35 @@ def _build_trainer(run: _Run) -> tuple[EmbeddingTrainer, TrainingSetup, str]:
     loss = loss.to(run.device)
     semantics = None
     if env is not None:  # refuse a loss that cannot run distributed before touching the data
-        semantics = dist_mod.check_distributed_support(entry, efficient=cfg.distributed_efficient)
-        dist_mod.broadcast_module(loss)
-    needs = entry.needs()
-    retrieval = cfg.retrieval_distance or needs["retrieval_distance"] or "cosine"
+        semantics = distributed_losses.check_distributed_support(entry, efficient=cfg.distributed_efficient)
+        distributed_losses.broadcast_module(loss)
+    spec = entry.spec
+    retrieval = cfg.retrieval_distance or spec.retrieval_distance
     miner = build_miner(cfg.miner, cfg.miner_args)[0] if cfg.miner else None
     resolved.update(loss=entry.qualified_name, loss_class=f"{type(loss).__module__}.{type(loss).__qualname__}",
                     loss_plugin=f"{entry.distribution or entry.plugin} {entry.version or ''}".strip(),
-                    loss_args=loss_args, loss_needs={k: v for k, v in needs.items()})
+                    loss_args=loss_args, loss_needs=entry.needs())
 
     setup = _training_setup(run, loss, entry, options)
     # Every loss run with the same seed draws the same batches (when it uses the same sampler):
     # building the loss consumed random numbers a different loss does not.
     set_seed(cfg.seed)
     train_dataset = setup.train_dataset if setup.train_dataset is not None else run.splits.train
-    sampler, m = _sampler(run, entry, needs, setup, train_dataset)
+    sampler, m = _sampler(run, spec, setup, train_dataset)
     local_batch = cfg.batch_size
     if env is not None:  # each rank takes its slice of the same global batches
-        base = sampler if sampler is not None else ddp_mod.GlobalRandomSampler(len(train_dataset), cfg.seed)
-        sampler = ddp_mod.RankSliceSampler(base, cfg.batch_size, env.rank, env.world_size)
+        base = sampler if sampler is not None else ddp.GlobalRandomSampler(len(train_dataset), cfg.seed)
+        sampler = ddp.RankSliceSampler(base, cfg.batch_size, env.rank, env.world_size)
         local_batch = sampler.local_batch_size
+        divisor = env.world_size if cfg.distributed_efficient else env.world_size ** 2
         resolved["distributed"].update({
             "global_batch_size": cfg.batch_size, "local_batch_size": local_batch,
             "efficient": cfg.distributed_efficient, "loss_semantics": semantics or "not declared",
-            "loss_parameter_gradients":
-                f"all-reduced sum / {env.world_size if cfg.distributed_efficient else env.world_size ** 2}"})
+            "loss_parameter_gradients": f"all-reduced sum / {divisor}"})
 
     models = {"trunk": run.trunk, "embedder": run.embedder}
     has_loss_params = any(p.requires_grad for p in loss.parameters())
-    loss_lr = float(cfg.loss_lr if cfg.loss_lr is not None else (needs["loss_lr"] or cfg.lr)) if has_loss_params else None
+    loss_lr = float(cfg.loss_lr if cfg.loss_lr is not None else (spec.loss_lr or cfg.lr)) if has_loss_params else None
     optimizers = build_optimizers(models, loss, optimizer=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   loss_lr=loss_lr)
     resolved["loss_lr"] = loss_lr
@@ -261,12 +408,12 @@ def _build_trainer(run: _Run) -> tuple[EmbeddingTrainer, TrainingSetup, str]:
     schedulers = build_schedulers(optimizers, cfg.lr_step, cfg.lr_gamma)
     metric_loss, after_backward, loss_scale = loss, None, 1.0
     if env is not None:
-        models = {k: ddp_mod.wrap_model(v, run.device) for k, v in models.items()}
-        metric_loss = dist_mod.wrap_loss(loss, entry, efficient=cfg.distributed_efficient)
-        miner = dist_mod.wrap_miner(miner, efficient=cfg.distributed_efficient) if miner is not None else None
+        models = {k: ddp.wrap_model(v, run.device) for k, v in models.items()}
+        metric_loss = distributed_losses.wrap_loss(loss, entry, efficient=cfg.distributed_efficient)
+        miner = distributed_losses.wrap_miner(miner, efficient=cfg.distributed_efficient) if miner is not None else None
         if has_loss_params:
             def after_backward() -> None:
-                dist_mod.average_loss_gradients(loss, efficient=cfg.distributed_efficient)
+                distributed_losses.average_loss_gradients(loss, efficient=cfg.distributed_efficient)
         loss_scale = 1.0 / env.world_size
         if run.log is not None:
             run.log(f"distributed: {env.world_size} processes ({resolved['distributed']['backend']}), global batch "
@@ -282,7 +429,7 @@ def _build_trainer(run: _Run) -> tuple[EmbeddingTrainer, TrainingSetup, str]:
                                    dataloader_num_workers=cfg.num_workers,
                                    end_of_iteration_hook=chain_hooks(setup.end_of_iteration_hook),
                                    end_of_epoch_hook=chain_hooks(setup.end_of_epoch_hook,
-                                                                 _selection_hook(run, loss, retrieval)),
+                                                                 _selection_hook(run, loss, retrieval), epoch_log),
                                    progress=run.progress, desc=run.name, amp_dtype=run.amp_dtype,
                                    after_backward=after_backward, loss_scale=loss_scale)
     return trainer, setup, retrieval
@@ -303,7 +450,7 @@ def _selection_hook(run: _Run, loss: torch.nn.Module, retrieval: str) -> Optiona
 
 def _training_setup(run: _Run, loss: torch.nn.Module, entry: reg.Entry, options: dict) -> TrainingSetup:
     """What the loss asks of the trainer (multi-view batches, a database refresh, ...)."""
-    training_setup = entry.metadata.get("training_setup")
+    training_setup = entry.spec.training_setup
     if not callable(training_setup):
         if options:
             raise TypeError(f"loss {entry.name!r} has no training_setup, so it takes no loss options {sorted(options)}")
@@ -334,17 +481,17 @@ def _training_setup(run: _Run, loss: torch.nn.Module, entry: reg.Entry, options:
     return setup
 
 
-def _sampler(run: _Run, entry: reg.Entry, needs: dict, setup: TrainingSetup,
+def _sampler(run: _Run, spec: LossSpec, setup: TrainingSetup,
              train_dataset: Any) -> tuple[Any, Optional[int]]:
     """The setup's own sampler, else m-per-class when asked (``--sampler`` or the loss's spec), else random."""
     cfg = run.cfg
     sampler_name = cfg.sampler
     if sampler_name == "auto":
-        sampler_name = "m-per-class" if needs["sampler"] == "m_per_class" else "random"
+        sampler_name = "m-per-class" if spec.sampler == "m_per_class" else "random"
     sampler, m = setup.sampler, None
     if sampler is None and sampler_name == "m-per-class":
         labels = run.splits.train_labels if setup.train_dataset is None else data_mod.dataset_labels(train_dataset)
-        sampler, m = m_per_class_sampler(labels, cfg.batch_size, cfg.m, preferred_m(entry.metadata))
+        sampler, m = m_per_class_sampler(labels, cfg.batch_size, cfg.m, preferred_m(spec))
     if sampler is None and cfg.batch_size > len(train_dataset):
         raise ValueError(f"batch size {cfg.batch_size} is larger than the training split "
                          f"({len(train_dataset)} samples)")

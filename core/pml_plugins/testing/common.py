@@ -56,7 +56,7 @@ def assert_clear_error(call: Callable[[], Any], what: str) -> None:
     except (ValueError, TypeError) as exc:
         assert str(exc).strip(), f"{what}: {type(exc).__name__} without a message"
         return
-    except Exception as exc:  # noqa: BLE001 - the point is to report what was raised instead
+    except Exception as exc:  # broad on purpose: the point is to report what was raised instead
         raise AssertionError(f"{what}: expected a clear ValueError/TypeError, got {type(exc).__name__}: {exc}") from exc
     raise AssertionError(f"{what}: expected ValueError/TypeError, but the loss returned {result!r}")
 

@@ -3,16 +3,16 @@
 :func:`distributed_report` spawns ``world_size`` processes with ``torch.multiprocessing`` (one
 torch thread each), and for every loss name
 
-* wraps a linear model in DDP and the loss in :class:`pml_plugins.distributed.DistributedLossWrapper`,
+* wraps a linear model in DDP and the loss in :class:`pml_plugins.distributed_losses.DistributedLossWrapper`,
   runs one step on rank slices of a global batch and compares, on every rank, the loss value and
   the gradients of the model and of the loss's own parameters (after
-  :func:`~pml_plugins.distributed.average_loss_gradients`) with one process on the whole batch;
+  :func:`~pml_plugins.distributed_losses.average_loss_gradients`) with one process on the whole batch;
 * measures what PML's own wrapper gives on the same step (the factor on the loss parameters'
   gradients, and the value error its ``[this rank, others]`` gather order causes);
 * trains a few SGD steps both ways and measures how far parameters (model + loss) are apart
   across ranks and from the single-process run;
 * for a loss whose registration says ``distributed="unsupported"``, records whether
-  :func:`~pml_plugins.distributed.wrap_loss` refused it.
+  :func:`~pml_plugins.distributed_losses.wrap_loss` refused it.
 
 The report holds measurements (maxima over ranks); the caller asserts on them.
 """
@@ -35,12 +35,13 @@ LABELS = torch.arange(NUM_CLASSES).repeat_interleave(2).repeat(2)
 def make_check_loss(entry: Any, num_classes: int = NUM_CLASSES, embedding_size: int = EMBEDDING_SIZE) -> Any:
     """A small instance of a registered loss: its ``conformance_factory``, else its constructor
     with ``num_classes`` / ``embedding_size`` where it takes them."""
-    factory = entry.metadata.get("conformance_factory")
+    factory = entry.spec.conformance_factory
     if callable(factory):
         return factory(num_classes, embedding_size)
-    from ..pipeline.train import build_loss
+    from .. import registry as reg
 
-    return build_loss(entry.qualified_name, num_classes=num_classes, embedding_size=embedding_size)[0]
+    offered = {"num_classes": int(num_classes), "embedding_size": int(embedding_size)}
+    return reg.registry.build("loss", entry.qualified_name, offered=offered).obj
 
 
 def _batch(step: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,10 +86,10 @@ def _flat(*modules: torch.nn.Module) -> torch.Tensor:
 def _check_one(entry: Any, rank: int, world: int, dtype: torch.dtype, miner_name: Optional[str], steps: int,
                database: bool = False) -> dict:
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
     from pytorch_metric_learning.utils import distributed as pml_dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from .. import distributed as pd
+    from .. import distributed_losses as pd
 
     semantics = pd.distributed_semantics(entry)
     out: dict = {"semantics": semantics}

@@ -50,7 +50,9 @@ def check_is_pml_loss(make_loss: LossFactory, spec: BatchSpec) -> None:
         f"{type(loss).__name__} must subclass pytorch_metric_learning.losses.BaseMetricLossFunction"
     )
     assert callable(getattr(loss, "compute_loss", None)), "the loss must implement compute_loss"
-    assert isinstance(loss.sub_loss_names(), list) and loss.sub_loss_names(), "sub_loss_names() must be a non-empty list"
+    assert isinstance(loss.sub_loss_names(), list) and loss.sub_loss_names(), (
+        "sub_loss_names() must be a non-empty list"
+    )
 
 
 def check_forward_backward(make_loss: LossFactory, spec: BatchSpec) -> None:
@@ -84,7 +86,12 @@ def check_dtypes(make_loss: LossFactory, spec: BatchSpec) -> None:
         if reference is None:
             reference = out.detach()
         else:
-            _close(out.detach().float(), reference.float(), f"{dtype} value vs float64", tol=_TOL[dtype] * max(1.0, abs(float(reference))))
+            _close(
+                out.detach().float(),
+                reference.float(),
+                f"{dtype} value vs float64",
+                tol=_TOL[dtype] * max(1.0, abs(float(reference))),
+            )
 
 
 def _loss_dict(make_loss: LossFactory, emb: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -106,9 +113,13 @@ def check_reducers(make_loss: LossFactory, spec: BatchSpec) -> None:
         assert out.ndim == 0, f"with {type(reducer).__name__} the loss must be a scalar"
         assert_finite_backward(out, e, loss, type(reducer).__name__)
     out = _loss_dict(make_loss, emb, labels)
-    assert set(out) == set(loss.sub_loss_names()), f"loss dict keys {sorted(out)} != sub_loss_names() {sorted(loss.sub_loss_names())}"
+    assert set(out) == set(loss.sub_loss_names()), (
+        f"loss dict keys {sorted(out)} != sub_loss_names() {sorted(loss.sub_loss_names())}"
+    )
     for name, sub in out.items():
-        assert {"losses", "indices", "reduction_type"} <= set(sub), f"sub-loss {name!r} must have losses, indices, reduction_type"
+        assert {"losses", "indices", "reduction_type"} <= set(sub), (
+            f"sub-loss {name!r} must have losses, indices, reduction_type"
+        )
         assert sub["reduction_type"] in {"element", "pos_pair", "neg_pair", "triplet", "already_reduced"}, (
             f"sub-loss {name!r} has unknown reduction_type {sub['reduction_type']!r}"
         )
@@ -171,7 +182,9 @@ def check_indices_tuple(make_loss: LossFactory, spec: BatchSpec) -> None:
         if alone is not None:
             _close(alone.detach(), with_labels, f"loss(emb, indices_tuple={kind}) != loss(emb, labels, indices_tuple)")
         same = _value(loss, emb, labels, tup, ref_emb=emb, ref_labels=labels)
-        _close(same.detach(), with_labels, f"loss(emb, labels, {kind}, ref_emb=emb, ref_labels=labels) != without ref_emb")
+        _close(
+            same.detach(), with_labels, f"loss(emb, labels, {kind}, ref_emb=emb, ref_labels=labels) != without ref_emb"
+        )
         empty = tuple(torch.empty(0, dtype=torch.long) for _ in tup)
         e = emb.detach().clone().requires_grad_(True)
         value = _value(loss, e, labels, empty)

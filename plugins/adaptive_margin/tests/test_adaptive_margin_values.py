@@ -79,8 +79,9 @@ def test_d_equal_one_gives_zero_gradient():
 def _copies(num_classes=10, embedding_size=8, margin=0.4, scale=20.0, seed=0):
     torch.manual_seed(seed)
     ours = AdaptiveMarginSoftmaxLoss(num_classes, embedding_size, margin=margin, scale=scale)
-    zeros = AdaptiveMarginSoftmaxLoss(num_classes, embedding_size, class_distances=torch.zeros(num_classes, num_classes),
-                                      margin=margin, scale=scale)
+    zeros = AdaptiveMarginSoftmaxLoss(
+        num_classes, embedding_size, class_distances=torch.zeros(num_classes, num_classes), margin=margin, scale=scale
+    )
     cosface = CosFaceLoss(num_classes=num_classes, embedding_size=embedding_size, margin=margin, scale=scale)
     normsoftmax = NormalizedSoftmaxLoss(num_classes=num_classes, embedding_size=embedding_size, temperature=1 / scale)
     with torch.no_grad():

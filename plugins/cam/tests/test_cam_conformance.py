@@ -1,9 +1,8 @@
 """The pml-plugins conformance kit on CAM (default, chunked repeller, one class, wide)."""
 from __future__ import annotations
 
-from pml_plugins.testing import parametrize_with_checks
-
 from pml_plugin_cam import ClassAnchorMarginLoss
+from pml_plugins.testing import parametrize_with_checks
 
 
 def default_loss() -> ClassAnchorMarginLoss:

@@ -114,7 +114,9 @@ def test_single_class_has_no_repeller():
 
 # ---- against the loop-based reference -----------------------------------------------------
 
-@pytest.mark.parametrize("t,n,scale,block", [(7, 5, 0.3, 1 << 22), (23, 3, 1.0, 40), (40, 16, 0.05, 100), (12, 2, 2.0, 13)])
+@pytest.mark.parametrize(
+    "t,n,scale,block", [(7, 5, 0.3, 1 << 22), (23, 3, 1.0, 40), (40, 16, 0.05, 100), (12, 2, 2.0, 13)]
+)
 def test_matches_reference(t, n, scale, block):
     g = torch.Generator().manual_seed(t * n)
     anchors = torch.randn(t, n, generator=g) * scale

@@ -1,9 +1,9 @@
 """The project's conformance kit on DMCACLoss (batch as database, a held database, full
 retrieval) and DatabaseKNNMiner."""
 import torch
-from pml_plugins.testing import parametrize_with_checks
 
 from pml_plugin_dmcac import DatabaseKNNMiner, DMCACLoss
+from pml_plugins.testing import parametrize_with_checks
 
 EMB, CLASSES, VIEWS = 8, 10, 2
 

@@ -15,9 +15,18 @@ from pytorch_metric_learning.losses import ContrastiveLoss
 from sklearn.datasets import load_digits
 
 import pml_plugins
+from pml_plugin_dmcac import (
+    DatabaseKNNMiner,
+    DatabaseRefresher,
+    DMCACLoss,
+    MultiViewDataset,
+    TensorViewAugment,
+    make_embed_fn,
+    multi_view_collate,
+    split_query_database,
+    training_setup,
+)
 from pml_plugins import TrainingContext, TrainingSetup
-from pml_plugin_dmcac import (DatabaseKNNMiner, DatabaseRefresher, DMCACLoss, MultiViewDataset, TensorViewAugment,
-                              make_embed_fn, multi_view_collate, split_query_database, training_setup)
 
 REPO = pathlib.Path(__file__).resolve().parents[3]
 logging.getLogger("PML").setLevel(logging.WARNING)
@@ -98,7 +107,9 @@ def test_multi_view_dataset_on_image_folder_uses_randaugment(tmp_path):
         for i in range(2):
             arr = (torch.rand(20, 20, 3, generator=g) * 255).to(torch.uint8).numpy()
             pil.fromarray(arr).save(tmp_path / c / f"{i}.png")
-    folder = datasets.ImageFolder(str(tmp_path), transform=transforms.Compose([transforms.Resize(16), transforms.ToTensor()]))
+    folder = datasets.ImageFolder(
+        str(tmp_path), transform=transforms.Compose([transforms.Resize(16), transforms.ToTensor()])
+    )
     ds = MultiViewDataset(folder, num_views=3)
     torch.manual_seed(0)
     views, label = ds[2]

@@ -134,7 +134,12 @@ def reference_dmcac(loss, emb, labels, db, full=False):
 def _random_case(seed, A=3, B=5, F=6, C=4, N=30):
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(C, (B,), generator=g).repeat_interleave(A)
-    return torch.randn(B * A, F, generator=g), labels, torch.randn(N, F, generator=g), torch.randint(C, (N,), generator=g)
+    return (
+        torch.randn(B * A, F, generator=g),
+        labels,
+        torch.randn(N, F, generator=g),
+        torch.randint(C, (N,), generator=g),
+    )
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -148,7 +153,9 @@ def test_against_reference_with_database(seed, retrieval):
     expected = reference_dmcac(loss, emb, labels, db, full=retrieval == "full")
     assert loss(emb.double(), labels).item() == pytest.approx(expected, rel=1e-9)
     # the same database passed per call as ref_emb gives the same value
-    assert loss(emb.double(), labels, ref_emb=db.double(), ref_labels=db_labels).item() == pytest.approx(expected, rel=1e-9)
+    assert loss(emb.double(), labels, ref_emb=db.double(), ref_labels=db_labels).item() == pytest.approx(
+        expected, rel=1e-9
+    )
     assert loss(emb, labels).item() == pytest.approx(expected, rel=1e-4)  # float32
 
 

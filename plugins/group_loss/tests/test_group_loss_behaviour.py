@@ -78,6 +78,6 @@ def test_digits_example_runs():
     out = subprocess.run([sys.executable, str(REPO / "examples" / "group_loss_trainer.py"), "--epochs", "3"],
                          capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
-    lines = [l for l in out.stdout.splitlines() if l.startswith("Recall@1")]
-    before, after = (float(l.split()[-1]) for l in lines[:2])
+    lines = [line for line in out.stdout.splitlines() if line.startswith("Recall@1")]
+    before, after = (float(line.split()[-1]) for line in lines[:2])
     assert after > before + 0.1, out.stdout  # measured 0.5978 -> 0.8268 (4-D embeddings, 3 epochs)

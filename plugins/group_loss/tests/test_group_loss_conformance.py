@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import pytest
-from pml_plugins.testing import parametrize_with_checks
 
 from pml_plugin_group_loss import GroupLoss
+from pml_plugins.testing import parametrize_with_checks
 
 NUM_CLASSES, EMBEDDING_SIZE = 10, 8
 

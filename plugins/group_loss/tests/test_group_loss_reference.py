@@ -68,7 +68,9 @@ def _batch(g, n_classes, m, num_classes, d):
     return torch.randn(len(labels), d, generator=g, dtype=torch.float64) * 2, labels
 
 
-@pytest.mark.parametrize("num_anchors,num_iterations,zero_diagonal", list(itertools.product([0, 1, 2], [0, 1, 3], [False, True])))
+@pytest.mark.parametrize(
+    "num_anchors,num_iterations,zero_diagonal", list(itertools.product([0, 1, 2], [0, 1, 3], [False, True]))
+)
 def test_matches_loop_reference(num_anchors, num_iterations, zero_diagonal):
     g = torch.Generator().manual_seed(10 * num_anchors + num_iterations + 100 * zero_diagonal)
     for trial in range(3):

@@ -38,7 +38,9 @@ def test_similarity_matrix():
     assert torch.allclose(pearson_similarity(EMB), W_KEEP)
     assert torch.allclose(pearson_similarity(EMB, zero_diagonal=True), W_KEEP - torch.eye(3, dtype=torch.float64))
     # invariant to scaling and translation of each embedding (the paper's reason for eq. 1)
-    moved = EMB * torch.tensor([[2.0], [0.5], [7.0]], dtype=torch.float64) + torch.tensor([[3.0], [-1.0], [10.0]], dtype=torch.float64)
+    moved = EMB * torch.tensor([[2.0], [0.5], [7.0]], dtype=torch.float64) + torch.tensor(
+        [[3.0], [-1.0], [10.0]], dtype=torch.float64
+    )
     assert torch.allclose(pearson_similarity(moved), W_KEEP)
 
 
@@ -53,9 +55,13 @@ def test_issue_check_values_t1_t2():
     for T, expected in ((1, 0.231049), (2, 0.135155)):
         assert _loss(num_iterations=T)(EMB, LABELS, prior=PRIOR).item() == pytest.approx(expected, abs=1e-6)
         # the same through precomputed logits: softmax(log p / 1) = p
-        assert _loss(num_iterations=T, temperature=1.0)(EMB, LABELS, logits=PRIOR.log()).item() == pytest.approx(expected, abs=1e-6)
+        assert _loss(num_iterations=T, temperature=1.0)(EMB, LABELS, logits=PRIOR.log()).item() == pytest.approx(
+            expected, abs=1e-6
+        )
         # float32 embeddings and prior give the same
-        assert _loss(num_iterations=T)(EMB.float(), LABELS, prior=PRIOR.float()).item() == pytest.approx(expected, abs=1e-6)
+        assert _loss(num_iterations=T)(EMB.float(), LABELS, prior=PRIOR.float()).item() == pytest.approx(
+            expected, abs=1e-6
+        )
 
 
 def test_temperature_divides_logits():

@@ -1,9 +1,8 @@
 """The pml-plugins conformance kit on the three MPA-family losses."""
 from __future__ import annotations
 
-from pml_plugins.testing import parametrize_with_checks
-
 from pml_plugin_mpa import MultiProxyAnchorAPLoss, MultiProxyAnchorDWLoss, MultiProxyAnchorLoss
+from pml_plugins.testing import parametrize_with_checks
 
 NUM_CLASSES, EMBEDDING_SIZE = 10, 8
 

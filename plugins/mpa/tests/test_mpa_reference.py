@@ -115,7 +115,7 @@ def test_float32_matches_reference_and_half_is_close(cls):
 
 def test_mpa_with_one_proxy_equals_pml_proxy_anchor():
     g = torch.Generator().manual_seed(0)
-    for seed in range(3):
+    for _ in range(3):  # three draws from the one generator
         C, d = 10, 16
         x = torch.randn(32, d, generator=g).requires_grad_()
         y = torch.randint(C, (32,), generator=g)
@@ -140,7 +140,7 @@ def test_fused_function_gradcheck(C, K, gamma, with_gram):
     g = torch.Generator().manual_seed(C * K)
     x = torch.nn.functional.normalize(torch.randn(5, 4, generator=g, dtype=torch.float64), dim=1).requires_grad_()
     w = (torch.randn(C * K, 4, generator=g, dtype=torch.float64) * 2).requires_grad_()
-    fn = lambda x, w: ProxyClassSimilarity.apply(x, w, C, K, gamma, with_gram)  # noqa: E731
+    fn = lambda x, w: ProxyClassSimilarity.apply(x, w, C, K, gamma, with_gram)
     assert torch.autograd.gradcheck(fn, (x, w))
 
 

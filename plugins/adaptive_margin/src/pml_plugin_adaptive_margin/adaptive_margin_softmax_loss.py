@@ -1,7 +1,6 @@
 """Adaptive additive margin softmax (Fehervari and Macedo, eq. 1-3)."""
 from __future__ import annotations
 
-import math
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -12,6 +11,7 @@ from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 import pml_plugins
+from pml_plugins.validation import check_finite_float, check_positive_float, check_positive_int
 
 from .class_distances import check_class_distances, class_distances_from_text, load_class_texts
 
@@ -63,13 +63,10 @@ class AdaptiveMarginSoftmaxLoss(WeightRegularizerMixin, BaseMetricLossFunction):
                  margin: float = 0.4, scale: float = 20.0, *,
                  class_texts: Optional[Union[str, Sequence[str]]] = None, text_model: Any = None,
                  **kwargs: Any) -> None:
-        for name, value in (("num_classes", num_classes), ("embedding_size", embedding_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name, value, ok, what in (("margin", margin, lambda v: True, "finite number"),
-                                      ("scale", scale, lambda v: v > 0, "finite number > 0")):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
-                raise ValueError(f"{name} must be a {what}, got {value!r}")
+        check_positive_int("num_classes", num_classes)
+        check_positive_int("embedding_size", embedding_size)
+        check_finite_float("margin", margin)
+        check_positive_float("scale", scale)
         if class_texts is not None and class_distances is not None:
             raise ValueError("give class_distances or class_texts, not both")
         super().__init__(**kwargs)

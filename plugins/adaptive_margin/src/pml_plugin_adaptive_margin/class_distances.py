@@ -75,7 +75,9 @@ def check_class_distances(d: ArrayLike, num_classes: int) -> torch.Tensor:
     return it as float32 with the diagonal set to 0: eq. 3 only uses d_yz for z != y."""
     d = load_class_distances(d)
     if d.ndim != 2 or d.shape[0] != d.shape[1]:
-        raise ValueError(f"class_distances must be a square (num_classes, num_classes) matrix, got shape {tuple(d.shape)}")
+        raise ValueError(
+            f"class_distances must be a square (num_classes, num_classes) matrix, got shape {tuple(d.shape)}"
+        )
     if d.shape[0] != num_classes:
         raise ValueError(f"class_distances must be ({num_classes}, {num_classes}) for num_classes={num_classes}, "
                          f"got shape {tuple(d.shape)}")
@@ -95,7 +97,9 @@ def load_class_texts(source: Union[PathLike, Sequence[str]]) -> list[str]:
     if isinstance(source, (str, os.PathLike)):
         path = Path(source).expanduser()
         if not path.is_file():
-            raise ValueError(f"class_texts: no such file {str(path)!r} (expected a text file, one description per line)")
+            raise ValueError(
+                f"class_texts: no such file {str(path)!r} (expected a text file, one description per line)"
+            )
         texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
         return [t for t in texts if t]
     if isinstance(source, (bytes, bytearray)) or not isinstance(source, Sequence):
@@ -126,17 +130,23 @@ def class_distances_from_embeddings(embeddings: ArrayLike, metric: str = "cosine
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
-    e = _real_tensor(embeddings, "embeddings", "a (num_classes, dim) tensor, numpy array or nested list").to(torch.float64)
+    e = _real_tensor(embeddings, "embeddings", "a (num_classes, dim) tensor, numpy array or nested list").to(
+        torch.float64
+    )
     if e.ndim != 2 or e.shape[0] < 1 or e.shape[1] < 1:
         raise ValueError(f"embeddings must be (num_classes, dim) with one row per class, got shape {tuple(e.shape)}")
     if not torch.isfinite(e).all():
-        raise ValueError(f"embeddings contain NaN or Inf (rows {torch.nonzero(~torch.isfinite(e).all(1)).flatten()[:5].tolist()})")
+        raise ValueError(
+            f"embeddings contain NaN or Inf (rows {torch.nonzero(~torch.isfinite(e).all(1)).flatten()[:5].tolist()})"
+        )
     n = e.shape[0]
     norms = e.norm(dim=1)
     if metric == "cosine" or normalize == "half":
         zero = torch.nonzero(norms == 0).flatten()
         if len(zero):
-            raise ValueError(f"embeddings rows {zero[:5].tolist()} are zero vectors: their direction (cosine) is undefined")
+            raise ValueError(
+                f"embeddings rows {zero[:5].tolist()} are zero vectors: their direction (cosine) is undefined"
+            )
         u = e / norms[:, None]
         if metric == "cosine":
             raw = 1.0 - u @ u.t()  # cosine distance, in [0, 2]

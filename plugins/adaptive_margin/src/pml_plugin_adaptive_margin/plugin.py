@@ -5,7 +5,7 @@ import pml_plugins
 
 from .adaptive_margin_softmax_loss import AdaptiveMarginSoftmaxLoss
 
-pml_plugins_api_version = 1
+pml_plugins_api_version = "1.1"
 
 PAPER = (
     "Fehervari, I. and Macedo, I. Adaptive additive classification-based loss for deep metric learning. "
@@ -19,16 +19,18 @@ def register_losses(register):
         AdaptiveMarginSoftmaxLoss,
         name="adaptive_margin_softmax",
         aliases=("adaptive_margin", "aams"),
-        summary="Normalized softmax over proxies, margin m on the target, margins (1-cos) d_yz from another "
-                "modality's class distances on the others",
-        paper=PAPER,
-        tags=("proxy", "classification", "softmax", "cosine", "margin", "multimodal"),
-        loss_optimizer=True,
-        loss_lr=1e-2,  # the paper trains everything with SGD, lr 0.01 (section 3.2)
-        retrieval_distance="cosine",
-        # for `pml-plugins compare --tune` (format: pml_plugins.search_space); the paper uses m=0.4, s=20
-        search_space={"margin": (0.0, 0.8), "scale": (4.0, 64.0, "log"), "loss_lr": (1e-4, 1e-1, "log")},
-        distributed="gradient_equivalent",
-        distributed_note="each rank computes the softmax over the gathered global batch; proxy gradients are "
-                         "all-reduced and rescaled; class_distances is a buffer, identical on every rank",
+        spec=pml_plugins.LossSpec(
+            summary="Normalized softmax over proxies, margin m on the target, margins (1-cos) d_yz from another "
+                    "modality's class distances on the others",
+            paper=PAPER,
+            tags=("proxy", "classification", "softmax", "cosine", "margin", "multimodal"),
+            loss_optimizer=True,
+            loss_lr=1e-2,  # the paper trains everything with SGD, lr 0.01 (section 3.2)
+            retrieval_distance="cosine",
+            # for `pml-plugins compare --tune` (format: pml_plugins.search_space); the paper uses m=0.4, s=20
+            search_space={"margin": (0.0, 0.8), "scale": (4.0, 64.0, "log"), "loss_lr": (1e-4, 1e-1, "log")},
+            distributed="gradient_equivalent",
+            distributed_note="each rank computes the softmax over the gathered global batch; proxy gradients are "
+                             "all-reduced and rescaled; class_distances is a buffer, identical on every rank",
+        ),
     )

@@ -12,6 +12,7 @@ from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 import pml_plugins
+from pml_plugins.validation import check_non_negative_float, check_positive_float, check_positive_int
 
 from .functional import attractor_losses, min_norm_loss, negative_distances, repeller_loss
 
@@ -55,16 +56,13 @@ class ClassAnchorMarginLoss(WeightRegularizerMixin, BaseMetricLossFunction):
     def __init__(self, num_classes: int, embedding_size: int, margin: float = 2.0, min_norm: float = 1.0,
                  repeller_weight: float = 1.0, min_norm_weight: float = 1.0,
                  block_elements: Optional[int] = None, **kwargs: Any) -> None:
-        for name, value in (("num_classes", num_classes), ("embedding_size", embedding_size),
-                            ("block_elements", 1 if block_elements is None else block_elements)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not margin > 0:
-            raise ValueError(f"margin must be > 0 (m of eq. 2), got {margin!r}")
+        check_positive_int("num_classes", num_classes)
+        check_positive_int("embedding_size", embedding_size)
+        check_positive_int("block_elements", block_elements, allow_none=True)
+        check_positive_float("margin", margin, note="m of eq. 2")
         for name, value in (("min_norm", min_norm), ("repeller_weight", repeller_weight),
                             ("min_norm_weight", min_norm_weight)):
-            if not value >= 0:
-                raise ValueError(f"{name} must be >= 0, got {value!r}")
+            check_non_negative_float(name, value)
         super().__init__(**kwargs)
         if not _is_plain_l2(self.distance):
             raise ValueError(
@@ -111,8 +109,16 @@ class ClassAnchorMarginLoss(WeightRegularizerMixin, BaseMetricLossFunction):
                 "indices": c_f.torch_arange_from_size(embeddings),
                 "reduction_type": "element",
             },
-            "repeller_loss": {"losses": self.repeller_weight * l_r, "indices": None, "reduction_type": "already_reduced"},
-            "min_norm_loss": {"losses": self.min_norm_weight * l_n, "indices": None, "reduction_type": "already_reduced"},
+            "repeller_loss": {
+                "losses": self.repeller_weight * l_r,
+                "indices": None,
+                "reduction_type": "already_reduced",
+            },
+            "min_norm_loss": {
+                "losses": self.min_norm_weight * l_n,
+                "indices": None,
+                "reduction_type": "already_reduced",
+            },
         }
         self.add_weight_regularization_to_loss_dict(loss_dict, anchors)
         return loss_dict

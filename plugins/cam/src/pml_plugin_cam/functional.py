@@ -46,7 +46,9 @@ def _near_pairs(anchors: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, t
         total += (hinge * hinge).sum(dtype=total.dtype)
         if grad is not None:
             # d/dc_r of hinge^2 = -2 hinge (c_r - c_c) / dist; zero when the anchors coincide
-            w = torch.where(dist > 0, hinge / torch.where(dist > 0, dist, torch.ones_like(dist)), torch.zeros_like(dist))
+            w = torch.where(
+                dist > 0, hinge / torch.where(dist > 0, dist, torch.ones_like(dist)), torch.zeros_like(dist)
+            )
             g = -2.0 * w[:, None] * diff
             grad.index_add_(0, r, g)
             grad.index_add_(0, c, -g)

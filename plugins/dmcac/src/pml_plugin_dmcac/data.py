@@ -16,7 +16,9 @@ def _as_label_tensor(labels: Any) -> torch.Tensor:
     return labels.long()
 
 
-def split_query_database(labels: Any, database_fraction: float = 0.2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def split_query_database(
+    labels: Any, database_fraction: float = 0.2, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Stratified, disjoint training query / database split (the paper's 80/20, section 4.1).
 
     In each class with n samples, ``round(n * database_fraction)`` samples (at least 1 and at

@@ -8,6 +8,7 @@ from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.miners import BaseMiner
 
 import pml_plugins
+from pml_plugins.validation import check_positive_int
 
 from .retrieval import cosine_topk
 
@@ -28,8 +29,7 @@ class DatabaseKNNMiner(BaseMiner):
     """
 
     def __init__(self, k: int = 12, **kwargs: Any):
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
+        check_positive_int("k", k)
         super().__init__(**kwargs)
         self.k = k
         self.add_to_recordable_attributes(list_of_names=["k"], is_stat=False)

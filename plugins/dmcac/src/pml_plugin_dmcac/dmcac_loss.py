@@ -16,6 +16,7 @@ from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
 from pytorch_metric_learning.utils import common_functions as c_f
 
 import pml_plugins
+from pml_plugins.validation import check_choice, check_non_negative_float, check_positive_float, check_positive_int
 
 from .divergence import frobenius_from_js, pairwise_js_divergence_from_log
 from .retrieval import cosine_topk, union_from_indices_tuple, union_of_view_neighbours
@@ -61,18 +62,16 @@ class DMCACLoss(WeightRegularizerMixin, BaseMetricLossFunction):
     ):
         for name, value in (("num_classes", num_classes), ("embedding_size", embedding_size),
                             ("num_views", num_views), ("k", k)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+            check_positive_int(name, value)
+        check_positive_float("temperature", temperature)
         for name, value in (("frob_weight", frob_weight), ("ce_weight", ce_weight), ("cac_weight", cac_weight)):
-            if not value >= 0:
-                raise ValueError(f"{name} must be >= 0, got {value!r}")
-        if retrieval not in RETRIEVAL_MODES:
-            raise ValueError(f"retrieval must be one of {RETRIEVAL_MODES}, got {retrieval!r}")
+            check_non_negative_float(name, value)
+        check_choice("retrieval", retrieval, RETRIEVAL_MODES)
         distance = kwargs.get("distance")
-        if distance is not None and not (type(distance) is CosineSimilarity):
-            raise ValueError("DMCACLoss uses cosine similarity (eq. 9, unit-norm embeddings); distance must be CosineSimilarity()")
+        if distance is not None and type(distance) is not CosineSimilarity:
+            raise ValueError(
+                "DMCACLoss uses cosine similarity (eq. 9, unit-norm embeddings); distance must be CosineSimilarity()"
+            )
         super().__init__(**kwargs)
         self.num_classes, self.embedding_size, self.num_views, self.k = num_classes, embedding_size, num_views, k
         self.temperature, self.retrieval = float(temperature), retrieval
@@ -163,7 +162,8 @@ class DMCACLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         if indices_tuple is not None and (ref_emb is None or ref_emb is embeddings):
             raise ValueError(
                 "indices_tuple is not supported without ref_emb: DMCACLoss reads it as links from each "
-                "row to ref_emb rows (pass DatabaseKNNMiner(k)(emb, labels, ref_emb, ref_labels) with the same ref_emb)")
+                "row to ref_emb rows (pass DatabaseKNNMiner(k)(emb, labels, ref_emb, ref_labels) with the same ref_emb)"
+            )
         return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:

@@ -4,8 +4,10 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Optional
 
 import torch
-from pml_plugins.distributed import gather_in_rank_order, is_distributed
 from tqdm.auto import tqdm
+
+from pml_plugins.distributed_losses import gather_in_rank_order, is_distributed
+from pml_plugins.validation import check_positive_int
 
 
 def make_embed_fn(trunk: torch.nn.Module, embedder: Optional[torch.nn.Module] = None,
@@ -58,9 +60,8 @@ class DatabaseRefresher:
                  num_workers: int = 0, device: Optional[torch.device] = None, modules: Iterable[torch.nn.Module] = (),
                  index_factory: Optional[Callable[[torch.Tensor], Any]] = None, progress: bool = True,
                  rank: int = 0, world_size: int = 1):
-        for name, value in (("every_epochs", every_epochs), ("every_iterations", every_iterations)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        check_positive_int("every_epochs", every_epochs, allow_none=True)
+        check_positive_int("every_iterations", every_iterations, allow_none=True)
         self.loss, self.dataset, self.embed = loss, dataset, embed
         self.every_epochs, self.every_iterations = every_epochs, every_iterations
         self.batch_size, self.num_workers, self.device = int(batch_size), int(num_workers), device
@@ -98,7 +99,9 @@ class DatabaseRefresher:
         chunks, labels = [], []
         try:
             with torch.no_grad():
-                for batch in tqdm(loader, desc="DMCAC database refresh", disable=None if self.progress else True, leave=False):
+                for batch in tqdm(
+                    loader, desc="DMCAC database refresh", disable=None if self.progress else True, leave=False
+                ):
                     x, y = batch[0], batch[1]
                     if self.device is not None:
                         x = x.to(self.device)
@@ -108,6 +111,30 @@ class DatabaseRefresher:
             for m, flag in zip(self.modules, flags):
                 m.train(flag)
         return torch.cat(chunks), torch.cat(labels).long()
+
+    def state_dict(self) -> dict:
+        """The refresh counters and the loss's current database (tensors and ints only), for a
+        training checkpoint; a FAISS index is not saved but rebuilt by :meth:`load_state_dict`."""
+        db = getattr(self.loss, "db_embeddings", None)
+        labels = getattr(self.loss, "db_labels", None)
+        return {"num_refreshes": self.num_refreshes, "epochs": self._epochs, "iterations": self._iterations,
+                "db_embeddings": db.detach().cpu() if db is not None else None,
+                "db_labels": labels.detach().cpu() if labels is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`: the counters, and the database handed back to the loss."""
+        self.num_refreshes = int(state["num_refreshes"])
+        self._epochs, self._iterations = int(state["epochs"]), int(state["iterations"])
+        db, labels = state.get("db_embeddings"), state.get("db_labels")
+        if db is not None and labels is not None and len(db) > 0:
+            index = self.index_factory(db) if self.index_factory is not None else None
+            if index is not None:
+                self.loss.set_database(db, labels, index=index)
+            else:
+                self.loss.set_database(db, labels)
+            if isinstance(getattr(self.loss, "db_embeddings", None), torch.Tensor):
+                # the saved rows are already normalised; normalising again can move the last bit
+                self.loss.db_embeddings = db.to(self.loss.db_embeddings.device)
 
     def end_of_epoch_hook(self, trainer: Any = None) -> None:
         """PML ``end_of_epoch_hook``: refresh after every ``every_epochs``-th epoch."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
+
 from pml_plugins.knn import INDEXES, KNNIndex, default_nlist, knn_search
 
 
@@ -77,7 +78,9 @@ def union_from_indices_tuple(indices_tuple: tuple, num_views: int, num_rows: int
         a, p, n = indices_tuple
         anchors, refs = torch.cat([a, a]), torch.cat([p, n])
     else:
-        raise ValueError(f"indices_tuple must be PML's (a1, p, a2, n) pairs or (a, p, n) triplets, got {len(indices_tuple)} entries")
+        raise ValueError(
+            f"indices_tuple must be PML's (a1, p, a2, n) pairs or (a, p, n) triplets, got {len(indices_tuple)} entries"
+        )
     anchors, refs = anchors.long(), refs.long()
     if anchors.numel() and (int(anchors.min()) < 0 or int(anchors.max()) >= num_rows):
         raise ValueError(f"indices_tuple anchors must index the {num_rows} embedding rows")
@@ -109,4 +112,6 @@ def build_faiss_index(embeddings: torch.Tensor, kind: str = "ivf", nlist: Option
         params.update(nlist=nlist, nprobe=int(nprobe), seed=int(seed))
         if train_size is not None:
             params["train_size"] = max(nlist, min(int(train_size), n))
-    return KNNIndex(embeddings.detach(), metric="cosine", index=kind, backend="faiss", index_params=params, progress=False)
+    return KNNIndex(
+        embeddings.detach(), metric="cosine", index=kind, backend="faiss", index_params=params, progress=False
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
 from pml_plugins import TrainingContext, TrainingSetup
 from pml_plugins.knn import INDEXES
 
@@ -18,7 +19,8 @@ OPTION_DEFAULTS = {
     "refresh_every_iterations": None,  # or refresh every N iterations instead
     "refresh_batch_size": 256,
     "view_transform": None,  # callable for views 1..A-1 (default RandAugment / TensorViewAugment)
-    "index": None,  # None: the core's kNN layer per step; "flat" / "ivf" / "hnsw" / "pq": a core KNNIndex built per refresh
+    # None: the core's kNN layer per step; "flat" / "ivf" / "hnsw" / "pq": a core KNNIndex built per refresh
+    "index": None,
     "progress": None,  # None: the main job's setting (context.progress: off-terminal, --no-progress, DDP rank > 0)
 }
 
@@ -32,7 +34,9 @@ def training_setup(loss: Any, context: TrainingContext) -> TrainingSetup:
     * ``multi_view_collate`` flattens a batch of B items to B*A rows;
     * a :class:`DatabaseRefresher` embeds the database split with ``context.embed`` before
       training (``before_training``) and every ``refresh_every`` epochs (``end_of_epoch_hook``),
-      or every ``refresh_every_iterations`` iterations (``end_of_iteration_hook``).
+      or every ``refresh_every_iterations`` iterations (``end_of_iteration_hook``);
+    * the refresher's counters and database go into training checkpoints (``state_dict`` /
+      ``load_state_dict``), so ``train --resume`` continues with the same database.
 
     ``context.options`` may override :data:`OPTION_DEFAULTS`.
     """
@@ -73,4 +77,13 @@ def training_setup(loss: Any, context: TrainingContext) -> TrainingSetup:
         end_of_iteration_hook=refresher.end_of_iteration_hook if every_iterations else None,
         before_training=refresher.refresh,
         views_per_sample=num_views,
+        **_checkpoint_hooks(refresher),
     )
+
+
+def _checkpoint_hooks(refresher: DatabaseRefresher) -> dict:
+    """The refresher's state for training checkpoints, where this pml_plugins takes it."""
+    fields = getattr(TrainingSetup, "__dataclass_fields__", {})
+    if "state_dict" not in fields:  # an older pml_plugins without checkpoint hooks
+        return {}
+    return {"state_dict": refresher.state_dict, "load_state_dict": refresher.load_state_dict}

@@ -4,26 +4,25 @@ from __future__ import annotations
 import warnings
 from typing import Optional
 
-import pml_plugins
 import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
 from pytorch_metric_learning.utils import common_functions as c_f
 
+import pml_plugins
+from pml_plugins.validation import (
+    check_non_negative_float,
+    check_non_negative_int,
+    check_positive_float,
+    check_positive_int,
+)
+
 from .functional import class_ranks, group_nll, initial_assignment, pearson_similarity, replicator_dynamics
 
 
 class GroupLossBatchWarning(UserWarning):
     """The batch is not m-per-class with several classes; the Group Loss then has little to propagate."""
-
-
-def _check_int(name: str, value: int, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 class GroupLoss(WeightRegularizerMixin, BaseMetricLossFunction):
@@ -66,22 +65,25 @@ class GroupLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        self.num_classes = _check_int("num_classes", num_classes, 1)
-        self.embedding_size = _check_int("embedding_size", embedding_size, 1)
-        self.num_anchors = _check_int("num_anchors", num_anchors, 0)
-        self.num_iterations = _check_int("num_iterations", num_iterations, 0)
-        if not float(temperature) > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if not float(ce_weight) >= 0:
-            raise ValueError(f"ce_weight must be >= 0, got {ce_weight}")
-        self.temperature = float(temperature)
-        self.ce_weight = float(ce_weight)
+        self.num_classes = check_positive_int("num_classes", num_classes)
+        self.embedding_size = check_positive_int("embedding_size", embedding_size)
+        self.num_anchors = check_non_negative_int("num_anchors", num_anchors)
+        self.num_iterations = check_non_negative_int("num_iterations", num_iterations)
+        self.temperature = check_positive_float("temperature", temperature)
+        self.ce_weight = check_non_negative_float("ce_weight", ce_weight)
         self.zero_diagonal = bool(zero_diagonal)
         self.classifier = torch.nn.Linear(embedding_size, num_classes, bias=True)
         if self.weight_init_func is not None:
             self.weight_init_func(self.classifier.weight)
         self.add_to_recordable_attributes(
-            list_of_names=["num_classes", "embedding_size", "temperature", "num_anchors", "num_iterations", "ce_weight"],
+            list_of_names=[
+                "num_classes",
+                "embedding_size",
+                "temperature",
+                "num_anchors",
+                "num_iterations",
+                "ce_weight",
+            ],
             is_stat=False,
         )
 
@@ -113,7 +115,9 @@ class GroupLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         if isinstance(labels, torch.Tensor) and isinstance(embeddings, torch.Tensor):
             labels = c_f.to_device(labels, embeddings)
         ref_emb, ref_labels = c_f.set_ref_emb(embeddings, labels, ref_emb, ref_labels)
-        loss_dict = self.compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels, logits=logits, prior=prior)
+        loss_dict = self.compute_loss(
+            embeddings, labels, indices_tuple, ref_emb, ref_labels, logits=logits, prior=prior
+        )
         self.add_embedding_regularization_to_loss_dict(loss_dict, embeddings)
         return self.reducer(loss_dict, embeddings, labels)
 

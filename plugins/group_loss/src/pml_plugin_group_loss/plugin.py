@@ -5,7 +5,7 @@ import pml_plugins
 
 from .group_loss import GroupLoss
 
-pml_plugins_api_version = 1
+pml_plugins_api_version = "1.1"
 
 PAPER = (
     "Elezi, I., Vascon, S., Torcinovich, A., Pelillo, M. and Leal-Taixe, L. The Group Loss for Deep "
@@ -18,28 +18,30 @@ def register_losses(register):
     register(
         GroupLoss,
         name="group_loss",
-        summary="Replicator-dynamics label propagation over the batch (Pearson W, softmax prior, anchors) + CE",
-        paper=PAPER,
-        tags=("classification", "label-propagation", "batch-structure", "cosine"),
-        sampler="m_per_class",
-        # the released code's CUB setting is 9 per class with 2 anchors; 8 divides the main job's batch of 64
-        samples_per_class=8,
-        loss_optimizer=True,  # the classifier layer
-        loss_lr=2e-4,  # paper appendix B: Adam, lr 0.0002 for the whole network, classifier included
-        retrieval_distance="cosine",  # appendix B: features are L2-normalised at inference
-        supports_ref_emb=False,
-        conformance={"samples_per_class": 4},
-        # The auxiliary CE (released code, not the paper) overfits the main job's five digit classes:
-        # R@1 on the unseen digits 56.8/58.3/65.1 with it (below the untrained 72.0) and
-        # 74.0/73.2/75.8 without it (seeds 0-2); pml-plugins compare runs the paper's loss there
-        demo_loss_args={"ce_weight": 0.0},
-        # for `pml-plugins compare --tune` (format: pml_plugins.search_space); the paper's temperature is 24
-        search_space={"temperature": (1.0, 100.0, "log"), "num_anchors": (0, 4, "int"), "ce_weight": (0.0, 1.0),
-                      "loss_lr": (1e-5, 1e-2, "log")},
-        # the value depends on the whole batch and its order (anchors are the first samples of each
-        # class); the core's wrapper gathers in rank order, so every rank sees the single-process batch
-        distributed="gradient_equivalent",
-        distributed_note="every rank runs the replicator dynamics over the gathered global batch in global "
-                         "order (rank 0's rows first), so anchors, W and the refined probabilities are those of "
-                         "one process with the global batch; the classifier's gradients are all-reduced",
+        spec=pml_plugins.LossSpec(
+            summary="Replicator-dynamics label propagation over the batch (Pearson W, softmax prior, anchors) + CE",
+            paper=PAPER,
+            tags=("classification", "label-propagation", "batch-structure", "cosine"),
+            sampler="m_per_class",
+            # the released code's CUB setting is 9 per class with 2 anchors; 8 divides the main job's batch of 64
+            samples_per_class=8,
+            loss_optimizer=True,  # the classifier layer
+            loss_lr=2e-4,  # paper appendix B: Adam, lr 0.0002 for the whole network, classifier included
+            retrieval_distance="cosine",  # appendix B: features are L2-normalised at inference
+            supports_ref_emb=False,
+            conformance={"samples_per_class": 4},
+            # The auxiliary CE (released code, not the paper) overfits the main job's five digit classes:
+            # R@1 on the unseen digits 56.8/58.3/65.1 with it (below the untrained 72.0) and
+            # 74.0/73.2/75.8 without it (seeds 0-2); pml-plugins compare runs the paper's loss there
+            demo_loss_args={"ce_weight": 0.0},
+            # for `pml-plugins compare --tune` (format: pml_plugins.search_space); the paper's temperature is 24
+            search_space={"temperature": (1.0, 100.0, "log"), "num_anchors": (0, 4, "int"), "ce_weight": (0.0, 1.0),
+                          "loss_lr": (1e-5, 1e-2, "log")},
+            # the value depends on the whole batch and its order (anchors are the first samples of each
+            # class); the core's wrapper gathers in rank order, so every rank sees the single-process batch
+            distributed="gradient_equivalent",
+            distributed_note="every rank runs the replicator dynamics over the gathered global batch in global "
+                             "order (rank 0's rows first), so anchors, W and the refined probabilities are those of "
+                             "one process with the global batch; the classifier's gradients are all-reduced",
+        ),
     )

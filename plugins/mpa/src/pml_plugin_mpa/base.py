@@ -1,7 +1,6 @@
 """Common base of the three MPA-family losses: proxies, eq. 1 similarity, eq. 3 regulariser."""
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import torch
@@ -11,6 +10,12 @@ from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
 from pytorch_metric_learning.utils import common_functions as c_f
 
 import pml_plugins
+from pml_plugins.validation import (
+    check_finite_float,
+    check_non_negative_float,
+    check_positive_float,
+    check_positive_int,
+)
 
 from .functional import class_similarity, proxy_regularizer
 
@@ -48,16 +53,11 @@ class MultiProxyBase(WeightRegularizerMixin, BaseMetricLossFunction):
                  delta: float = 0.1, gamma: float = 0.1, tau: float = 0.2, **kwargs: Any) -> None:
         for name, value in (("num_classes", num_classes), ("embedding_size", embedding_size),
                             ("proxies_per_class", proxies_per_class)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name, value, ok, what in (
-            ("alpha", alpha, lambda v: v > 0, "> 0"),
-            ("delta", delta, lambda v: True, "finite"),
-            ("gamma", gamma, lambda v: v > 0, "> 0 (softmax temperature of eq. 1)"),
-            ("tau", tau, lambda v: v >= 0, ">= 0 (regulariser weight of eq. 7)"),
-        ):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
-                raise ValueError(f"{name} must be a finite number {what}, got {value!r}")
+            check_positive_int(name, value)
+        check_positive_float("alpha", alpha)
+        check_finite_float("delta", delta)
+        check_positive_float("gamma", gamma, note="softmax temperature of eq. 1")
+        check_non_negative_float("tau", tau, note="regulariser weight of eq. 7")
         super().__init__(**kwargs)
         if not _is_plain_cosine(self.distance):
             raise ValueError(

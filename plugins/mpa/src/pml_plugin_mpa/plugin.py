@@ -7,13 +7,14 @@ from .multi_proxy_anchor_ap_loss import MultiProxyAnchorAPLoss
 from .multi_proxy_anchor_dw_loss import MultiProxyAnchorDWLoss
 from .multi_proxy_anchor_loss import MultiProxyAnchorLoss
 
-pml_plugins_api_version = 1
+pml_plugins_api_version = "1.1"
 
 PAPER = (
     "Saeki, S., Kawahara, M. and Aman, H. Multi Proxy Anchor Family Loss for Several Types of Gradients. "
     "Preprint, June 2023 (arXiv:2110.03997), section 3"
 )
-_COMMON = dict(
+#: what the three losses share; each registration adds its summary and tags
+_COMMON = pml_plugins.LossSpec(
     paper=PAPER,
     loss_optimizer=True,
     loss_lr=1e-2,  # the paper's proxy lr (1e-4 for the backbone)
@@ -33,23 +34,26 @@ def register_losses(register):
         MultiProxyAnchorLoss,
         name="multi_proxy_anchor",
         aliases=("mpa",),
-        summary="ProxyAnchor with K softmax-weighted proxies per class (proxy-centred soft-plus terms)",
-        tags=("proxy", "multi-proxy", "cosine", "proxy-anchor"),
-        **_COMMON,
+        spec=_COMMON.replace(
+            summary="ProxyAnchor with K softmax-weighted proxies per class (proxy-centred soft-plus terms)",
+            tags=("proxy", "multi-proxy", "cosine", "proxy-anchor"),
+        ),
     )
     register(
         MultiProxyAnchorDWLoss,
         name="multi_proxy_anchor_dw",
         aliases=("mpa_dw",),
-        summary="Data-wise MPA: per-sample positive and negative soft-plus over K-proxy class similarities",
-        tags=("proxy", "multi-proxy", "cosine", "proxy-anchor", "data-wise"),
-        **_COMMON,
+        spec=_COMMON.replace(
+            summary="Data-wise MPA: per-sample positive and negative soft-plus over K-proxy class similarities",
+            tags=("proxy", "multi-proxy", "cosine", "proxy-anchor", "data-wise"),
+        ),
     )
     register(
         MultiProxyAnchorAPLoss,
         name="multi_proxy_anchor_ap",
         aliases=("mpa_ap",),
-        summary="All-paired MPA: per-sample soft-plus over margin similarities to all classes (K proxies each)",
-        tags=("proxy", "multi-proxy", "cosine", "proxy-anchor", "data-wise"),
-        **_COMMON,
+        spec=_COMMON.replace(
+            summary="All-paired MPA: per-sample soft-plus over margin similarities to all classes (K proxies each)",
+            tags=("proxy", "multi-proxy", "cosine", "proxy-anchor", "data-wise"),
+        ),
     )

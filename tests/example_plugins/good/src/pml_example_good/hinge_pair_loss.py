@@ -21,8 +21,16 @@ class HingePairLoss(GenericPairLoss):
         pos = torch.relu(pos_pair_dist - self.pos_margin)
         neg = torch.relu(self.neg_margin - neg_pair_dist)
         return {
-            "pos_loss": {"losses": pos, "indices": lmu.pos_pairs_from_tuple(indices_tuple), "reduction_type": "pos_pair"},
-            "neg_loss": {"losses": neg, "indices": lmu.neg_pairs_from_tuple(indices_tuple), "reduction_type": "neg_pair"},
+            "pos_loss": {
+                "losses": pos,
+                "indices": lmu.pos_pairs_from_tuple(indices_tuple),
+                "reduction_type": "pos_pair",
+            },
+            "neg_loss": {
+                "losses": neg,
+                "indices": lmu.neg_pairs_from_tuple(indices_tuple),
+                "reduction_type": "neg_pair",
+            },
         }
 
     def _sub_loss_names(self):
