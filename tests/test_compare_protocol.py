@@ -144,6 +144,29 @@ def test_a_killed_tuning_run_continues_and_ends_with_the_same_table(tune_plugin,
         assert a["params"] == b["params"] and a["map_at_r"] == b["map_at_r"] and a["recall_at_1"] == b["recall_at_1"]
 
 
+def test_a_killed_comparison_with_validation_ends_with_the_same_table(tune_plugin, tmp_path, capsys):
+    args = ["compare", "--losses", "proxy_anchor,interruptible_test_loss", "--seeds", "2", *TINY]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    STOP.update(at=2, built=0)  # the loss's seed-1 run is interrupted
+    assert main([*args, "--out", str(tmp_path / "killed")]) == 130
+    STOP.update(at=None)
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "killed")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("done before (same settings), kept") == 5  # 2 floors, 2 proxy_anchor, 1 of the loss
+    assert "interruptible_test_loss seed 1: R@1" in printed  # trained again (its epoch selection restarts)
+    whole, killed = (_csv(tmp_path / d / "runs.csv") for d in ("whole", "killed"))
+    assert [(r["loss"], r["seed"], r["map_at_r"], r["val_map_at_r"], r["best_epoch"]) for r in whole] == \
+        [(r["loss"], r["seed"], r["map_at_r"], r["val_map_at_r"], r["best_epoch"]) for r in killed]
+    a, b = (_csv(tmp_path / d / "results.csv") for d in ("whole", "killed"))
+    assert [(r["map_at_r"], r["map_at_r_ci95"], r["tied_with_best"]) for r in a] == \
+        [(r["map_at_r"], r["map_at_r_ci95"], r["tied_with_best"]) for r in b]
+    # another validation split is another run: nothing is reused
+    assert main([*args, "--out", str(tmp_path / "killed"), "--val-classes", "0.6"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("done before") == 2 and printed.count("untrained (floor): done before") == 2  # floors only
+
+
 # -- honest outputs ------------------------------------------------------------------------------------------
 def test_a_loss_that_is_zero_for_whole_epochs_is_warned_and_marked(tmp_path, capsys):
     out = tmp_path / "cmp"
