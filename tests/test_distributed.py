@@ -206,7 +206,7 @@ def test_torchrun_trains_like_one_process(tmp_path):
     data = tmp_path / "digits.npz"
     np.savez(data, features=(digits.data / 16).astype(np.float32), labels=digits.target)
     args = ["--loss", "group_loss", "--dataset", f"embeddings:{data}", "--epochs", "1", "--iterations-per-epoch",
-            "4", "--batch-size", "32", "--device", "cpu", "--no-progress"]
+            "4", "--batch-size", "32", "--device", "cpu", "--no-progress", "--no-report"]
     env = {k: v for k, v in os.environ.items() if k not in pd.TORCHRUN_ENV}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            "-m", "pml_plugins", "train", "--distributed", *args, "--out", str(tmp_path / "ddp")],
@@ -221,6 +221,8 @@ def test_torchrun_trains_like_one_process(tmp_path):
     assert resolved["distributed"]["loss_semantics"] == "gradient_equivalent"
     assert ddp["iterations_per_epoch"] == one["iterations_per_epoch"] == 4
     assert ddp["final_epoch_loss"] == pytest.approx(one["final_epoch_loss"], abs=1e-5)
+    # only rank 0 logs the epoch (one line per epoch, not one per process)
+    assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 1
     for key in ("recall_at_1", "map_at_r"):
         assert ddp["metrics"][key] == pytest.approx(one["metrics"][key], abs=1e-4)
     a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("ddp", "one"))
@@ -238,7 +240,8 @@ def test_torchrun_compare_holds_one_group_and_rank_0_reports(tmp_path):
     data = tmp_path / "digits.npz"
     np.savez(data, features=(digits.data / 16).astype(np.float32), labels=digits.target)
     args = ["--losses", "contrastive,group_loss", "--dataset", f"embeddings:{data}", "--epochs", "1",
-            "--iterations-per-epoch", "3", "--batch-size", "32", "--device", "cpu", "--no-progress"]
+            "--iterations-per-epoch", "3", "--batch-size", "32", "--device", "cpu", "--no-progress", "--no-report",
+            "--seeds", "1", "--val-classes", "0"]  # DDP reports the last epoch (no per-epoch validation)
     env = {k: v for k, v in os.environ.items() if k not in pd.TORCHRUN_ENV}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            "-m", "pml_plugins", "compare", "--distributed", *args, "--out", str(tmp_path / "ddp")],
@@ -252,5 +255,5 @@ def test_torchrun_compare_holds_one_group_and_rank_0_reports(tmp_path):
     for name, row in one_rows.items():
         for key in ("recall_at_1", "map_at_r"):
             assert ddp_rows[name]["metrics"][key] == pytest.approx(row["metrics"][key], abs=1e-4), (name, key)
-    resolved = json.loads((tmp_path / "ddp" / "runs" / "group_loss" / "config.json").read_text())["resolved"]
+    resolved = json.loads((tmp_path / "ddp" / "runs" / "group_loss" / "seed0" / "config.json").read_text())["resolved"]
     assert resolved["distributed"]["world_size"] == 2

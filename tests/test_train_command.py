@@ -17,7 +17,7 @@ from pml_plugins.pipeline import TrainConfig, build_loss, run_training
 from pml_plugins.pipeline import data as data_mod
 from pml_plugins.pipeline.train import choose_m, constructor_parameters
 
-TINY = ["--epochs", "1", "--iterations-per-epoch", "3", "--batch-size", "32", "--no-progress"]
+TINY = ["--epochs", "1", "--iterations-per-epoch", "3", "--batch-size", "32", "--no-progress", "--no-report"]
 METRIC_KEYS = {"recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "map_at_r", "ndcg_at_8", "precision_at_1"}
 
 
@@ -91,10 +91,12 @@ def test_train_cli_writes_files_and_config_reruns_identically(tmp_path, capsys):
     assert resolved["loss"] == "builtin:proxy_anchor" and resolved["loss_lr"] == 0.01  # registry's loss_lr
     assert resolved["sampler"] == "random" and resolved["loss_args"] == {"num_classes": 5, "embedding_size": 64}
     state = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert set(state) == {"trunk", "embedder", "loss"} and state["loss"]["proxies"].shape == (5, 64)
+    assert {"trunk", "embedder", "loss", "optimizers", "rng", "config"} <= set(state) and state["epoch"] == 1
+    assert state["loss"]["proxies"].shape == (5, 64)
     assert (out / "metrics.png").read_bytes()[:4] == b"\x89PNG"
     # config.json is enough to rerun: same seed on CPU -> the same metrics
-    assert main(["train", "--config", str(out / "config.json"), "--out", str(tmp_path / "again"), "--no-progress"]) == 0
+    assert main(["train", "--config", str(out / "config.json"), "--out", str(tmp_path / "again"), "--no-progress",
+                 "--no-report"]) == 0
     again = json.loads((tmp_path / "again" / "metrics.json").read_text())["metrics"]
     for key, value in metrics["metrics"].items():
         assert again[key] == pytest.approx(value, abs=1e-6)
@@ -193,7 +195,7 @@ def test_timm_backbone_on_an_image_folder_with_gem(tmp_path):
     assert main(["train", "--loss", "normalized_softmax", "--dataset", f"imagefolder:{folder}", "--backbone",
                  "timm:test_resnet", "--pooling", "gem", "--image-size", "32", "--embedding-size", "16",
                  "--epochs", "1", "--batch-size", "6", "--head-norm", "layernorm", "--out", str(out),
-                 "--no-progress"]) == 0
+                 "--no-progress", "--no-report"]) == 0
     config = json.loads((out / "config.json").read_text())["resolved"]
     assert "timm:test_resnet [random init]" in config["model"] and "pool=gem" in config["model"]
     assert "train 12 samples / 2 classes" in config["data"]
@@ -217,7 +219,9 @@ def test_embeddings_npz_and_yaml_config_with_flag_override(tmp_path):
     )
     out = tmp_path / "o"
     assert (
-        main(["train", "--config", str(tmp_path / "c.yaml"), "--epochs", "1", "--out", str(out), "--no-progress"]) == 0
+        main(["train", "--config", str(tmp_path / "c.yaml"), "--epochs", "1", "--out", str(out), "--no-progress",
+              "--no-report"])
+        == 0
     )
     config = json.loads((out / "config.json").read_text())
     assert config["epochs"] == 1 and config["batch_size"] == 20  # flag over file over default

@@ -10,6 +10,9 @@ The main job (``pml-plugins train``) calls ``training_setup(loss, context)`` onc
 PML's trainer, with a :class:`TrainingContext`, and merges the returned :class:`TrainingSetup`
 into the trainer. The core never imports the plugin: the callable is all it knows.
 
+A setup that keeps state across epochs (a database, counters) sets ``state_dict`` /
+``load_state_dict`` so that ``OUT/checkpoint.pt`` holds it and ``train --resume`` restores it.
+
 (This module was called ``pml_plugins.training``; the old name still imports, with a
 ``DeprecationWarning``. The main job's training loop is :mod:`pml_plugins.pipeline`.)
 """
@@ -43,6 +46,10 @@ class TrainingContext:
     #: This process's rank and the number of processes (0 and 1 unless trained with --distributed).
     rank: int = 0
     world_size: int = 1
+    #: The training split with the evaluation transform (no augmentation), same items in the same
+    #: order as ``train_dataset``: what a plugin embeds as a database or reference set. None when
+    #: the caller has none; then ``train_dataset`` is all there is.
+    train_eval_dataset: Optional[torch.utils.data.Dataset] = None
 
 
 @dataclass
@@ -62,3 +69,9 @@ class TrainingSetup:
     before_training: Optional[Callable[[], Any]] = None
     #: Rows per sample in a batch (A for multi-view batches); the batch size counts samples.
     views_per_sample: int = 1
+    #: What the setup keeps between epochs that the loss's own ``state_dict`` does not hold (e.g.
+    #: DMCAC's database and refresh counters), for checkpoints: ``state_dict()`` returns tensors
+    #: and plain types only (checkpoints load with ``torch.load(..., weights_only=True)``);
+    #: ``load_state_dict(state)`` restores it when a run resumes, instead of ``before_training``.
+    state_dict: Optional[Callable[[], dict]] = None
+    load_state_dict: Optional[Callable[[dict], Any]] = None

@@ -7,7 +7,7 @@ import sys
 from typing import Sequence
 
 # Subcommand modules under pml_plugins.cli, in the order `--help` shows them.
-COMMANDS = ("list", "info", "train", "compare", "evaluate", "new-plugin")
+COMMANDS = ("list", "info", "train", "compare", "evaluate", "embed", "report", "new-plugin")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,8 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        # a training run stopped by Ctrl-C / SIGTERM says what it saved and how to resume
+        print(str(exc) or "interrupted", file=sys.stderr)
         return 130
     except (ValueError, TypeError, LookupError, FileNotFoundError) as exc:
         # user errors: one clear line, no stack trace

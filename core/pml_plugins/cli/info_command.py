@@ -54,6 +54,24 @@ def _print_loss_needs(spec: LossSpec) -> None:
               f"{getattr(spec.training_setup, '__qualname__', spec.training_setup)!s} sets up the trainer")
     if not spec.supports_ref_emb:
         print("  ref_emb    not supported (CrossBatchMemory / SelfSupervisedLoss refuse it)")
+    if spec.pretrain_epochs:
+        print(f"  pretrain   {spec.pretrain_epochs} epochs of classification pre-training first (--pretrain-epochs)")
+    if spec.needs_class_distances:
+        model = f" with {spec.class_text_model}" if spec.class_text_model else ""
+        print(f"  distances  class distances from one text per class{model} (--class-texts FILE)")
+
+
+def _print_search_space(entry: reg.Entry) -> None:
+    """What ``compare --tune`` searches for this loss (see pml_plugins.search_space)."""
+    from ..search_space import entry_search_space
+
+    space = entry_search_space(entry)
+    if not space:
+        print("  tune       no search space declared (compare --tune trains it with its defaults)")
+        return
+    print(f"  tune       search space for compare --tune ({len(space)} parameter{'s' if len(space) != 1 else ''}):")
+    for name, param in space.items():
+        print(f"               {name:18s} {param.describe()}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,11 +96,13 @@ def run(args: argparse.Namespace) -> int:
         if entry.aliases:
             print(f"  aliases    {', '.join(entry.aliases)}")
         spec = entry.spec
-        for key, value in (("summary", spec.summary), ("paper", spec.paper), ("tags", ", ".join(spec.tags))):
+        for key, value in (("summary", spec.summary), ("paper", spec.paper), ("tags", ", ".join(spec.tags)),
+                           ("origin", getattr(spec, "origin", None))):
             if value:
                 print(f"  {key:10s} {value}")
         if isinstance(spec, LossSpec):
             _print_loss_needs(spec)
+            _print_search_space(entry)
             _print_distributed(entry)
         elif isinstance(spec, MetricSpec):
             k = spec.k if spec.k is not None else "PML's k"

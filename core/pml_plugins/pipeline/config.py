@@ -40,6 +40,21 @@ class TrainConfig:
     lr_gamma: float = 0.1
     pooling: str = "avg"
     head_norm: str = "none"
+    #: embedding head on the trunk's pooled features: "linear" (a new Linear layer) or "none" (the
+    #: features themselves, e.g. a ViT's CLS token; needs embedding_size == the trunk's width)
+    head: str = "linear"
+    #: epochs of classification pre-training (a linear classifier with cross-entropy on the
+    #: embeddings) before the metric loss; None: what the loss declares (its ``pretrain_epochs``), else 0
+    pretrain_epochs: Optional[int] = None
+    #: class -> text file (JSON object or list, or CSV class,text) for losses that take class
+    #: distances; None: ImageFolder folder names, the digit names for digits
+    class_texts: Optional[str] = None
+    #: separate query / gallery sets for evaluation (ImageFolder folders or .npz files); None: the
+    #: test split queried against itself, or DATASET/query + DATASET/gallery when both exist
+    query: Optional[str] = None
+    gallery: Optional[str] = None
+    #: few-shot training: N samples of each training class, drawn with the run's seed (None: all)
+    samples_per_class: Optional[int] = None
     #: timm backbones: a local weights file, or "cache" (already-downloaded weights only)
     pretrained: Optional[str] = None
     image_size: Optional[int] = None
@@ -59,6 +74,12 @@ class TrainConfig:
     eval_binarize: bool = False
     ks: list = field(default_factory=lambda: [1, 2, 4, 8])
     out: Optional[str] = None
+    #: checkpoints kept: OUT/checkpoint.pt (the latest) and, for N > 1, the N latest epochs as
+    #: OUT/checkpoint-epochNNNN.pt
+    keep_last: int = 1
+    #: also write TensorBoard events (per-epoch scalars, test metrics, the test embeddings for the
+    #: projector) to OUT/tensorboard
+    tensorboard: bool = False
     #: DDP under torchrun (batch_size is then the global batch over all processes)
     distributed: bool = False
     #: PML's efficient distributed mode (only for losses that declare distributed_efficient=True)
@@ -165,7 +186,7 @@ def build_config(file_values: Mapping[str, Any], flag_values: Mapping[str, Any])
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
-    for name in ("embedding_size", "batch_size", "eval_batch_size"):
+    for name in ("embedding_size", "batch_size", "eval_batch_size", "keep_last"):
         value = getattr(cfg, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
@@ -173,6 +194,16 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ValueError(f"epochs must be an integer >= 0, got {cfg.epochs!r}")
     if cfg.m is not None and (not isinstance(cfg.m, int) or cfg.m < 1):
         raise ValueError(f"m must be a positive integer, got {cfg.m!r}")
+    if str(cfg.head).lower() not in ("linear", "none"):
+        raise ValueError(f"head must be linear or none, got {cfg.head!r}")
+    cfg.head = str(cfg.head).lower()
+    for name in ("pretrain_epochs", "samples_per_class"):
+        value = getattr(cfg, name)
+        minimum = 0 if name == "pretrain_epochs" else 1
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):
+            raise ValueError(f"{name.replace('_', '-')} must be an integer >= {minimum}, got {value!r}")
+    if (cfg.query is None) != (cfg.gallery is None):
+        raise ValueError("query and gallery go together: give both --query and --gallery, or neither")
     if cfg.iterations_per_epoch is not None and cfg.iterations_per_epoch < 1:
         raise ValueError(f"iterations-per-epoch must be >= 1, got {cfg.iterations_per_epoch!r}")
     cfg.sampler = str(cfg.sampler).replace("_", "-").lower()
@@ -187,7 +218,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise ValueError(f"{name.replace('_', '-')} must be a number >= 0, got {value!r}")
     if cfg.device not in ("auto", "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
         raise ValueError(f"device must be auto, cpu or cuda[:N], got {cfg.device!r}")
-    for name in ("distributed", "distributed_efficient"):
+    for name in ("distributed", "distributed_efficient", "tensorboard"):
         if not isinstance(getattr(cfg, name), bool):
             raise ValueError(f"{name.replace('_', '-')} must be true or false, got {getattr(cfg, name)!r}")
     if cfg.distributed_efficient and not cfg.distributed:

@@ -34,6 +34,10 @@ class GlobalRandomSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.n
 
+    def set_epoch(self, epoch: int) -> None:
+        """The next permutation is that of ``epoch`` (0-based): a resumed run draws what it would have."""
+        self.epoch = int(epoch)
+
 
 class RankSliceSampler(Sampler[int]):
     """This rank's slice of every global batch drawn by ``base`` (the same on every rank).

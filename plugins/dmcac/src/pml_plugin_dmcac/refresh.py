@@ -112,6 +112,30 @@ class DatabaseRefresher:
                 m.train(flag)
         return torch.cat(chunks), torch.cat(labels).long()
 
+    def state_dict(self) -> dict:
+        """The refresh counters and the loss's current database (tensors and ints only), for a
+        training checkpoint; a FAISS index is not saved but rebuilt by :meth:`load_state_dict`."""
+        db = getattr(self.loss, "db_embeddings", None)
+        labels = getattr(self.loss, "db_labels", None)
+        return {"num_refreshes": self.num_refreshes, "epochs": self._epochs, "iterations": self._iterations,
+                "db_embeddings": db.detach().cpu() if db is not None else None,
+                "db_labels": labels.detach().cpu() if labels is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`: the counters, and the database handed back to the loss."""
+        self.num_refreshes = int(state["num_refreshes"])
+        self._epochs, self._iterations = int(state["epochs"]), int(state["iterations"])
+        db, labels = state.get("db_embeddings"), state.get("db_labels")
+        if db is not None and labels is not None and len(db) > 0:
+            index = self.index_factory(db) if self.index_factory is not None else None
+            if index is not None:
+                self.loss.set_database(db, labels, index=index)
+            else:
+                self.loss.set_database(db, labels)
+            if isinstance(getattr(self.loss, "db_embeddings", None), torch.Tensor):
+                # the saved rows are already normalised; normalising again can move the last bit
+                self.loss.db_embeddings = db.to(self.loss.db_embeddings.device)
+
     def end_of_epoch_hook(self, trainer: Any = None) -> None:
         """PML ``end_of_epoch_hook``: refresh after every ``every_epochs``-th epoch."""
         self._epochs += 1
