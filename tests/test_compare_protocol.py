@@ -7,13 +7,14 @@ import json
 import math
 
 import numpy as np
-import pml_plugins
 import pytest
 import torch
+from pytorch_metric_learning import losses as pml_losses
+
+import pml_plugins
 from pml_plugins.cli import main
 from pml_plugins.pipeline import TrainConfig, run_training
 from pml_plugins.pipeline import data as data_mod
-from pytorch_metric_learning import losses as pml_losses
 
 TINY = ["--epochs", "1", "--iterations-per-epoch", "3", "--batch-size", "32", "--embedding-size", "16", "--no-progress"]
 

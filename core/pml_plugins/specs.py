@@ -203,7 +203,7 @@ class LossSpec(Spec):
             object.__setattr__(self, "demo_loss_args", _frozen_mapping(self.demo_loss_args, "demo_loss_args"))
         object.__setattr__(self, "conformance", _frozen_mapping(self.conformance, "conformance"))
         if self.search_space is not None:
-            from .search_space import parse_search_space  # noqa: PLC0415 - the spec module stays import-light
+            from .search_space import parse_search_space  # imported here: the spec module stays import-light
 
             parse_search_space(self.search_space)  # a bad range fails at registration, naming the entry
             object.__setattr__(self, "search_space", _frozen_mapping(self.search_space, "search_space"))

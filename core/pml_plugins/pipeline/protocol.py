@@ -305,7 +305,9 @@ def run_protocol(base: TrainConfig, losses: Sequence[tuple[str, str, dict]], out
         args = dict(fixed_args)
         if protocol.tune:
             try:
-                row.tuning = tune_loss(loss_base, name, label, args, protocol, out, num_train, progress=progress, log=say)
+                row.tuning = tune_loss(
+                    loss_base, name, label, args, protocol, out, num_train, progress=progress, log=say
+                )
             except KeyboardInterrupt:
                 raise
             except Exception as exc:
