@@ -55,7 +55,9 @@ def test_train_writes_epoch_log_embeddings_tensorboard_and_report(tmp_path, repo
     assert data["thumbnails"].max() == 255  # digits scaled to the full range
     res = search(data["embeddings"], data["labels"], distance=data["retrieval_distance"])
     assert res.hits[:, 0].mean() == pytest.approx(record["metrics"]["recall_at_1"], abs=1e-9)
-    assert np.nanmean(res.ap_at_r) == pytest.approx(record["metrics"]["map_at_r"], abs=1e-6)
+    # near-ties (neighbour gaps down to ~1e-12) rank differently in the run's float32 kNN: measured 7e-6
+    # apart on the per-epoch-seeded digits run; this search equals a float64 MAP@R to 1e-9
+    assert np.nanmean(res.ap_at_r) == pytest.approx(record["metrics"]["map_at_r"], abs=5e-5)
 
     tags = report_html_checker((out / "report.html").read_text(encoding="utf-8"))
     assert [a.get("id") for t, a in tags if t == "section"] == list(RUN_SECTIONS)
