@@ -240,7 +240,8 @@ def test_torchrun_compare_holds_one_group_and_rank_0_reports(tmp_path):
     data = tmp_path / "digits.npz"
     np.savez(data, features=(digits.data / 16).astype(np.float32), labels=digits.target)
     args = ["--losses", "contrastive,group_loss", "--dataset", f"embeddings:{data}", "--epochs", "1",
-            "--iterations-per-epoch", "3", "--batch-size", "32", "--device", "cpu", "--no-progress", "--no-report"]
+            "--iterations-per-epoch", "3", "--batch-size", "32", "--device", "cpu", "--no-progress", "--no-report",
+            "--seeds", "1", "--val-classes", "0"]  # DDP reports the last epoch (no per-epoch validation)
     env = {k: v for k, v in os.environ.items() if k not in pd.TORCHRUN_ENV}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            "-m", "pml_plugins", "compare", "--distributed", *args, "--out", str(tmp_path / "ddp")],
@@ -254,5 +255,5 @@ def test_torchrun_compare_holds_one_group_and_rank_0_reports(tmp_path):
     for name, row in one_rows.items():
         for key in ("recall_at_1", "map_at_r"):
             assert ddp_rows[name]["metrics"][key] == pytest.approx(row["metrics"][key], abs=1e-4), (name, key)
-    resolved = json.loads((tmp_path / "ddp" / "runs" / "group_loss" / "config.json").read_text())["resolved"]
+    resolved = json.loads((tmp_path / "ddp" / "runs" / "group_loss" / "seed0" / "config.json").read_text())["resolved"]
     assert resolved["distributed"]["world_size"] == 2

@@ -55,9 +55,10 @@ def test_train_writes_epoch_log_embeddings_tensorboard_and_report(tmp_path, repo
     assert data["thumbnails"].max() == 255  # digits scaled to the full range
     res = search(data["embeddings"], data["labels"], distance=data["retrieval_distance"])
     assert res.hits[:, 0].mean() == pytest.approx(record["metrics"]["recall_at_1"], abs=1e-9)
-    # near-ties (neighbour gaps down to ~1e-12) rank differently in the run's float32 kNN: measured 7e-6
-    # apart on the per-epoch-seeded digits run; this search equals a float64 MAP@R to 1e-9
-    assert np.nanmean(res.ap_at_r) == pytest.approx(record["metrics"]["map_at_r"], abs=5e-5)
+    # neighbours whose similarities agree to float32 rounding (every query of this barely trained
+    # model has some within 1e-7) may be ordered differently by FAISS and by torch.topk: AP@R
+    # can move in its 5th decimal (R@1 did not)
+    assert np.nanmean(res.ap_at_r) == pytest.approx(record["metrics"]["map_at_r"], abs=1e-4)
 
     tags = report_html_checker((out / "report.html").read_text(encoding="utf-8"))
     assert [a.get("id") for t, a in tags if t == "section"] == list(RUN_SECTIONS)

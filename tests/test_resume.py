@@ -102,6 +102,10 @@ def test_sigterm_and_kill_9_from_outside(tmp_path):
         "--device",
         "cpu",
         "--no-progress",
+        "--seeds",  # one run per loss, no per-epoch validation: every run resumes from its checkpoint
+        "1",
+        "--val-classes",
+        "0",
     ]
     assert cli_main([*args, "--out", str(tmp_path / "whole")]) == 0
     for sig, code in ((signal.SIGTERM, 130), (signal.SIGKILL, -signal.SIGKILL)):
@@ -194,6 +198,10 @@ def test_compare_resumes_and_produces_the_same_table(tmp_path, capsys):
         "--device",
         "cpu",
         "--no-progress",
+        "--seeds",  # one run per loss, no per-epoch validation: every run resumes from its checkpoint
+        "1",
+        "--val-classes",
+        "0",
     ]
     assert cli_main([*args, "--out", str(tmp_path / "whole")]) == 0
     killed = _cli([*args, "--out", str(tmp_path / "run")], signal_at="2:1:SIGKILL")  # in contrastive's epoch 2
@@ -205,7 +213,8 @@ def test_compare_resumes_and_produces_the_same_table(tmp_path, capsys):
     assert [r["name"] for r in run] == [r["name"] for r in whole]
     for a, b in zip(whole, run):
         assert a["metrics"] == b["metrics"] and a.get("final_epoch_loss") == b.get("final_epoch_loss"), a["name"]
-    assert json.loads((tmp_path / "run" / "runs" / "contrastive" / "resumed.json").read_text())[0]["from_epoch"] == 1
+    resumed = tmp_path / "run" / "runs" / "contrastive" / "seed0" / "resumed.json"
+    assert json.loads(resumed.read_text())[0]["from_epoch"] == 1
     # a third time: every run is kept
     assert cli_main([*args, "--out", str(tmp_path / "run")]) == 0
     assert capsys.readouterr().out.count("done before (same settings), kept") == 3

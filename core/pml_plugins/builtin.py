@@ -39,6 +39,31 @@ _CLASSIFICATION_LOSSES = {
 # Abstract bases and losses that only make sense wrapped or with unusual inputs.
 _SKIP = {"BaseMetricLossFunction", "GenericPairLoss", "BaseMiner", "EmbeddingsAlreadyPackagedAsTriplets"}
 _SELF_SUPERVISED = {"VICRegLoss"}
+# Search spaces for `compare --tune` (format: pml_plugins.search_space): ranges around PML's
+# defaults in the spirit of Musgrave et al. 2020 (supplementary: wide ranges, log scale for
+# scales and temperatures). loss_lr is added below for every loss with parameters.
+_LR = (1e-4, 1e-1, "log")
+_SEARCH_SPACES = {
+    "ContrastiveLoss": {"pos_margin": (0.0, 0.5), "neg_margin": (0.3, 1.6)},
+    "TripletMarginLoss": {"margin": (0.0, 0.5)},
+    "MultiSimilarityLoss": {"alpha": (0.01, 50.0, "log"), "beta": (1.0, 100.0, "log"), "base": (0.0, 1.0)},
+    "CircleLoss": {"m": (0.0, 0.6), "gamma": (4.0, 512.0, "log")},
+    "LiftedStructureLoss": {"pos_margin": (0.0, 0.5), "neg_margin": (0.3, 1.6)},
+    "GeneralizedLiftedStructureLoss": {"pos_margin": (0.0, 0.5), "neg_margin": (0.3, 1.6)},
+    "MarginLoss": {"margin": (0.0, 0.5), "beta": (0.5, 1.6)},
+    "NTXentLoss": {"temperature": (0.01, 1.0, "log")},
+    "SupConLoss": {"temperature": (0.01, 1.0, "log")},
+    "NCALoss": {"softmax_scale": (1.0, 64.0, "log")},
+    "TupletMarginLoss": {"margin": (0.0, 20.0), "scale": (4.0, 128.0, "log")},
+    "ProxyAnchorLoss": {"margin": (0.0, 0.5), "alpha": (4.0, 128.0, "log")},
+    "ProxyNCALoss": {"softmax_scale": (1.0, 64.0, "log")},
+    "SoftTripleLoss": {"centers_per_class": (1, 10, "int"), "la": (4.0, 100.0, "log"), "gamma": (0.01, 1.0, "log"),
+                       "margin": (0.0, 0.5)},
+    "NormalizedSoftmaxLoss": {"temperature": (0.01, 1.0, "log")},
+    "ArcFaceLoss": {"margin": (5.0, 60.0), "scale": (4.0, 128.0, "log")},
+    "SubCenterArcFaceLoss": {"margin": (5.0, 60.0), "scale": (4.0, 128.0, "log"), "sub_centers": (1, 5, "int")},
+    "CosFaceLoss": {"margin": (0.0, 0.6), "scale": (4.0, 128.0, "log")},
+}
 
 
 def _classes(module, base):
@@ -65,12 +90,16 @@ def register_losses(register):
     for class_name, cls in _classes(losses, losses.BaseMetricLossFunction):
         name, aliases = _names(class_name, "Loss")
         common = dict(summary=_summary(cls), paper="see the pytorch-metric-learning docs")
+        space = dict(_SEARCH_SPACES.get(class_name, {}))
         if class_name in _CLASSIFICATION_LOSSES:
+            space["loss_lr"] = _LR
             spec = LossSpec(**common, tags=("pml", "proxy"), loss_optimizer=True, loss_lr=1e-2)
         elif class_name in _SELF_SUPERVISED:
             spec = LossSpec(**common, tags=("pml", "self_supervised"), loss_optimizer=False)
         else:
             spec = LossSpec(**common, tags=("pml", "pair"), loss_optimizer=False, sampler="m_per_class")
+        if space:
+            spec = spec.replace(search_space=space)
         register(cls, name=name, aliases=aliases, spec=spec)
 
 

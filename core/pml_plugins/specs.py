@@ -34,7 +34,8 @@ def _frozen_mapping(value: Any, name: str) -> Mapping[str, Any]:
 
 
 def _optional(value: Any, types: tuple, name: str, what: str) -> None:
-    if value is not None and (isinstance(value, bool) and bool not in types or not isinstance(value, types)):
+    # True is an int: a bool is only accepted where bool is one of the types
+    if value is not None and ((isinstance(value, bool) and bool not in types) or not isinstance(value, types)):
         raise TypeError(f"{name} must be {what} or None, got {value!r}")
 
 
@@ -152,6 +153,11 @@ class LossSpec(Spec):
     """``training_setup(loss, context) -> TrainingSetup`` for losses that need data handling in the main job
     (see :mod:`pml_plugins.training_protocol`); keyword arguments the constructor does not take become its
     ``context.options``."""
+    search_space: Optional[Mapping[str, Any]] = None
+    """What ``pml-plugins compare --tune`` searches for this loss: ``{argument: (low, high)}``,
+    ``(low, high, "log")``, ``(low, high, "int")`` or ``{"choices": [...]}`` per constructor argument, plus
+    ``loss_lr`` for the loss's own parameters (format: :mod:`pml_plugins.search_space`, checked at
+    registration; shown by ``pml-plugins info``)."""
     conformance: Mapping[str, Any] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
     """Options for :func:`pml_plugins.testing.check_loss` when the kit runs on the installed plugin
     (e.g. ``{"num_views": 2}``, ``{"samples_per_class": 2}``)."""
@@ -196,6 +202,11 @@ class LossSpec(Spec):
         if self.demo_loss_args is not None:
             object.__setattr__(self, "demo_loss_args", _frozen_mapping(self.demo_loss_args, "demo_loss_args"))
         object.__setattr__(self, "conformance", _frozen_mapping(self.conformance, "conformance"))
+        if self.search_space is not None:
+            from .search_space import parse_search_space  # imported here: the spec module stays import-light
+
+            parse_search_space(self.search_space)  # a bad range fails at registration, naming the entry
+            object.__setattr__(self, "search_space", _frozen_mapping(self.search_space, "search_space"))
 
 
 @dataclass(frozen=True)
@@ -252,7 +263,7 @@ def spec_from_metadata(kind: str, metadata: Mapping[str, Any], *, plugin: str = 
                             f"({renamed.get(target, target)}={values[target]!r}, {key}={value!r})")
         if key in cls.DEPRECATED_ALIASES:
             warnings.warn(f"pml-plugins: plugin {plugin!r} registered the {kind} {name!r} with {key}=...; "
-                          f"the field is {target} (LossSpec.{target})", DeprecationWarning, stacklevel=stacklevel)
+                          f"the field is {target} ({cls.__name__}.{target})", DeprecationWarning, stacklevel=stacklevel)
         values[target] = value
         renamed[target] = key
     return cls(**values)

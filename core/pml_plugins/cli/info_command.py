@@ -61,6 +61,19 @@ def _print_loss_needs(spec: LossSpec) -> None:
         print(f"  distances  class distances from one text per class{model} (--class-texts FILE)")
 
 
+def _print_search_space(entry: reg.Entry) -> None:
+    """What ``compare --tune`` searches for this loss (see pml_plugins.search_space)."""
+    from ..search_space import entry_search_space
+
+    space = entry_search_space(entry)
+    if not space:
+        print("  tune       no search space declared (compare --tune trains it with its defaults)")
+        return
+    print(f"  tune       search space for compare --tune ({len(space)} parameter{'s' if len(space) != 1 else ''}):")
+    for name, param in space.items():
+        print(f"               {name:18s} {param.describe()}")
+
+
 def run(args: argparse.Namespace) -> int:
     kinds = [args.kind] if args.kind else list(reg.KINDS)
     found, last_error = [], None
@@ -89,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  {key:10s} {value}")
         if isinstance(spec, LossSpec):
             _print_loss_needs(spec)
+            _print_search_space(entry)
             _print_distributed(entry)
         elif isinstance(spec, MetricSpec):
             k = spec.k if spec.k is not None else "PML's k"

@@ -24,6 +24,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "test_embeddings.npz and the offline HTML report report.html under --out.",
                        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--loss", help="loss name (pml-plugins list), alias or plugin:name (default proxy_anchor)")
+    p.add_argument("--seeds", type=int, metavar="N",
+                   help="train with seeds 0..N-1 (runs in OUT/seed<k>/; mean ± 95%% interval in OUT/results.csv); "
+                        "default: one run with --seed")
     p.add_argument("--resume", metavar="OUT", help="continue the run in OUT from its latest checkpoint, with its "
                                                    "settings (see docs/long-runs.md)")
     p.add_argument("--force", action="store_true", help="with --resume: continue even if the given settings differ "
@@ -179,6 +182,10 @@ def run(args: argparse.Namespace) -> int:
     if cfg.out is None:
         cfg.out = f"pml-plugins-runs/{(cfg.loss or 'untrained').replace(':', '_')}"
     progress = show_progress(args.no_progress)
+    if args.seeds is not None:
+        if args.resume:
+            raise ValueError("--seeds starts new runs; --resume continues one (resume each OUT/seed<k> on its own)")
+        return _run_seeds(cfg, args.seeds, progress)
     result = run_training(cfg, progress=progress, log=lambda msg: print(msg, flush=True),
                           resume=bool(args.resume), force=args.force)
     if result.config.get("resolved", {}).get("distributed", {}).get("rank", 0) != 0:
@@ -192,6 +199,41 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_report:
         write_report_safely(cfg.out)
     return 0
+
+
+def _run_seeds(cfg, seeds: int, progress: bool) -> int:
+    """``train --seeds N``: the run with seeds 0..N-1, each in ``OUT/seed<k>``; mean ± 95% interval."""
+    import dataclasses
+    from pathlib import Path
+
+    from ..pipeline import compare as cmp
+    from ..pipeline.protocol import LossSummary, Protocol, execute, summarize
+    from ..pipeline.stats import format_mean_ci
+
+    if cfg.distributed:
+        raise ValueError("--seeds runs one process per seed; use it without --distributed")
+    protocol = Protocol(seeds=seeds, val_classes=0.0)
+    out = Path(cfg.out)
+    row = LossSummary(label=cfg.loss or "untrained", loss=cfg.loss)
+    for seed in range(seeds):
+        run_cfg = dataclasses.replace(cfg, seed=seed, out=str(out / f"seed{seed}"))
+        record = execute(run_cfg, row.label, loss=cfg.loss, seed=seed, fold=None, held_out=None, progress=progress)
+        row.runs.append(record)
+        if not record.ok:
+            print(f"seed {seed}: FAILED ({record.result.error})", flush=True)
+            continue
+        print(f"seed {seed}: ", end="")
+        print_metrics(record.result.metrics, cfg.ks)
+        if record.zero_loss_epochs:
+            print(f"WARNING: seed {seed}: the loss was 0 for every iteration of epoch(s) "
+                  f"{', '.join(map(str, record.zero_loss_epochs))}: nothing was trained then", flush=True)
+    summarize([row], protocol)
+    cmp.write_results([row], out, cfg, protocol)
+    parts = [f"{cmp.metric_label(k)} {format_mean_ci(row.means[k], row.ci95[k])}"
+             for k in ("recall_at_1", "map_at_r") if k in row.means]
+    print(f"{row.label} over {row.n_seeds} seed(s), mean ± 95% t-interval: {'  '.join(parts)}")
+    print(f"wrote {out}/seed<k>/ (one run each), {out}/runs.csv, results.csv, results.md")
+    return 0 if row.status == "ok" else 1
 
 
 def resumed_settings(out: str, flag_out: Any = None) -> dict[str, Any]:

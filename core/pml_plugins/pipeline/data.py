@@ -10,6 +10,10 @@ Dataset specs (``--dataset``):
     gives) are already ~97% Recall@1, so no loss can be told apart from the untrained floor.
 ``digits:raw``
     the same split on the unshifted 8x8 images.
+``glyphs`` / ``glyphs:classes=200,size=32,per_font=2,seed=0``
+    ~710 printable characters rendered from the fonts matplotlib ships (a class is a character,
+    its samples the 16 font variants under seeded affine distortion), half the classes train and
+    the other half test; generated once and cached (:mod:`pml_plugins.pipeline.glyphs`).
 ``imagefolder:PATH``
     a torchvision ``ImageFolder`` tree; ``PATH/train`` + ``PATH/test`` when both exist;
     ``PATH/train`` + ``PATH/query`` + ``PATH/gallery`` (In-Shop's protocol: queries searched in
@@ -27,6 +31,7 @@ Labels are remapped to ``0..C-1`` within each split, as classification-style los
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 from dataclasses import dataclass, field
@@ -36,7 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-DATASET_KINDS = ("digits", "imagefolder", "cub", "cars", "sop", "embeddings")
+DATASET_KINDS = ("digits", "glyphs", "imagefolder", "cub", "cars", "sop", "embeddings")
 _IMAGE_KINDS = ("imagefolder", "cub", "cars", "sop")
 _ALIASES = {"cub200": "cub", "cub_200_2011": "cub", "cars196": "cars", "stanford_online_products": "sop",
             "npz": "embeddings", "folder": "imagefolder"}
@@ -76,6 +81,9 @@ class DataSplits:
     def train_without_augmentation(self) -> Dataset:
         """The training items as the evaluation sees them (for databases, references, pre-computed rows)."""
         return self.train_eval if self.train_eval is not None else self.train
+    #: validation classes held out of the training classes (:func:`hold_out_classes`); None: no validation
+    val: Optional[Dataset] = None
+    val_labels: Optional[np.ndarray] = None
 
     @property
     def num_train_classes(self) -> int:
@@ -86,7 +94,9 @@ class DataSplits:
         return int(len(np.unique(self.test_labels)))
 
     def describe(self) -> str:
-        train = f"{self.spec}: train {len(self.train_labels)} samples / {self.num_train_classes} classes, "
+        val = "" if self.val_labels is None else \
+            f"validation {len(self.val_labels)} samples / {len(np.unique(self.val_labels))} classes, "
+        train = f"{self.spec}: train {len(self.train_labels)} samples / {self.num_train_classes} classes, {val}"
         if self.gallery is not None:
             return (train + f"query {len(self.test_labels)} samples / {self.num_test_classes} classes, gallery "
                     f"{len(self.gallery_labels)} samples / {len(np.unique(self.gallery_labels))} classes")
@@ -138,13 +148,18 @@ def parse_dataset_spec(spec: str) -> tuple[str, Optional[str]]:
     if kind not in DATASET_KINDS:
         close = difflib.get_close_matches(kind, DATASET_KINDS, n=2, cutoff=0.4)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise ValueError(f"unknown dataset {spec!r}.{hint} Known: digits, imagefolder:PATH, cub:PATH, "
+        raise ValueError(f"unknown dataset {spec!r}.{hint} Known: digits, glyphs, imagefolder:PATH, cub:PATH, "
                          f"cars:PATH, sop:PATH, embeddings:PATH.npz")
     if kind == "digits":
         if path not in ("", "raw", "shifted"):
             raise ValueError(
                 f"digits takes no path: use 'digits' (shifted on a 12x12 canvas) or 'digits:raw', got {spec!r}"
             )
+        return kind, path or None
+    if kind == "glyphs":
+        from .glyphs import parse_glyphs_options
+
+        parse_glyphs_options(path)  # checks the options now, before any training
         return kind, path or None
     if not path:
         raise ValueError(f"dataset {kind!r} needs a path: '{kind}:PATH'")
@@ -167,6 +182,11 @@ def feature_shape(spec: str) -> Optional[tuple]:
     kind, path = parse_dataset_spec(spec)
     if kind == "digits":
         return (1, 8, 8) if path == "raw" else (1, DIGITS_CANVAS, DIGITS_CANVAS)
+    if kind == "glyphs":
+        from .glyphs import parse_glyphs_options
+
+        size = parse_glyphs_options(path).size
+        return (1, size, size)
     if kind == "embeddings":
         return (_load_npz(path)[0].shape[1],)
     return None
@@ -178,6 +198,8 @@ def load_data(spec: str, transforms: Optional[ImageTransforms] = None) -> DataSp
     transforms = transforms or ImageTransforms()
     if kind == "digits":
         splits = _digits(spec, shifted=path != "raw")
+    elif kind == "glyphs":
+        splits = _glyphs(spec, path)
     elif kind == "embeddings":
         splits = _embeddings(spec, path)
     elif kind == "imagefolder":
@@ -233,6 +255,22 @@ def _digits(spec: str, shifted: bool = True) -> DataSplits:
                       train=TensorPairs(x[train_mask], y[train_mask]), test=TensorPairs(x[~train_mask], test_y),
                       train_labels=y[train_mask], test_labels=test_y, input_shape=tuple(x.shape[1:]),
                       train_classes=list(range(5)), test_classes=list(range(5, 10)))
+
+
+def _glyphs(spec: str, options: Optional[str]) -> DataSplits:
+    from .glyphs import load_glyphs, parse_glyphs_options
+
+    data = load_glyphs(parse_glyphs_options(options))
+    x = torch.as_tensor(data["images"]).float().div_(255.0).unsqueeze(1)  # (N, 1, S, S) in [0, 1]
+    y = np.asarray(data["labels"], dtype=np.int64)
+    chars = [str(c) for c in data["chars"]]
+    train_mask = np.isin(y, data["train_classes"])
+    train_y, train_classes = _remap(y[train_mask].tolist())
+    test_y, test_classes = _remap(y[~train_mask].tolist())
+    return DataSplits(spec=spec, kind="glyphs", train=TensorPairs(x[train_mask], train_y),
+                      test=TensorPairs(x[~train_mask], test_y), train_labels=train_y, test_labels=test_y,
+                      input_shape=tuple(x.shape[1:]), train_classes=[chars[c] for c in train_classes],
+                      test_classes=[chars[c] for c in test_classes])
 
 
 def _load_npz(path: str) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
@@ -374,6 +412,77 @@ def _pml_dataset(spec: str, kind: str, path: str, transforms: ImageTransforms) -
                       train_labels=parts["train"][1], test_labels=parts["test"][1],
                       train_classes=parts["train"][2], test_classes=parts["test"][2],
                       train_eval=RelabeledImages(train.paths, train.labels, transforms.test))
+
+
+class RelabeledSubset(Dataset):
+    """``dataset[indices[i]]`` with its label replaced by ``labels[i]`` (classes remapped to 0..C-1)."""
+
+    def __init__(self, dataset: Dataset, indices: np.ndarray, labels: np.ndarray):
+        self.dataset = dataset
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        if len(self.indices) != len(self.labels):
+            raise ValueError(f"indices ({len(self.indices)}) and labels ({len(self.labels)}) must have one entry each")
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.dataset[int(self.indices[i])][0], int(self.labels[i])
+
+
+# -- class-disjoint validation (Musgrave et al. 2020: folds of the training classes) --------------
+def class_folds(classes: Sequence[Any], k: int, seed: int) -> list[np.ndarray]:
+    """Split ``classes`` into ``k`` class-disjoint folds: a seeded shuffle, sizes differing by at most
+    one. Every fold needs >= 2 classes (MAP@R on one class says nothing) and, for k > 1, the other
+    folds together >= 2 (something to train on)."""
+    classes = np.asarray(list(classes))
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"folds must be an integer >= 1, got {k!r}")
+    if len(np.unique(classes)) != len(classes):
+        raise ValueError("classes must be distinct")
+    if len(classes) < 2 * k or (k > 1 and len(classes) - (len(classes) + k - 1) // k < 2):
+        raise ValueError(f"folds={k}: {len(classes)} training classes cannot make {k} folds of >= 2 classes each "
+                         f"(at most {max(len(classes) // 2, 1)} folds here)")
+    order = np.random.RandomState(seed % 2**32).permutation(len(classes))
+    return [np.sort(classes[part]) for part in np.array_split(order, k)]
+
+
+def validation_classes(classes: Sequence[Any], fraction: float, seed: int) -> np.ndarray:
+    """A seeded ``fraction`` of ``classes`` to hold out for validation (at least 2, leaving at least 2
+    to train on); ``fraction == 0``: none."""
+    classes = np.asarray(list(classes))
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+        raise ValueError(f"val-classes must be a fraction in [0, 1), got {fraction!r}")
+    if fraction == 0:
+        return classes[:0]
+    n = max(2, int(round(fraction * len(classes))))
+    if len(classes) - n < 2:
+        raise ValueError(f"val-classes {fraction:g}: {len(classes)} training classes leave fewer than 2 to train on "
+                         f"after holding out {n} for validation (validation needs >= 2 classes)")
+    order = np.random.RandomState(seed % 2**32).permutation(len(classes))
+    return np.sort(classes[order[:n]])
+
+
+def hold_out_classes(splits: DataSplits, held_out: Sequence[int]) -> DataSplits:
+    """``splits`` with the training classes ``held_out`` (remapped label ids) moved to ``val``; both
+    parts are relabeled ``0..C-1``. The test split is untouched."""
+    held = np.asarray(list(held_out), dtype=np.int64)
+    labels = np.asarray(splits.train_labels)
+    unknown = np.setdiff1d(held, labels)
+    if len(unknown):
+        raise ValueError(f"held-out classes {unknown.tolist()} are not training classes")
+    val_mask = np.isin(labels, held)
+    train_idx, val_idx = np.flatnonzero(~val_mask), np.flatnonzero(val_mask)
+    train_y, train_ids = _remap(labels[train_idx].tolist())
+    val_y, val_ids = _remap(labels[val_idx].tolist())
+    names = list(splits.train_classes) or list(range(int(labels.max()) + 1))
+    # validation is evaluation: its items come without the training augmentation
+    train_eval = None if splits.train_eval is None else RelabeledSubset(splits.train_eval, train_idx, train_y)
+    return dataclasses.replace(
+        splits, train=RelabeledSubset(splits.train, train_idx, train_y), train_labels=train_y,
+        train_classes=[names[c] for c in train_ids], train_eval=train_eval,
+        val=RelabeledSubset(splits.train_without_augmentation, val_idx, val_y), val_labels=val_y)
 
 
 def dataset_labels(dataset: Dataset) -> np.ndarray:

@@ -42,6 +42,7 @@ from .memory import PeakMemory
 from .outputs import RunResult, metrics_record, plot_metrics, write_json, write_outputs
 from .pretrain import pretrain_classifier, pretrain_epochs_for
 from .sampling import choose_m, m_per_class_sampler, preferred_m
+from .selection import EpochSelection
 from .trainer import EmbeddingTrainer, build_optimizers, build_schedulers, chain_hooks, quiet_pml_logger
 
 __all__ = ["RunResult", "run_training", "build_loss", "build_miner", "constructor_parameters", "choose_m",
@@ -89,7 +90,8 @@ def _machine(device: torch.device) -> dict:
 # -- the run -----------------------------------------------------------------------------------
 def run_training(cfg: TrainConfig, *, progress: bool = True, log: Optional[Callable[[str], None]] = None,
                  name: Optional[str] = None, write_checkpoint: bool = True, resume: Any = False,
-                 force: bool = False, resume_hint: Optional[str] = None) -> RunResult:
+                 force: bool = False, resume_hint: Optional[str] = None,
+                 selection: Optional[EpochSelection] = None) -> RunResult:
     """Train ``cfg.loss`` (or, with ``cfg.loss=None`` / ``epochs=0``, only evaluate the untrained
     model), evaluate on the test split and write ``metrics.json``, ``config.json``,
     ``checkpoint.pt`` and ``metrics.png`` under ``cfg.out`` (when set).
@@ -99,6 +101,11 @@ def run_training(cfg: TrainConfig, *, progress: bool = True, log: Optional[Calla
     continues when the settings match and starts afresh otherwise. SIGINT / SIGTERM during
     training save after the current step and raise :class:`~.resume.TrainingInterrupted`, whose
     message says how to resume (``resume_hint``: the command, default ``train --resume OUT``).
+
+    With ``selection`` its held-out training classes are validated after every epoch and the test
+    split is evaluated once, on the weights of the best validation epoch (``result.extra`` holds
+    ``best_epoch``, ``val_metrics`` and ``val_history``). A resumed run's selection covers only the
+    epochs run after the resume.
     """
     name = name or cfg.loss or "untrained"
     threads = cfg.threads
@@ -110,7 +117,10 @@ def run_training(cfg: TrainConfig, *, progress: bool = True, log: Optional[Calla
     try:
         if not cfg.distributed:
             return _run(cfg, name, progress=progress, log=log, write_checkpoint=write_checkpoint,
-                        resume=(resume, force, resume_hint))
+                        resume=(resume, force, resume_hint), selection=selection)
+        if selection is not None:
+            raise ValueError("per-epoch validation (val-classes / folds) is not supported with --distributed; "
+                             "use --val-classes 0 (the last epoch is reported)")
         env = distributed_losses.env_from_torchrun()
         device = ddp.local_device(resolve_device(cfg.device), env)
         with ddp.process_group(env, device):
@@ -139,6 +149,7 @@ class _Run:
     trunk: Optional[torch.nn.Module] = None
     embedder: Optional[torch.nn.Module] = None
     resolved: dict = None  # type: ignore[assignment]
+    selection: Optional[EpochSelection] = None
 
     @property
     def lead(self) -> bool:
@@ -148,9 +159,10 @@ class _Run:
 
 def _run(cfg: TrainConfig, name: str, *, progress: bool, log: Optional[Callable[[str], None]],
          write_checkpoint: bool, env: Optional[distributed_losses.DistributedEnv] = None,
-         device: Optional[torch.device] = None, resume: tuple = (False, False, None)) -> RunResult:
+         device: Optional[torch.device] = None, resume: tuple = (False, False, None),
+         selection: Optional[EpochSelection] = None) -> RunResult:
     run = _Run(cfg=cfg, name=name, device=device if device is not None else resolve_device(cfg.device),
-               progress=progress, log=log, env=env)
+               progress=progress, log=log, env=env, selection=selection)
     run.amp_dtype = _amp_dtype(run.device, cfg.amp)
     _check_names(run)  # fail fast on names before touching data
     train = cfg.loss is not None and cfg.epochs > 0
@@ -175,6 +187,8 @@ def _run(cfg: TrainConfig, name: str, *, progress: bool, log: Optional[Callable[
             write_checkpoint = write_checkpoint and not epoch_checkpoints  # the last epoch's is there already
             if trainer.iterations_per_epoch == 0:
                 raise ValueError(f"no full batch of {cfg.batch_size} fits in the training split")
+            if selection is not None:  # the test split sees only the model of the best validation epoch
+                selection.restore(_selected_modules(run, trainer))
         run.resolved["retrieval_distance"] = retrieval
         metrics, kept = {}, {}
         if run.lead:
@@ -336,6 +350,8 @@ def _build_model_and_data(run: _Run) -> None:
                                        pooling=cfg.pooling, head_norm=cfg.head_norm, pretrained=cfg.pretrained,
                                        head=cfg.head)
     run.splits = data_mod.load_data(cfg.dataset, run.model.transforms)
+    if run.selection is not None and cfg.loss is not None and cfg.epochs > 0:
+        run.splits = data_mod.hold_out_classes(run.splits, run.selection.held_out)
     # the papers' protocols: --query/--gallery, --samples-per-class (few-shot training)
     run.splits, protocol = protocols.apply_protocols(run.splits, query=cfg.query, gallery=cfg.gallery,
                                                      samples_per_class=cfg.samples_per_class, seed=cfg.seed,
@@ -380,6 +396,9 @@ def _build_trainer(run: _Run, epoch_log: Optional[Callable[[Any], None]] = None
                     loss_args=loss_args, loss_needs=entry.needs())
 
     setup = _training_setup(run, loss, entry, options)
+    # Every loss run with the same seed draws the same batches (when it uses the same sampler):
+    # building the loss consumed random numbers a different loss does not.
+    set_seed(cfg.seed)
     train_dataset = setup.train_dataset if setup.train_dataset is not None else run.splits.train
     sampler, m = _sampler(run, spec, setup, train_dataset)
     local_batch = cfg.batch_size
@@ -429,10 +448,24 @@ def _build_trainer(run: _Run, epoch_log: Optional[Callable[[Any], None]] = None
                                    sampler=sampler, collate_fn=setup.collate_fn, lr_schedulers=schedulers,
                                    dataloader_num_workers=cfg.num_workers,
                                    end_of_iteration_hook=chain_hooks(setup.end_of_iteration_hook),
-                                   end_of_epoch_hook=chain_hooks(setup.end_of_epoch_hook, epoch_log),
+                                   end_of_epoch_hook=chain_hooks(setup.end_of_epoch_hook,
+                                                                 _selection_hook(run, loss, retrieval), epoch_log),
                                    progress=run.progress, desc=run.name, amp_dtype=run.amp_dtype,
                                    after_backward=after_backward, loss_scale=loss_scale)
     return trainer, setup, retrieval
+
+
+def _selected_modules(run: _Run, trainer: Any) -> dict[str, torch.nn.Module]:
+    return {"trunk": run.trunk, "embedder": run.embedder, "loss": trainer.loss_funcs["metric_loss"]}
+
+
+def _selection_hook(run: _Run, loss: torch.nn.Module, retrieval: str) -> Optional[Callable]:
+    """Validation after every epoch (after the loss's own hook, e.g. a database refresh)."""
+    if run.selection is None:
+        return None
+    modules = {"trunk": run.trunk, "embedder": run.embedder, "loss": loss}
+    return run.selection.make_hook(modules, run.splits.val, device=run.device, retrieval_distance=retrieval,
+                                   ks=run.cfg.ks, batch_size=run.cfg.eval_batch_size)
 
 
 def _training_setup(run: _Run, loss: torch.nn.Module, entry: reg.Entry, options: dict) -> TrainingSetup:
@@ -516,5 +549,8 @@ def _result(run: _Run, metrics: dict, trainer: Optional[EmbeddingTrainer], mem: 
     result.config = {**run.cfg.to_dict(), "resolved": run.resolved}
     if trainer is not None:
         result.extra = {"final_epoch_loss": trainer.last_loss, "epochs_run": len(epoch_seconds),
-                        "iterations_per_epoch": trainer.iterations_per_epoch}
+                        "iterations_per_epoch": trainer.iterations_per_epoch,
+                        "epoch_losses": list(trainer.epoch_losses), "zero_loss_epochs": list(trainer.zero_loss_epochs)}
+        if run.selection is not None:
+            result.extra.update(run.selection.record())
     return result

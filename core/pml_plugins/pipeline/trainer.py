@@ -55,6 +55,10 @@ class EmbeddingTrainer(MetricLossOnly):
         self._stop_error, self._before_step = stop_error, before_step
         self.epoch_seconds: list[float] = []
         self.last_loss = math.nan
+        #: mean loss of every epoch, and the epochs whose every iteration had a loss of exactly 0
+        #: (nothing was trained: e.g. contrastive with no positive pair in any batch)
+        self.epoch_losses: list[float] = []
+        self.zero_loss_epochs: list[int] = []
         #: the last epoch whose checkpoint was written (None before the first)
         self.saved_epoch: Optional[int] = None
         #: learning rate of each optimizer during the current epoch (before the epoch's scheduler step)
@@ -92,6 +96,7 @@ class EmbeddingTrainer(MetricLossOnly):
             pbar = tqdm.tqdm(range(first, self.iterations_per_epoch), initial=first, total=self.iterations_per_epoch,
                              desc=f"{self._desc} epoch {self.epoch}/{num_epochs}",
                              leave=False, disable=not self._progress, dynamic_ncols=True)
+            all_zero = total == 0.0  # a resumed epoch: the iterations before the resume count too
             for self.iteration in pbar:
                 if self._before_step is not None:
                     self._before_step(self.epoch, self.iteration)
@@ -101,6 +106,7 @@ class EmbeddingTrainer(MetricLossOnly):
                     raise FloatingPointError(f"the loss became {loss} at epoch {self.epoch}, iteration "
                                              f"{self.iteration + 1} (try a lower --lr / --loss-lr)")
                 total += loss
+                all_zero = all_zero and loss == 0.0
                 self.end_of_iteration_hook(self)
                 pbar.set_postfix(loss=f"{loss:.4f}", **({"saved": f"epoch {self.saved_epoch}"}
                                                         if self.saved_epoch is not None else {}))
@@ -111,6 +117,9 @@ class EmbeddingTrainer(MetricLossOnly):
                     self._checkpoint(self.epoch - 1, done, total)  # the step finished: save where we are
                     raise self._interrupted(self.epoch - 1, done)
             self.last_loss = total / max(self.iterations_per_epoch, 1)
+            self.epoch_losses.append(self.last_loss)
+            if all_zero and self.iterations_per_epoch > 0:
+                self.zero_loss_epochs.append(self.epoch)
             self.step_lr_schedulers(end_of_epoch=True)
             self.zero_losses()
             self.epoch_seconds.append(time.perf_counter() - start)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from .artifacts import (
     MAX_THUMBNAILS,
@@ -51,7 +51,7 @@ def _threads(n: int):
 
 
 def write_report(
-    directory: Any, out: Any | None = None, *, seed: int = 0, run_reports: bool = True, threads: int = 1
+    directory: Any, out: Optional[Any] = None, *, seed: int = 0, run_reports: bool = True, threads: int = 1
 ) -> Path:
     """Write the report of a run folder or a comparison folder; returns the file written.
 

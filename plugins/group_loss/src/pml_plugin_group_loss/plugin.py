@@ -48,6 +48,9 @@ def register_losses(register):
             # R@1 on the unseen digits 56.8/58.3/65.1 with it (below the untrained 72.0) and
             # 74.0/73.2/75.8 without it (seeds 0-2); pml-plugins compare runs the paper's loss there
             demo_loss_args={"ce_weight": 0.0},
+            # for `pml-plugins compare --tune` (format: pml_plugins.search_space); the paper's temperature is 24
+            search_space={"temperature": (1.0, 100.0, "log"), "num_anchors": (0, 4, "int"), "ce_weight": (0.0, 1.0),
+                          "loss_lr": (1e-5, 1e-2, "log")},
             **_COMMON,
         ),
     )
@@ -65,6 +68,9 @@ def register_losses(register):
             # with it (below the untrained 72.0/61.7/66.2) and 77.5/75.4/76.3 without it (seeds 0-2), so
             # pml-plugins compare skips it there (the row is named with pretrain_epochs=0)
             demo_pretrain_epochs=0,
+            # for `pml-plugins compare --tune`: the paper's own hyper-parameters (it has no CE term to weigh)
+            search_space={"temperature": (1.0, 100.0, "log"), "num_anchors": (0, 4, "int"),
+                          "loss_lr": (1e-5, 1e-2, "log")},
             **_COMMON,
         ),
     )
