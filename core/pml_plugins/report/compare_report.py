@@ -66,6 +66,16 @@ def run_dirs(compare_dir: Path) -> list[Path]:
     return sorted(found)
 
 
+def report_targets(compare_dir: Path) -> list[Path]:
+    """The runs that get their own report: the first folder (seed) of each run name, so a comparison
+    over several seeds writes one report per loss, not one per seed."""
+    firsts: dict[str, Path] = {}
+    for d in run_dirs(compare_dir):
+        if (d / "config.json").is_file() or (d / "metrics.json").is_file():
+            firsts.setdefault(_run_name(d), d)
+    return list(firsts.values())
+
+
 def _run_name(run_dir: Path) -> str:
     for name in ("metrics.json", "config.json"):
         try:
@@ -110,15 +120,23 @@ def build_compare_report(compare_dir: Path, link_base: Optional[Path] = None) ->
     for d in dirs:
         by_name.setdefault(_run_name(d), []).append(d)
 
+    reported = set(report_targets(compare_dir))
+
     def link(d: Path) -> Raw:
-        # a run that failed before writing anything has only its traceback
-        has_report = (d / "config.json").is_file() or (d / "metrics.json").is_file()
-        target = d / ("report.html" if has_report else "error.txt")
-        rel = Path(os.path.relpath(target.resolve(), link_base.resolve()))
-        return Raw(
-            f'<a href="{esc(rel.as_posix())}">{esc(d.relative_to(compare_dir).as_posix())}'
-            f"{'' if has_report else ' (error.txt)'}</a>"
+        # the first seed of each loss has a report; other seeds their metrics; a failed run its traceback
+        target = next(
+            d / name
+            for name, ok in (
+                ("report.html", d in reported),
+                ("metrics.json", (d / "metrics.json").is_file()),
+                ("config.json", (d / "config.json").is_file()),
+                ("error.txt", True),
+            )
+            if ok
         )
+        rel = Path(os.path.relpath(target.resolve(), link_base.resolve()))
+        suffix = "" if target.name == "report.html" else f" ({target.name})"
+        return Raw(f'<a href="{esc(rel.as_posix())}">{esc(d.relative_to(compare_dir).as_posix())}{suffix}</a>')
 
     header = [
         "loss",
@@ -142,7 +160,7 @@ def build_compare_report(compare_dir: Path, link_base: Optional[Path] = None) ->
         spe = _float(r.get("seconds_per_epoch"))
         cells.append("-" if spe is None else f"{spe:.2f}")
         matches = by_name.get(r.get("loss", ""), [])
-        cells.append(Raw(" ".join(link(d) for d in matches)) if matches else "-")
+        cells.append(link(matches[0]) if matches else "-")
         body.append(cells)
     note = "Metrics in % on the test split (unseen classes); " + (
         "± is the 95% confidence interval over the seeds."
@@ -161,7 +179,14 @@ def build_compare_report(compare_dir: Path, link_base: Optional[Path] = None) ->
     )
     plots = img(png, "per-loss metrics with 95% intervals") if png else '<p class="note">No finished run.</p>'
 
-    listing = table(
+    many = len(dirs) > len(reported)
+    listing = (
+        '<p class="note">Each loss\'s first run (seed) has its own report; the other seeds link to their '
+        "metrics.json.</p>"
+        if many
+        else ""
+    )
+    listing += table(
         ["run", "report", "status"],
         [(_run_name(d), link(d), "error (see error.txt)" if (d / "error.txt").is_file() else "ok") for d in dirs],
     )
