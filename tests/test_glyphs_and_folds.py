@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from pml_plugins.pipeline import data as data_mod
 from pml_plugins.pipeline import glyphs
 

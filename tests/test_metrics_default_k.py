@@ -135,7 +135,7 @@ def test_ranking_pass_against_brute_force(metric, ref_includes_query):
     ref_labels = torch.randint(0, 4, (n,), generator=g)
     query = ref[:q] if ref_includes_query else draw(q)
     query_labels = ref_labels[:q] if ref_includes_query else torch.randint(0, 4, (q,), generator=g)
-    by_mask = Relevance.by_mask(lambda s, e: query_labels[s:e, None] == ref_labels[None])
+    by_mask = Relevance.by_mask(lambda ids: query_labels[ids][:, None] == ref_labels[None])
     got_sum, got_first = full_ranking_precisions(query, ref, by_mask, metric, ref_includes_query,
                                                  block_elements=3 * n)  # 3 queries a block
     by_ids = full_ranking_precisions(query, ref, Relevance.by_ids(query_labels, ref_labels), metric, ref_includes_query,
@@ -253,3 +253,21 @@ def test_our_metrics_from_pmls_arguments_alone():
             for i, q in enumerate(query_labels)]
     assert acc["ndcg_at_4"] == pytest.approx(np.mean(ndcg), abs=1e-12)
     assert acc["precision_at_1"] == pytest.approx(2 / 6)
+
+
+class _NoPrefix(KNN):
+    """A KNN whose searched columns the calculator may not read as the top of the full ranking."""
+
+    def full_ranking_prefix(self, device):
+        return False
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_queries_read_off_the_searched_columns_equal_the_blocked_pass(ties):
+    x, labels = data(seed=11, ties=ties, n=300, num_classes=30)
+    for args in splits(x, labels).values():
+        mixed = ours().get_accuracy(*args)  # most queries have every relevant reference in the top 100
+        ranked = ours(knn_func=_NoPrefix()).get_accuracy(*args)  # every query through the blocked pass
+        for key in ("mean_average_precision", "mean_reciprocal_rank"):
+            assert mixed[key] == pytest.approx(ranked[key], abs=1e-12), key
+        assert_close(mixed, pml().get_accuracy(*args), PML_KNN_METRICS, tol=1e-9 if ties else 1e-6)

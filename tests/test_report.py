@@ -164,10 +164,11 @@ def test_compare_report_links_intervals_and_run_reports(tmp_path, report_run_bui
     keys = ["recall_at_1", "map_at_r"]
     with open(cmp / "results.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["loss", "status", *keys, *[f"{k}_ci95" for k in keys], "seeds", "seconds_per_epoch", "error"])
+        header = ["loss", "status", *keys, *[f"{k}_ci95" for k in keys], "seeds", "val_map_at_r", "seconds_per_epoch"]
+        w.writerow([*header, "error"])
         for i in info.values():
-            w.writerow([i["name"], "ok", *[i["metrics"][k] for k in keys], 0.012, 0.034, 3, 0.1, ""])
-        w.writerow(["broken", "error", "", "", "", "", "", "", "ValueError: no"])
+            w.writerow([i["name"], "ok", *[i["metrics"][k] for k in keys], 0.012, 0.034, 3, 0.5, 0.1, ""])
+        w.writerow(["broken", "error", "", "", "", "", "", "", "", "ValueError: no"])
     (cmp / "runs" / "broken").mkdir()
     (cmp / "runs" / "broken" / "error.txt").write_text("Traceback ...\nValueError: no\n")
     (cmp / "results.json").write_text(json.dumps({"setting": {"dataset": "digits", "epochs": 3}}))
@@ -177,6 +178,7 @@ def test_compare_report_links_intervals_and_run_reports(tmp_path, report_run_bui
     tags = check_self_contained(text)
     assert [a.get("id") for t, a in tags if t == "section"] == list(COMPARE_SECTIONS)
     assert f"{100 * info[16]['metrics']['recall_at_1']:.1f} ± 1.2" in text
+    assert "<th>R@1</th><th>MAP@R</th><th>val MAP@R</th><th>seeds</th>" in text
     links = {a["href"] for t, a in tags if t == "a" and not a["href"].startswith("#")}
     assert links == {"../cmp/runs/pca4/report.html", "../cmp/runs/pca16/report.html", "../cmp/runs/broken/error.txt"}
     assert not (cmp / "runs" / "broken" / "report.html").exists()

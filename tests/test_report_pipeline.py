@@ -55,7 +55,10 @@ def test_train_writes_epoch_log_embeddings_tensorboard_and_report(tmp_path, repo
     assert data["thumbnails"].max() == 255  # digits scaled to the full range
     res = search(data["embeddings"], data["labels"], distance=data["retrieval_distance"])
     assert res.hits[:, 0].mean() == pytest.approx(record["metrics"]["recall_at_1"], abs=1e-9)
-    assert np.nanmean(res.ap_at_r) == pytest.approx(record["metrics"]["map_at_r"], abs=1e-6)
+    # neighbours whose similarities agree to float32 rounding (every query of this barely trained
+    # model has some within 1e-7) may be ordered differently by FAISS and by torch.topk: AP@R
+    # can move in its 5th decimal (R@1 did not)
+    assert np.nanmean(res.ap_at_r) == pytest.approx(record["metrics"]["map_at_r"], abs=1e-4)
 
     tags = report_html_checker((out / "report.html").read_text(encoding="utf-8"))
     assert [a.get("id") for t, a in tags if t == "section"] == list(RUN_SECTIONS)
@@ -82,7 +85,14 @@ def test_no_report_and_compare_report(tmp_path, report_html_checker):
     tags = report_html_checker((out / "report.html").read_text(encoding="utf-8"))
     assert [a.get("id") for t, a in tags if t == "section"] == list(COMPARE_SECTIONS)
     links = sorted({a["href"] for t, a in tags if t == "a" and not a["href"].startswith("#")})
-    assert links == ["runs/contrastive/report.html", "runs/proxy_anchor/report.html", "runs/untrained/report.html"]
-    for link in links:
+    # one report per loss (its first seed); every other seed links to its metrics.json
+    reports = [link for link in links if link.endswith("report.html")]
+    assert reports == [f"runs/{run}/seed0/report.html" for run in ("contrastive", "proxy_anchor", "untrained")]
+    seeds = sorted({p.parent.name for p in out.glob("runs/*/seed*/metrics.json")})
+    assert len(seeds) > 1 and sorted(set(links) - set(reports)) == [
+        f"runs/{run}/{seed}/metrics.json" for run in ("contrastive", "proxy_anchor", "untrained") for seed in seeds[1:]
+    ]
+    assert not (out / "runs" / "proxy_anchor" / seeds[1] / "report.html").exists()
+    for link in reports:
         report_html_checker((out / link).read_text(encoding="utf-8"))
-    assert not (out / "runs" / "untrained" / "metrics.jsonl").exists()  # the floor does not train
+    assert not (out / "runs" / "untrained" / "seed0" / "metrics.jsonl").exists()  # the floor does not train

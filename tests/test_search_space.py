@@ -1,8 +1,9 @@
 """Search-space declarations (registry metadata ``search_space``) and what ``pml-plugins info`` shows."""
 from __future__ import annotations
 
-import pml_plugins
 import pytest
+
+import pml_plugins
 from pml_plugins.cli import main
 from pml_plugins.search_space import (
     SearchParam,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import pytest
+
 from pml_plugins.pipeline import stats
 
 

@@ -326,9 +326,8 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
             c_f.LOGGER.warning("None of the query labels are in the reference set.")
         full_ranking = None
         if rank and bool(stats["not_lone_query_mask"].any()):
-            full_ranking = full_ranking_precisions(
-                query, reference, _relevance(stats, query_labels, reference_labels, self.label_comparison_fn),
-                self._ranking_metric(), ref_includes_query, progress=getattr(self.knn_func, "progress", None))
+            full_ranking = self._full_ranking(query, reference, query_labels, reference_labels, ref_includes_query,
+                                              stats, relevance)
         # PML's metrics and subclass metrics see exactly PML's columns; ours read the rest
         pml_labels = knn_labels[:, :k_pml]
         self._pml_knn_labels = pml_labels
@@ -349,6 +348,35 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
             "searched_knn_indices": knn_indices,
             "full_ranking": full_ranking,
         }
+
+    def _full_ranking(self, query, reference, query_labels, reference_labels, ref_includes_query, stats,
+                      relevance) -> tuple[torch.Tensor, torch.Tensor]:
+        """PML's full-ranking MAP numerator and first relevant rank per query (see ``pml_plugins.ranking``).
+
+        When the searched columns are the first columns of the full ranking (FAISS's flat L2
+        search orders ties the same way for every k) and labels are compared for equality, a
+        query whose relevant references were all found among them is read off the columns; the
+        blocked pass ranks only the others.
+        """
+        queries = None
+        prefix_ok = getattr(self.knn_func, "full_ranking_prefix", None)
+        use_prefix = (stats["reference_label_ids"] is not None and callable(prefix_ok)
+                      and bool(prefix_ok(query.device)) and relevance.shape[1] > 0)
+        if use_prefix:
+            complete = relevance.sum(1) >= stats["num_relevant"]
+            queries = torch.nonzero(~complete & stats["not_lone_query_mask"]).flatten()
+        precision_sum, first_rank = full_ranking_precisions(
+            query, reference, _relevance(stats, query_labels, reference_labels, self.label_comparison_fn),
+            self._ranking_metric(), ref_includes_query, queries=queries,
+            progress=getattr(self.knn_func, "progress", None))
+        if use_prefix:
+            cols = torch.arange(1, relevance.shape[1] + 1, device=relevance.device)
+            found = torch.cumsum(relevance.long(), 1)
+            prefix_sum = torch.where(relevance, found.double() / cols.double(), 0.0).sum(1)
+            prefix_first = torch.where(relevance.any(1), torch.argmax(relevance.to(torch.uint8), 1) + 1, 0)
+            precision_sum = torch.where(complete, prefix_sum, precision_sum)
+            first_rank = torch.where(complete, prefix_first, first_rank)
+        return precision_sum, first_rank
 
     # -- averaging as PML does it ------------------------------------------------------------
     def _average(
@@ -588,8 +616,7 @@ def _relevance(stats: dict[str, Any], query_labels: torch.Tensor, reference_labe
     """Which references are relevant to which queries, for the ranking pass."""
     if stats["reference_label_ids"] is not None:
         return Relevance.by_ids(stats["query_group_ids"], stats["reference_label_ids"])
-    return Relevance.by_mask(lambda start, stop: label_comparison_fn(query_labels[start:stop, None],
-                                                                     reference_labels[None]).bool())
+    return Relevance.by_mask(lambda ids: label_comparison_fn(query_labels[ids][:, None], reference_labels[None]).bool())
 
 
 # -- graded relevance ------------------------------------------------------------------------------

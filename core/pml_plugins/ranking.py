@@ -9,7 +9,8 @@ relevant one (usually a handful), sort those, and read each relevant reference's
 order among the relevant ones. Memory is bounded by the block (``block_elements`` scores, and
 the kept references, at most as many). With integer labels compared for equality, each query's
 relevant references are looked up among the references sorted by label, without a
-``block x N`` label comparison.
+``block x N`` label comparison. ``queries`` restricts the pass to some queries (the calculator
+ranks only those whose relevant references were not all among the searched neighbours).
 
 Order of references, exactly as PML's default kNN (FAISS's flat indexes, which ``FaissKNN``
 and :class:`pml_plugins.knn.KNN` use) returns them -- checked on data with many exact ties:
@@ -55,11 +56,12 @@ class Relevance:
     ``Relevance.by_ids(query_ids, reference_ids)``: relevant means the same integer label id
     (the calculator's equality case; no ``(block x N)`` comparison is made: each query's
     relevant references come from the references sorted by id). ``Relevance.by_mask(fn)``:
-    ``fn(start, stop)`` returns the ``(stop - start, N)`` bool mask (``label_comparison_fn``).
+    ``fn(queries)`` returns the ``(len(queries), N)`` bool mask of the queries with those
+    indices (``label_comparison_fn``).
     """
 
     def __init__(self, query_ids: torch.Tensor | None = None, reference_ids: torch.Tensor | None = None,
-                 mask_fn: Callable[[int, int], torch.Tensor] | None = None) -> None:
+                 mask_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         if (query_ids is None) == (mask_fn is None):
             raise ValueError("give either query_ids and reference_ids, or mask_fn")
         self.query_ids, self.reference_ids, self.mask_fn = query_ids, reference_ids, mask_fn
@@ -77,17 +79,17 @@ class Relevance:
         return cls(query_ids=query_ids, reference_ids=reference_ids)
 
     @classmethod
-    def by_mask(cls, mask_fn: Callable[[int, int], torch.Tensor]) -> Relevance:
+    def by_mask(cls, mask_fn: Callable[[torch.Tensor], torch.Tensor]) -> Relevance:
         return cls(mask_fn=mask_fn)
 
-    def block(self, start: int, stop: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, Callable]:
-        """``(rows, cols, member)``: the relevant pairs of queries ``start:stop`` (rows local to the
-        block), and ``member(rows, cols)``, whether given pairs are relevant."""
+    def block(self, queries: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, Callable]:
+        """``(rows, cols, member)``: the relevant pairs of the queries with indices ``queries``
+        (rows index ``queries``), and ``member(rows, cols)``, whether given pairs are relevant."""
         if self.mask_fn is not None:
-            mask = self.mask_fn(start, stop).to(device=device, dtype=torch.bool)
+            mask = self.mask_fn(queries).to(device=device, dtype=torch.bool)
             rows, cols = mask.nonzero(as_tuple=True)
             return rows, cols, lambda r, c: mask[r, c]
-        q = self.query_ids[start:stop]
+        q = self.query_ids[queries.to(self.query_ids.device)]
         counts = self._counts[q]
         rows = torch.repeat_interleave(torch.arange(len(q), device=q.device), counts)
         offsets = torch.arange(len(rows), device=q.device) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts,
@@ -105,6 +107,7 @@ def full_ranking_precisions(
     metric: str,
     ref_includes_query: bool,
     *,
+    queries: torch.Tensor | None = None,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
     progress: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,6 +119,7 @@ def full_ranking_precisions(
         relevance: which references are relevant to which queries (:class:`Relevance`).
         metric: ``"euclidean"``, ``"cosine"`` or ``"inner_product"`` (see the module docstring).
         ref_includes_query: query ``i`` is reference ``i``; it is neither ranked nor relevant.
+        queries: indices of the queries to rank (default: all); the others get 0 and 0.
         block_elements: scores held at once (the block is ``block_elements // N`` queries).
         progress: tqdm bar (None: on a terminal, for several blocks).
 
@@ -138,22 +142,26 @@ def full_ranking_precisions(
     precision_sum = torch.zeros(num_query, dtype=torch.float64, device=device)
     first_rank = torch.zeros(num_query, dtype=torch.long, device=device)
     step = max(1, block_elements // max(n, 1))
-    with progress_bar(num_query, -(-num_query // step), progress, "full ranking (MAP, MRR)") as bar:
-        for start in range(0, num_query, step):
-            stop = min(num_query, start + step)
-            q = query[start:stop]
+    todo = torch.arange(num_query, device=device) if queries is None else queries.to(device=device, dtype=torch.long)
+    with progress_bar(len(todo), -(-len(todo) // step), progress, "full ranking (MAP, MRR)") as bar:
+        for start in range(0, len(todo), step):
+            ids = todo[start:start + step]
+            q = query[ids]
             if euclidean:  # lower is better; FAISS's |q|^2 + |r|^2 - 2 q.r
                 score = torch.addmm(ref_sq[None, :] + (q * q).sum(1, keepdim=True), q, reference.T, alpha=-2)
             else:  # negated similarity: lower is better
                 score = torch.neg(q @ reference.T)
-            rows, cols, member = relevance.block(start, stop, device)
+            rows, cols, member = relevance.block(ids, device)
             if ref_includes_query:
-                keep = cols != rows + start  # the query itself is not in PML's ranking
+                keep = cols != ids[rows]  # the query itself is not in PML's ranking
                 rows, cols = rows[keep], cols[keep]
-                own = torch.arange(start, min(stop, n), device=device)
-                score[own - start, own] = float("inf")  # never before a relevant reference
-            _accumulate(score, rows, cols, member, not euclidean, precision_sum[start:stop], first_rank[start:stop])
-            bar.update(stop - start)
+                local = torch.nonzero(ids < n).flatten()
+                score[local, ids[local]] = float("inf")  # never before a relevant reference
+            block_sum = torch.zeros(len(ids), dtype=torch.float64, device=device)
+            block_first = torch.zeros(len(ids), dtype=torch.long, device=device)
+            _accumulate(score, rows, cols, member, not euclidean, block_sum, block_first)
+            precision_sum[ids], first_rank[ids] = block_sum, block_first
+            bar.update(len(ids))
     return precision_sum, first_rank
 
 

@@ -34,7 +34,8 @@ def _frozen_mapping(value: Any, name: str) -> Mapping[str, Any]:
 
 
 def _optional(value: Any, types: tuple, name: str, what: str) -> None:
-    if value is not None and (isinstance(value, bool) and bool not in types or not isinstance(value, types)):
+    # True is an int: a bool is only accepted where bool is one of the types
+    if value is not None and ((isinstance(value, bool) and bool not in types) or not isinstance(value, types)):
         raise TypeError(f"{name} must be {what} or None, got {value!r}")
 
 
@@ -131,6 +132,23 @@ class LossSpec(Spec):
     """Loss arguments ``pml-plugins compare`` uses on its bundled digits data (five training classes) when the
     user gives none for this loss, for a loss whose defaults are meant for 100+ classes; the row is named with
     them, and ``--loss-arg`` / per-loss arguments replace them."""
+    demo_pretrain_epochs: Optional[int] = None
+    """Epochs of classification pre-training ``pml-plugins compare`` uses on its bundled digits data instead
+    of ``pretrain_epochs`` (unless ``--pretrain-epochs`` is given); the row is named with it."""
+    origin: Optional[str] = None
+    """Where this implementation's settings come from (the paper, the authors' released code, ...), for a
+    loss registered in several presets (shown by ``pml-plugins info``)."""
+    pretrain_epochs: Optional[int] = None
+    """Epochs of classification pre-training the paper runs before the loss (a linear classifier on the
+    embeddings trained with cross-entropy, then dropped); the main job runs them unless
+    ``--pretrain-epochs`` is given."""
+    needs_class_distances: bool = False
+    """The loss takes ``class_distances`` (C x C, from another modality): the main job builds them from one
+    text per training class with ``class_distances_from_texts`` and passes them to the constructor."""
+    class_distances_from_texts: Optional[Callable[..., Any]] = None
+    """``fn(texts: list[str]) -> (C, C)`` distances in [0, 1], for ``needs_class_distances``."""
+    class_text_model: Optional[str] = None
+    """What ``class_distances_from_texts`` embeds texts with (recorded in the run folder)."""
     training_setup: Optional[Callable[..., Any]] = None
     """``training_setup(loss, context) -> TrainingSetup`` for losses that need data handling in the main job
     (see :mod:`pml_plugins.training_protocol`); keyword arguments the constructor does not take become its
@@ -170,14 +188,22 @@ class LossSpec(Spec):
             raise ValueError(f"retrieval_distance must be 'cosine' or 'euclidean', got {self.retrieval_distance!r}")
         for name in ("loss_lr_note", "distributed", "distributed_note"):
             _optional(getattr(self, name), (str,), name, "a str")
-        for name in ("training_setup", "conformance_factory"):
+        for name in ("pretrain_epochs", "demo_pretrain_epochs"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be an integer >= 0 or None, got {value!r}")
+        if not isinstance(self.needs_class_distances, bool):
+            raise TypeError(f"needs_class_distances must be a bool, got {self.needs_class_distances!r}")
+        for name in ("origin", "class_text_model"):
+            _optional(getattr(self, name), (str,), name, "a str")
+        for name in ("training_setup", "conformance_factory", "class_distances_from_texts"):
             if getattr(self, name) is not None and not callable(getattr(self, name)):
                 raise TypeError(f"{name} must be callable or None, got {getattr(self, name)!r}")
         if self.demo_loss_args is not None:
             object.__setattr__(self, "demo_loss_args", _frozen_mapping(self.demo_loss_args, "demo_loss_args"))
         object.__setattr__(self, "conformance", _frozen_mapping(self.conformance, "conformance"))
         if self.search_space is not None:
-            from .search_space import parse_search_space  # noqa: PLC0415 - the spec module stays import-light
+            from .search_space import parse_search_space  # imported here: the spec module stays import-light
 
             parse_search_space(self.search_space)  # a bad range fails at registration, naming the entry
             object.__setattr__(self, "search_space", _frozen_mapping(self.search_space, "search_space"))
@@ -237,7 +263,7 @@ def spec_from_metadata(kind: str, metadata: Mapping[str, Any], *, plugin: str = 
                             f"({renamed.get(target, target)}={values[target]!r}, {key}={value!r})")
         if key in cls.DEPRECATED_ALIASES:
             warnings.warn(f"pml-plugins: plugin {plugin!r} registered the {kind} {name!r} with {key}=...; "
-                          f"the field is {target} (LossSpec.{target})", DeprecationWarning, stacklevel=stacklevel)
+                          f"the field is {target} ({cls.__name__}.{target})", DeprecationWarning, stacklevel=stacklevel)
         values[target] = value
         renamed[target] = key
     return cls(**values)

@@ -46,6 +46,10 @@ class TrainingContext:
     #: This process's rank and the number of processes (0 and 1 unless trained with --distributed).
     rank: int = 0
     world_size: int = 1
+    #: The training split with the evaluation transform (no augmentation), same items in the same
+    #: order as ``train_dataset``: what a plugin embeds as a database or reference set. None when
+    #: the caller has none; then ``train_dataset`` is all there is.
+    train_eval_dataset: Optional[torch.utils.data.Dataset] = None
 
 
 @dataclass

@@ -28,6 +28,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                                      "spec of train) instead of the run's")
     p.add_argument("--embeddings", type=Path, help="query embeddings, (N, D) .npy or .pt")
     p.add_argument("--labels", type=Path, help="query labels, (N,) or (N, C) .npy or .pt")
+    p.add_argument("--query", type=Path, help="query set as one .npz (embeddings or features, labels); with "
+                                              "--gallery instead of --embeddings/--labels/--reference")
+    p.add_argument("--gallery", type=Path, help="gallery set as one .npz; queries are searched in it with "
+                                                "ref_includes_query=False (In-Shop's protocol)")
     p.add_argument("--reference", type=Path, help="reference embeddings (default: the queries themselves)")
     p.add_argument("--reference-labels", type=Path, help="reference labels (required with --reference)")
     p.add_argument("--ref-includes-query", action="store_true",
@@ -94,6 +98,31 @@ def _load(path: Path, what: str) -> Any:
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
+def _load_pair(path: Path, what: str, column: int | None) -> tuple[Any, Any]:
+    """(embeddings, labels) from one .npz holding ``embeddings`` (or ``features``) and ``labels``."""
+    import numpy as np
+    import torch
+
+    if not path.exists():
+        raise FileNotFoundError(f"{what} file {str(path)!r} does not exist")
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        raise ValueError(f"cannot read {what} file {str(path)!r} as .npz: {exc}") from exc
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise ValueError(f"{what} file {str(path)!r} must be an .npz with arrays 'embeddings' and 'labels'")
+    with npz:
+        key = "embeddings" if "embeddings" in npz.files else ("features" if "features" in npz.files else None)
+        if key is None or "labels" not in npz.files:
+            raise ValueError(f"{what} {str(path)!r}: expected arrays 'embeddings' (or 'features') and 'labels', "
+                             f"found {sorted(npz.files)}")
+        emb, labels = torch.from_numpy(np.ascontiguousarray(npz[key])), torch.from_numpy(np.asarray(npz["labels"]))
+    if emb.ndim != 2 or len(emb) != len(labels):
+        raise ValueError(f"{what} {str(path)!r}: embeddings must be (N, D) with N labels, got {tuple(emb.shape)} "
+                         f"and {tuple(labels.shape)}")
+    return emb, _labels(labels, column, what)
+
+
 def _labels(t: Any, column: int | None, what: str) -> Any:
     if column is not None:
         if t.ndim != 2 or not 0 <= column < t.shape[1]:
@@ -136,10 +165,15 @@ def run(args: argparse.Namespace) -> int:
     run_dir = run_dir_argument(args)
     if run_dir is not None:
         return evaluate_run(args, run_dir)
-    if args.embeddings is None or args.labels is None:
-        raise ValueError("give a run folder (evaluate RUN_DIR) or both --embeddings and --labels")
     if args.data is not None:
         raise ValueError("--data goes with a run folder (evaluate RUN_DIR --data ...)")
+    if (args.query is None) != (args.gallery is None):
+        raise ValueError("--query and --gallery go together")
+    if args.query is not None and any(v is not None for v in (args.embeddings, args.labels, args.reference)):
+        raise ValueError("--query/--gallery replace --embeddings, --labels and --reference; give one or the other")
+    if args.query is None and (args.embeddings is None or args.labels is None):
+        raise ValueError("give a run folder (evaluate RUN_DIR), both --embeddings and --labels, or --query and "
+                         "--gallery")
     args.distance = args.distance or "euclidean"
     if (args.reference is None) != (args.reference_labels is None):
         raise ValueError("--reference and --reference-labels go together")
@@ -150,16 +184,20 @@ def run(args: argparse.Namespace) -> int:
         device=args.knn_device or args.device,
         shard={"auto": None, "yes": True, "no": False}[args.knn_shard],
     )
-    query = _load(args.embeddings, "--embeddings")
-    query_labels = _labels(_load(args.labels, "--labels"), args.label_column, "--labels")
-    if args.reference is not None:
-        reference = _load(args.reference, "--reference")
-        reference_labels = _labels(
-            _load(args.reference_labels, "--reference-labels"), args.label_column, "--reference-labels"
-        )
-        ref_includes_query = args.ref_includes_query
+    if args.query is not None:
+        query, query_labels = _load_pair(args.query, "--query", args.label_column)
+        reference, reference_labels = _load_pair(args.gallery, "--gallery", args.label_column)
+        ref_includes_query = False
     else:
-        reference, reference_labels, ref_includes_query = None, None, True
+        query = _load(args.embeddings, "--embeddings")
+        query_labels = _labels(_load(args.labels, "--labels"), args.label_column, "--labels")
+        if args.reference is not None:
+            reference = _load(args.reference, "--reference")
+            reference_labels = _labels(_load(args.reference_labels, "--reference-labels"), args.label_column,
+                                       "--reference-labels")
+            ref_includes_query = args.ref_includes_query
+        else:
+            reference, reference_labels, ref_includes_query = None, None, True
     calculator = AccuracyCalculator(
         include=tuple(args.include), exclude=tuple(args.exclude), avg_of_avgs=args.avg_of_avgs, k=_parse_k(args.k),
         device=torch.device(args.device), knn_func=knn_func,

@@ -54,6 +54,11 @@ def _print_loss_needs(spec: LossSpec) -> None:
               f"{getattr(spec.training_setup, '__qualname__', spec.training_setup)!s} sets up the trainer")
     if not spec.supports_ref_emb:
         print("  ref_emb    not supported (CrossBatchMemory / SelfSupervisedLoss refuse it)")
+    if spec.pretrain_epochs:
+        print(f"  pretrain   {spec.pretrain_epochs} epochs of classification pre-training first (--pretrain-epochs)")
+    if spec.needs_class_distances:
+        model = f" with {spec.class_text_model}" if spec.class_text_model else ""
+        print(f"  distances  class distances from one text per class{model} (--class-texts FILE)")
 
 
 def _print_search_space(entry: reg.Entry) -> None:
@@ -91,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
         if entry.aliases:
             print(f"  aliases    {', '.join(entry.aliases)}")
         spec = entry.spec
-        for key, value in (("summary", spec.summary), ("paper", spec.paper), ("tags", ", ".join(spec.tags))):
+        for key, value in (("summary", spec.summary), ("paper", spec.paper), ("tags", ", ".join(spec.tags)),
+                           ("origin", getattr(spec, "origin", None))):
             if value:
                 print(f"  {key:10s} {value}")
         if isinstance(spec, LossSpec):

@@ -66,6 +66,14 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pretrained", nargs="?", const="cache", metavar="PATH",
                    help="timm: local weights file, or no value for already-cached weights (never downloads)")
     g.add_argument("--image-size", type=int, help="input size for image datasets (default: the backbone's)")
+    g.add_argument("--head", choices=["linear", "none"],
+                   help="embedding head: linear (default) or none (the trunk's pooled features / CLS token; "
+                        "needs --embedding-size equal to the trunk's width)")
+    g.add_argument("--class-texts", metavar="FILE",
+                   help="class -> text (JSON object, or CSV class,text) for losses that take class distances "
+                        "(default: ImageFolder folder names, the digit names for digits)")
+    g.add_argument("--samples-per-class", type=int, metavar="N",
+                   help="few-shot training: N samples of each training class, drawn with --seed")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, help="epochs (default 8; 0 evaluates the untrained model)")
     g.add_argument("--batch-size", type=int, help="samples per batch (default 64)")
@@ -79,6 +87,9 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--lr-step", type=int, metavar="EPOCHS", help="multiply learning rates by --lr-gamma every EPOCHS")
     g.add_argument("--lr-gamma", type=float)
+    g.add_argument("--pretrain-epochs", type=int, metavar="N",
+                   help="epochs of classification pre-training (linear classifier + cross-entropy) before the "
+                        "metric loss (default: what the loss declares, else 0)")
     g.add_argument("--seed", type=int, help="default 0; same seed on CPU gives the same metrics")
     g.add_argument("--device", help="auto (default) | cpu | cuda[:N]")
     g.add_argument("--amp", choices=["auto", "on", "off"], help="mixed precision (auto: on for CUDA)")
@@ -88,6 +99,9 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--retrieval-distance", choices=["cosine", "euclidean"], help="default: what the loss declares")
     g.add_argument("--ks", help="k values for Recall@k / nDCG@k (default 1,2,4,8)")
     g.add_argument("--eval-batch-size", type=int)
+    g.add_argument("--query", metavar="PATH", help="query set (ImageFolder folder or .npz features+labels), "
+                                                    "searched in --gallery instead of the test split in itself")
+    g.add_argument("--gallery", metavar="PATH", help="gallery set for --query (same kind as --query)")
     g.add_argument("--eval-binarize", action="store_true", default=None,
                    help="also evaluate binarised embeddings (LayerNorm + sign, ranked by Hamming distance): "
                         "bits_* metrics, the 'bits' rows of the adaptive-margin paper")
@@ -106,7 +120,8 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
 _FLAG_FIELDS = ("miner", "dataset", "backbone", "embedding_size", "pooling", "head_norm", "pretrained", "image_size",
                 "epochs", "batch_size", "iterations_per_epoch", "sampler", "m", "optimizer", "lr", "loss_lr",
                 "weight_decay", "lr_step", "lr_gamma", "seed", "device", "amp", "threads", "num_workers",
-                "retrieval_distance", "eval_batch_size", "eval_binarize", "out", "keep_last", "tensorboard")
+                "retrieval_distance", "eval_batch_size", "eval_binarize", "out", "keep_last", "tensorboard", "head",
+                "class_texts", "samples_per_class", "pretrain_epochs", "query", "gallery")
 
 
 def flag_values(args: argparse.Namespace) -> dict[str, Any]:
@@ -138,6 +153,8 @@ def print_metrics(metrics: dict, ks) -> None:
     parts = [f"R@{k} {100 * metrics[f'recall_at_{k}']:.1f}" for k in ks if f"recall_at_{k}" in metrics]
     parts.append(f"MAP@R {100 * metrics['map_at_r']:.1f}")
     parts += [f"nDCG@{k} {100 * metrics[f'ndcg_at_{k}']:.1f}" for k in ks if f"ndcg_at_{k}" in metrics]
+    parts += [f"{label} {100 * metrics[key]:.1f}" for key, label in (("mean_average_precision", "mAP"), ("NMI", "NMI"))
+              if key in metrics]
     print("  ".join(parts))
     if "bits_map_at_r" in metrics:
         bits = [f"R@{k} {100 * metrics[f'bits_recall_at_{k}']:.1f}" for k in ks if f"bits_recall_at_{k}" in metrics]

@@ -123,6 +123,15 @@ class KNN:
             return None
         return self.metric
 
+    def full_ranking_prefix(self, device: str | torch.device) -> bool:
+        """Whether the ``k`` columns this function returns for inputs on ``device`` are the first
+        ``k`` of its full ranking: FAISS's flat L2 search on the CPU, which orders equal distances
+        by index for every ``k`` (FAISS's inner-product heaps keep other tied indices for k < 100,
+        and ``torch.topk`` orders ties arbitrarily)."""
+        o = self.options
+        on_cpu = torch.device(device).type == "cpu" and (o.device is None or o.device.type == "cpu")
+        return self.full_ranking_metric == "euclidean" and o.backend != "torch" and on_cpu and faiss_available()
+
     @property
     def is_inverted(self) -> bool:
         """Like PML distances: True when larger scores mean closer (similarities)."""

@@ -24,6 +24,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import tqdm
 
 from .. import registry as reg
+from . import class_texts as class_texts_mod
 from . import stats
 from .config import TrainConfig
 from .outputs import metrics_record, write_json
@@ -74,8 +75,28 @@ def demo_loss_args(dataset: str, losses: Sequence[str], per_loss_args: dict) -> 
     return out
 
 
+def demo_pretrain_epochs(dataset: str, name: str, base: TrainConfig) -> Optional[int]:
+    """A loss's registered ``demo_pretrain_epochs`` on the bundled digits data, unless the user set
+    ``--pretrain-epochs`` (then theirs applies to every loss)."""
+    if dataset.split(":")[0] != "digits" or base.pretrain_epochs is not None:
+        return None
+    return getattr(reg.get_entry("loss", name).spec, "demo_pretrain_epochs", None)  # LossSpec checks it
+
+
 def _label(name: str, args: Optional[dict]) -> str:
     return f"{name} ({', '.join(f'{k}={v}' for k, v in args.items())})" if args else name
+
+
+def _distances_note(name: str, base: TrainConfig, user_args: Optional[dict]) -> str:
+    """`` [d: text of the digit names]`` for a loss whose class distances the main job builds, so a
+    reader sees where they came from (empty when the loss takes none or the user gave them)."""
+    entry = reg.get_entry("loss", name)
+    if not class_texts_mod.needs_class_distances(entry.spec):
+        return ""
+    if any((user_args or {}).get(k) is not None for k in class_texts_mod.USER_KEYS):
+        return " [d: given]"
+    kind = base.dataset.split(":")[0]
+    return f" [d: {class_texts_mod.describe_source(kind, base.class_texts)}]"
 
 
 def run_compare(base: TrainConfig, losses: Sequence[str], out: Path, *, per_loss_args: Optional[dict] = None,
@@ -106,8 +127,14 @@ def run_compare(base: TrainConfig, losses: Sequence[str], out: Path, *, per_loss
         {reg.get_entry("loss", n).spec.retrieval_distance for n in losses} | {"cosine"})
     floors = [(FLOOR if d == "cosine" else f"{FLOOR[:-1]}, {d})", d) for d in distances]
     demo_args = demo_loss_args(base.dataset, losses, per_loss_args)
-    plan = [(_label(name, demo_args.get(name)), name, dict(per_loss_args.get(name, demo_args.get(name, {}))))
-            for name in losses]
+    demo_pretrain = {n: demo_pretrain_epochs(base.dataset, n, base) for n in losses}
+    plan = []
+    for name in losses:
+        shown = {**(demo_args.get(name) or {}),
+                 **({"pretrain_epochs": demo_pretrain[name]} if demo_pretrain[name] is not None else {})}
+        overrides = {"pretrain_epochs": demo_pretrain[name]} if demo_pretrain[name] is not None else {}
+        plan.append((_label(name, shown) + _distances_note(name, base, per_loss_args.get(name)), name,
+                     dict(per_loss_args.get(name, demo_args.get(name, {}))), overrides))
     latest: list = []
 
     def write(rows: list) -> None:
@@ -144,6 +171,7 @@ def columns(ks: Iterable[int]) -> list[tuple[str, str]]:
     ks = list(ks)
     cols = [(f"recall_at_{k}", f"R@{k}") for k in ks] + [("map_at_r", "MAP@R")]
     cols += [(f"ndcg_at_{k}", f"nDCG@{k}") for k in ks if k > 1]
+    cols += [("mean_average_precision", "mAP"), ("NMI", "NMI")]
     return cols
 
 

@@ -40,6 +40,21 @@ class TrainConfig:
     lr_gamma: float = 0.1
     pooling: str = "avg"
     head_norm: str = "none"
+    #: embedding head on the trunk's pooled features: "linear" (a new Linear layer) or "none" (the
+    #: features themselves, e.g. a ViT's CLS token; needs embedding_size == the trunk's width)
+    head: str = "linear"
+    #: epochs of classification pre-training (a linear classifier with cross-entropy on the
+    #: embeddings) before the metric loss; None: what the loss declares (its ``pretrain_epochs``), else 0
+    pretrain_epochs: Optional[int] = None
+    #: class -> text file (JSON object or list, or CSV class,text) for losses that take class
+    #: distances; None: ImageFolder folder names, the digit names for digits
+    class_texts: Optional[str] = None
+    #: separate query / gallery sets for evaluation (ImageFolder folders or .npz files); None: the
+    #: test split queried against itself, or DATASET/query + DATASET/gallery when both exist
+    query: Optional[str] = None
+    gallery: Optional[str] = None
+    #: few-shot training: N samples of each training class, drawn with the run's seed (None: all)
+    samples_per_class: Optional[int] = None
     #: timm backbones: a local weights file, or "cache" (already-downloaded weights only)
     pretrained: Optional[str] = None
     image_size: Optional[int] = None
@@ -179,6 +194,16 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ValueError(f"epochs must be an integer >= 0, got {cfg.epochs!r}")
     if cfg.m is not None and (not isinstance(cfg.m, int) or cfg.m < 1):
         raise ValueError(f"m must be a positive integer, got {cfg.m!r}")
+    if str(cfg.head).lower() not in ("linear", "none"):
+        raise ValueError(f"head must be linear or none, got {cfg.head!r}")
+    cfg.head = str(cfg.head).lower()
+    for name in ("pretrain_epochs", "samples_per_class"):
+        value = getattr(cfg, name)
+        minimum = 0 if name == "pretrain_epochs" else 1
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):
+            raise ValueError(f"{name.replace('_', '-')} must be an integer >= {minimum}, got {value!r}")
+    if (cfg.query is None) != (cfg.gallery is None):
+        raise ValueError("query and gallery go together: give both --query and --gallery, or neither")
     if cfg.iterations_per_epoch is not None and cfg.iterations_per_epoch < 1:
         raise ValueError(f"iterations-per-epoch must be >= 1, got {cfg.iterations_per_epoch!r}")
     cfg.sampler = str(cfg.sampler).replace("_", "-").lower()

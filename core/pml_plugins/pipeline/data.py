@@ -15,15 +15,17 @@ Dataset specs (``--dataset``):
     its samples the 16 font variants under seeded affine distortion), half the classes train and
     the other half test; generated once and cached (:mod:`pml_plugins.pipeline.glyphs`).
 ``imagefolder:PATH``
-    a torchvision ``ImageFolder`` tree; ``PATH/train`` + ``PATH/test`` when both exist,
-    otherwise the first half of the sorted classes trains and the second half tests (the
-    CUB-200 / Cars-196 protocol).
+    a torchvision ``ImageFolder`` tree; ``PATH/train`` + ``PATH/test`` when both exist;
+    ``PATH/train`` + ``PATH/query`` + ``PATH/gallery`` (In-Shop's protocol: queries searched in
+    a separate gallery); otherwise the first half of the sorted classes trains and the second
+    half tests (the CUB-200 / Cars-196 protocol).
 ``cub:PATH`` / ``cars:PATH`` / ``sop:PATH``
     CUB-200-2011, Cars-196, Stanford Online Products through PML's own dataset classes, from
     files already on disk (never downloaded at run time).
 ``embeddings:PATH.npz``
-    precomputed features: ``features`` + ``labels`` (split by class like ``imagefolder``) or
-    ``train_features``/``train_labels``/``test_features``/``test_labels``.
+    precomputed features: ``features`` + ``labels`` (split by class like ``imagefolder``),
+    ``train_features``/``train_labels``/``test_features``/``test_labels``, or
+    ``train_*`` + ``query_features``/``query_labels``/``gallery_features``/``gallery_labels``.
 
 Labels are remapped to ``0..C-1`` within each split, as classification-style losses expect.
 """
@@ -67,6 +69,18 @@ class DataSplits:
     input_shape: Optional[tuple] = None
     train_classes: list = field(default_factory=list)
     test_classes: list = field(default_factory=list)
+    #: the training split with the evaluation transform (same items, same order); None: ``train``
+    #: has no augmentation (tensors), so it serves as is
+    train_eval: Optional[Dataset] = None
+    #: a separate gallery the ``test`` split (then the query set) is searched in; None: ``test``
+    #: is queried against itself
+    gallery: Optional[Dataset] = None
+    gallery_labels: Optional[np.ndarray] = None
+
+    @property
+    def train_without_augmentation(self) -> Dataset:
+        """The training items as the evaluation sees them (for databases, references, pre-computed rows)."""
+        return self.train_eval if self.train_eval is not None else self.train
     #: validation classes held out of the training classes (:func:`hold_out_classes`); None: no validation
     val: Optional[Dataset] = None
     val_labels: Optional[np.ndarray] = None
@@ -82,8 +96,11 @@ class DataSplits:
     def describe(self) -> str:
         val = "" if self.val_labels is None else \
             f"validation {len(self.val_labels)} samples / {len(np.unique(self.val_labels))} classes, "
-        return (f"{self.spec}: train {len(self.train_labels)} samples / {self.num_train_classes} classes, "
-                f"{val}test {len(self.test_labels)} samples / {self.num_test_classes} classes (disjoint)")
+        train = f"{self.spec}: train {len(self.train_labels)} samples / {self.num_train_classes} classes, {val}"
+        if self.gallery is not None:
+            return (train + f"query {len(self.test_labels)} samples / {self.num_test_classes} classes, gallery "
+                    f"{len(self.gallery_labels)} samples / {len(np.unique(self.gallery_labels))} classes")
+        return train + f"test {len(self.test_labels)} samples / {self.num_test_classes} classes (disjoint)"
 
 
 class TensorPairs(Dataset):
@@ -203,6 +220,11 @@ def _remap(labels: Sequence[Any]) -> tuple[np.ndarray, list]:
     return np.array([index[c] for c in labels], dtype=np.int64), classes
 
 
+def remap_labels(labels: Sequence[Any]) -> tuple[np.ndarray, list]:
+    """Labels as ``0..C-1`` in sorted class order, and the sorted classes."""
+    return _remap(labels)
+
+
 def _split_classes(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Masks of the train / test samples: the first half of the sorted classes trains."""
     classes = np.unique(labels)
@@ -254,6 +276,8 @@ def _glyphs(spec: str, options: Optional[str]) -> DataSplits:
 def _load_npz(path: str) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
     with np.load(path, allow_pickle=False) as npz:
         keys = set(npz.files)
+        if {"train_features", "train_labels", *QUERY_GALLERY_KEYS} <= keys:
+            return npz["train_features"], npz["train_labels"], npz["query_features"], npz["query_labels"]
         if {"train_features", "train_labels", "test_features", "test_labels"} <= keys:
             return npz["train_features"], npz["train_labels"], npz["test_features"], npz["test_labels"]
         feat_key = "features" if "features" in keys else ("embeddings" if "embeddings" in keys else None)
@@ -261,6 +285,17 @@ def _load_npz(path: str) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray], 
             raise ValueError(f"{path}: expected arrays 'features' (or 'embeddings') and 'labels', or "
                              f"'train_features', 'train_labels', 'test_features', 'test_labels'; found {sorted(keys)}")
         return npz[feat_key], npz["labels"], None, None
+
+
+QUERY_GALLERY_KEYS = ("query_features", "query_labels", "gallery_features", "gallery_labels")
+
+
+def load_npz_gallery(path: str) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """``(gallery_features, gallery_labels)`` of an .npz that has them, else None."""
+    with np.load(path, allow_pickle=False) as npz:
+        if set(QUERY_GALLERY_KEYS) <= set(npz.files):
+            return npz["gallery_features"], np.asarray(npz["gallery_labels"]).reshape(-1)
+    return None
 
 
 def _embeddings(spec: str, path: str) -> DataSplits:
@@ -277,12 +312,25 @@ def _embeddings(spec: str, path: str) -> DataSplits:
     if x.shape[1] != xt.shape[1]:
         raise ValueError(f"{path}: train and test features differ in width ({x.shape[1]} vs {xt.shape[1]})")
     y_r, train_classes = _remap(np.asarray(y).reshape(-1).tolist())
-    yt_r, test_classes = _remap(np.asarray(yt).reshape(-1).tolist())
-    return DataSplits(spec=spec, kind="embeddings",
-                      train=TensorPairs(torch.as_tensor(np.asarray(x, dtype=np.float32)), y_r),
-                      test=TensorPairs(torch.as_tensor(np.asarray(xt, dtype=np.float32)), yt_r),
-                      train_labels=y_r, test_labels=yt_r, input_shape=(int(x.shape[1]),),
-                      train_classes=train_classes, test_classes=test_classes)
+    gallery = load_npz_gallery(path)
+    if gallery is not None:  # query / gallery share one label space: remap them together
+        xg, yg = gallery
+        if xg.ndim != 2 or xg.shape[1] != x.shape[1] or len(xg) != len(yg):
+            raise ValueError(f"{path}: gallery_features must be (N, {x.shape[1]}) with N gallery_labels, "
+                             f"got {xg.shape} and {yg.shape}")
+        both, test_classes = _remap(np.concatenate([np.asarray(yt).reshape(-1), yg]).tolist())
+        yt_r, yg_r = both[:len(yt)], both[len(yt):]
+    else:
+        yt_r, test_classes = _remap(np.asarray(yt).reshape(-1).tolist())
+    splits = DataSplits(spec=spec, kind="embeddings",
+                        train=TensorPairs(torch.as_tensor(np.asarray(x, dtype=np.float32)), y_r),
+                        test=TensorPairs(torch.as_tensor(np.asarray(xt, dtype=np.float32)), yt_r),
+                        train_labels=y_r, test_labels=yt_r, input_shape=(int(x.shape[1]),),
+                        train_classes=train_classes, test_classes=test_classes)
+    if gallery is not None:
+        splits.gallery = TensorPairs(torch.as_tensor(np.asarray(xg, dtype=np.float32)), yg_r)
+        splits.gallery_labels = yg_r
+    return splits
 
 
 def _scan_folder(root: str) -> tuple[list[str], list[str]]:
@@ -297,6 +345,15 @@ def _scan_folder(root: str) -> tuple[list[str], list[str]]:
 
 def _imagefolder(spec: str, path: str, transforms: ImageTransforms) -> DataSplits:
     train_dir, test_dir = os.path.join(path, "train"), os.path.join(path, "test")
+    query_dir, gallery_dir = os.path.join(path, "query"), os.path.join(path, "gallery")
+    if os.path.isdir(train_dir) and os.path.isdir(query_dir) and os.path.isdir(gallery_dir):
+        train_paths, train_names = _scan_folder(train_dir)
+        y, train_classes = _remap(train_names)
+        query, gallery = load_image_query_gallery(query_dir, gallery_dir, transforms.test)
+        return DataSplits(spec=spec, kind="imagefolder", train=RelabeledImages(train_paths, y, transforms.train),
+                          test=query, train_labels=y, test_labels=query.labels, train_classes=train_classes,
+                          test_classes=query.classes, train_eval=RelabeledImages(train_paths, y, transforms.test),
+                          gallery=gallery, gallery_labels=gallery.labels)
     if os.path.isdir(train_dir) and os.path.isdir(test_dir):
         train_paths, train_names = _scan_folder(train_dir)
         test_paths, test_names = _scan_folder(test_dir)
@@ -313,7 +370,25 @@ def _imagefolder(spec: str, path: str, transforms: ImageTransforms) -> DataSplit
     return DataSplits(spec=spec, kind="imagefolder",
                       train=RelabeledImages(train_paths, y, transforms.train),
                       test=RelabeledImages(test_paths, yt, transforms.test),
-                      train_labels=y, test_labels=yt, train_classes=train_classes, test_classes=test_classes)
+                      train_labels=y, test_labels=yt, train_classes=train_classes, test_classes=test_classes,
+                      train_eval=RelabeledImages(train_paths, y, transforms.test))
+
+
+def load_image_query_gallery(query_dir: str, gallery_dir: str,
+                             transform: Optional[Callable] = None) -> tuple[RelabeledImages, RelabeledImages]:
+    """Two ImageFolder trees whose class folders name the same classes (In-Shop's item ids), as
+    datasets with one shared label space (``.classes`` lists it)."""
+    query_paths, query_names = _scan_folder(query_dir)
+    gallery_paths, gallery_names = _scan_folder(gallery_dir)
+    labels, classes = _remap(query_names + gallery_names)
+    missing = sorted(set(query_names) - set(gallery_names))
+    if len(missing) == len(set(query_names)):
+        raise ValueError(f"{query_dir} and {gallery_dir} share no class folder: a query can never find its "
+                         f"class in the gallery (first query classes: {missing[:5]})")
+    query = RelabeledImages(query_paths, labels[:len(query_paths)], transform)
+    gallery = RelabeledImages(gallery_paths, labels[len(query_paths):], transform)
+    query.classes = gallery.classes = classes
+    return query, gallery
 
 
 def _pml_dataset(spec: str, kind: str, path: str, transforms: ImageTransforms) -> DataSplits:
@@ -332,9 +407,11 @@ def _pml_dataset(spec: str, kind: str, path: str, transforms: ImageTransforms) -
         ds = cls(root=path, split=split, download=False)
         labels, classes = _remap(list(ds.labels))
         parts[split] = (RelabeledImages(ds.paths, labels, getattr(transforms, split)), labels, classes)
-    return DataSplits(spec=spec, kind=kind, train=parts["train"][0], test=parts["test"][0],
+    train = parts["train"][0]
+    return DataSplits(spec=spec, kind=kind, train=train, test=parts["test"][0],
                       train_labels=parts["train"][1], test_labels=parts["test"][1],
-                      train_classes=parts["train"][2], test_classes=parts["test"][2])
+                      train_classes=parts["train"][2], test_classes=parts["test"][2],
+                      train_eval=RelabeledImages(train.paths, train.labels, transforms.test))
 
 
 class RelabeledSubset(Dataset):
@@ -400,10 +477,12 @@ def hold_out_classes(splits: DataSplits, held_out: Sequence[int]) -> DataSplits:
     train_y, train_ids = _remap(labels[train_idx].tolist())
     val_y, val_ids = _remap(labels[val_idx].tolist())
     names = list(splits.train_classes) or list(range(int(labels.max()) + 1))
+    # validation is evaluation: its items come without the training augmentation
+    train_eval = None if splits.train_eval is None else RelabeledSubset(splits.train_eval, train_idx, train_y)
     return dataclasses.replace(
         splits, train=RelabeledSubset(splits.train, train_idx, train_y), train_labels=train_y,
-        train_classes=[names[c] for c in train_ids], val=RelabeledSubset(splits.train, val_idx, val_y),
-        val_labels=val_y)
+        train_classes=[names[c] for c in train_ids], train_eval=train_eval,
+        val=RelabeledSubset(splits.train_without_augmentation, val_idx, val_y), val_labels=val_y)
 
 
 def dataset_labels(dataset: Dataset) -> np.ndarray:

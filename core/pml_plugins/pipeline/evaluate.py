@@ -1,10 +1,13 @@
 """Evaluation: PML's ``GlobalEmbeddingSpaceTester`` with the project's ``AccuracyCalculator``.
 
 The test split is queried against itself (each query excluded from its own neighbours), the
-standard deep-metric-learning protocol. ``retrieval_distance`` (from the loss's registry entry)
-picks the geometry: ``"cosine"`` L2-normalises the embeddings before the kNN; ``"euclidean"``
-(losses such as Class Anchor Margin that shape an unnormalised space) searches with L2 distance
-on the raw embeddings.
+standard deep-metric-learning protocol; or, given a ``gallery``, a query set is searched in a
+separate gallery set (``ref_includes_query=False``), In-Shop's protocol. Besides Recall@k,
+nDCG@k, MAP@R and P@1 the reported metrics include PML's ``mean_average_precision`` (the mAP
+CAM reports) and ``NMI`` (k-means clustering, the Group Loss's metric), under PML's names.
+``retrieval_distance`` (from the loss's registry entry) picks the geometry: ``"cosine"``
+L2-normalises the embeddings before the kNN; ``"euclidean"`` (losses such as Class Anchor Margin
+that shape an unnormalised space) searches with L2 distance on the raw embeddings.
 """
 from __future__ import annotations
 
@@ -20,10 +23,10 @@ RETRIEVAL_DISTANCES = ("cosine", "euclidean")
 
 def make_accuracy_calculator(ks: Sequence[int] = DEFAULT_KS, retrieval_distance: str = "cosine",
                              device: torch.device | None = None) -> Any:
-    """The one place that chooses the accuracy calculator (Recall@k, nDCG@k, MAP@R, P@1)."""
+    """The one place that chooses the accuracy calculator (Recall@k, nDCG@k, MAP@R, mAP, NMI, P@1)."""
     if retrieval_distance not in RETRIEVAL_DISTANCES:
         raise ValueError(f"retrieval_distance must be one of {RETRIEVAL_DISTANCES}, got {retrieval_distance!r}")
-    include = ("precision_at_1", "mean_average_precision_at_r", "r_precision",
+    include = ("precision_at_1", "mean_average_precision_at_r", "mean_average_precision", "r_precision", "NMI",
                *[f"recall_at_{k}" for k in ks], *[f"ndcg_at_{k}" for k in ks])
     from ..knn import KNN
     from ..metrics import AccuracyCalculator
@@ -66,11 +69,13 @@ class _QuietTester(GlobalEmbeddingSpaceTester):
         return embeddings, labels
 
 
-_NAMES = {"mean_average_precision_at_r": "map_at_r", "mean_average_precision": "map"}
+#: MAP@R gets its short name; mAP and NMI keep PML's names (``mean_average_precision``, ``NMI``)
+_NAMES = {"mean_average_precision_at_r": "map_at_r"}
 
 
 def standard_metric_name(name: str) -> str:
-    """``recall_at_1_level0`` -> ``recall_at_1``; ``mean_average_precision_at_r`` -> ``map_at_r``."""
+    """``recall_at_1_level0`` -> ``recall_at_1``; ``mean_average_precision_at_r`` -> ``map_at_r``; others
+    keep PML's names."""
     if name.endswith("_level0"):
         name = name[: -len("_level0")]
     return _NAMES.get(name, name)
@@ -79,8 +84,12 @@ def standard_metric_name(name: str) -> str:
 def evaluate(trunk: torch.nn.Module, embedder: torch.nn.Module, dataset: torch.utils.data.Dataset, *,
              device: torch.device, retrieval_distance: str = "cosine", ks: Sequence[int] = DEFAULT_KS,
              batch_size: int = 256, progress: bool = True, dtype: torch.dtype | None = None,
-             binarize: bool = False, with_bits: bool = False, keep: Optional[dict] = None) -> dict[str, float]:
-    """Embed ``dataset`` and return retrieval metrics, test split queried against itself.
+             binarize: bool = False, with_bits: bool = False, keep: Optional[dict] = None,
+             gallery: torch.utils.data.Dataset | None = None) -> dict[str, float]:
+    """Embed ``dataset`` and return retrieval metrics, test split queried against itself, or,
+    with ``gallery``, ``dataset`` as the query set searched in ``gallery`` (``ref_includes_query``
+    False: a query's own row is never excluded, the gallery holds other images). NMI then
+    clusters the query set.
 
     ``binarize=True`` evaluates the ±1 codes of :func:`pml_plugins.binarize_embeddings`
     instead (cosine of codes = 1 - 2 Hamming / D, so the ranking is by Hamming distance; needs
@@ -109,9 +118,15 @@ def evaluate(trunk: torch.nn.Module, embedder: torch.nn.Module, dataset: torch.u
         binarize=binarize,
         desc="embedding test split" + (" (bits)" if binarize else ""),
     )
-    accuracies = tester.test({"test": dataset}, 0, trunk, embedder, splits_to_eval=[("test", ["test"])])
-    out = {standard_metric_name(key): float(value) for key, value in accuracies["test"].items() if key != "epoch"}
-    if keep is not None:
+    if gallery is None:
+        accuracies = tester.test({"test": dataset}, 0, trunk, embedder, splits_to_eval=[("test", ["test"])])
+        query_key = "test"
+    else:  # PML: a query split absent from the reference list -> ref_includes_query=False
+        accuracies = tester.test({"query": dataset, "gallery": gallery}, 0, trunk, embedder,
+                                 splits_to_eval=[("query", ["gallery"])])
+        query_key = "query"
+    out = {standard_metric_name(key): float(value) for key, value in accuracies[query_key].items() if key != "epoch"}
+    if keep is not None and gallery is None:  # the report's gallery and map re-rank the test split itself
         embeddings, labels = kept["test"]
         keep.update(embeddings=embeddings, labels=labels[:, 0] if labels.ndim == 2 else labels)
     if with_bits and not binarize:
@@ -119,9 +134,16 @@ def evaluate(trunk: torch.nn.Module, embedder: torch.nn.Module, dataset: torch.u
 
         # L2-normalised for cosine, which leaves the codes unchanged (the sign of x - mean(x) is
         # scale-invariant)
-        embeddings, labels = kept["test"]
-        bits = make_accuracy_calculator(ks, "cosine", device=device).get_accuracy(
-            binarize_embeddings(embeddings), labels[:, 0] if labels.ndim == 2 else labels)
+        embeddings, labels = kept[query_key]
+        flat = (lambda y: y[:, 0] if y.ndim == 2 else y)
+        if gallery is None:
+            bits = make_accuracy_calculator(ks, "cosine", device=device).get_accuracy(
+                binarize_embeddings(embeddings), flat(labels))
+        else:
+            ref, ref_labels = kept["gallery"]
+            bits = make_accuracy_calculator(ks, "cosine", device=device).get_accuracy(
+                binarize_embeddings(embeddings), flat(labels), binarize_embeddings(ref), flat(ref_labels),
+                ref_includes_query=False)
         out.update({f"bits_{standard_metric_name(key)}": float(value) for key, value in bits.items()})
     return out
 

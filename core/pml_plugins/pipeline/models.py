@@ -14,8 +14,9 @@ Backbone specs (``--backbone``):
     is downloaded at run time.
 
 The embedder is :class:`EmbeddingHead`: optional pooling of feature maps (average or GeM,
-as the MPA paper uses), a linear layer, then optional LayerNorm (non-parametric, as in the
-adaptive-margin paper) and/or L2 normalisation.
+as the MPA paper uses), a linear layer (``head="linear"``) or none (``head="none"``: the trunk's
+pooled features are the embedding, e.g. a ViT's CLS token as DMCAC uses), then optional
+LayerNorm (non-parametric, as in the adaptive-margin paper) and/or L2 normalisation.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from .data import ImageTransforms, default_image_transforms
 BUILTIN_BACKBONES = ("mlp", "cnn", "identity")
 HEAD_NORMS = ("none", "l2", "layernorm", "layernorm+l2")
 POOLINGS = ("avg", "gem")
+HEADS = ("linear", "none")
 
 
 class GeM(nn.Module):
@@ -49,18 +51,24 @@ class GeM(nn.Module):
 
 
 class EmbeddingHead(nn.Module):
-    """[pool] -> linear -> [LayerNorm without affine] -> [L2 normalise]."""
+    """[pool] -> linear (or nothing, ``head="none"``) -> [LayerNorm without affine] -> [L2 normalise]."""
 
     def __init__(self, in_features: int, embedding_size: int, *, pooling: str = "avg", norm: str = "none",
-                 gem_p: float = 3.0):
+                 gem_p: float = 3.0, head: str = "linear"):
         super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        if head == "none" and int(embedding_size) != int(in_features):
+            raise ValueError(f"head='none' uses the trunk's {in_features}-d features as the embedding: set "
+                             f"embedding_size={in_features} (got {embedding_size}), or use head='linear'")
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         if norm not in HEAD_NORMS:
             raise ValueError(f"head norm must be one of {HEAD_NORMS}, got {norm!r}")
         self.pooling, self.norm = pooling, norm
         self.gem = GeM(gem_p) if pooling == "gem" else None
-        self.fc = nn.Linear(in_features, embedding_size)
+        self.head = head
+        self.fc = nn.Linear(in_features, embedding_size) if head == "linear" else nn.Identity()
         self.layernorm = nn.LayerNorm(embedding_size, elementwise_affine=False) if "layernorm" in norm else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,7 +144,7 @@ def parse_backbone(spec: str) -> tuple[str, Optional[str]]:
 
 def build_model(backbone: str, *, embedding_size: int, input_shape: Optional[tuple], image_size: Optional[int] = None,
                 pooling: str = "avg", head_norm: str = "none", pretrained: Optional[str] = None,
-                gem_p: float = 3.0) -> Model:
+                gem_p: float = 3.0, head: str = "linear") -> Model:
     """Build trunk + embedder. ``input_shape`` is fixed by non-image data, None for image folders."""
     if int(embedding_size) < 1:
         raise ValueError(f"embedding size must be >= 1, got {embedding_size}")
@@ -166,9 +174,10 @@ def build_model(backbone: str, *, embedding_size: int, input_shape: Optional[tup
             # head as vectors, not as a feature map the head would pool to one value per channel
             trunk = nn.Flatten() if len(input_shape) > 1 else nn.Identity()
             features, desc = math.prod(input_shape), "identity"
-    embedder = EmbeddingHead(features, int(embedding_size), pooling=pooling, norm=head_norm, gem_p=gem_p)
+    embedder = EmbeddingHead(features, int(embedding_size), pooling=pooling, norm=head_norm, gem_p=gem_p, head=head)
+    layer = f"{features}->{embedding_size}" if head == "linear" else f"none: the trunk's {features}-d features"
     return Model(trunk=trunk, embedder=embedder, feature_size=features, transforms=transforms,
-                 description=f"{desc} + head({features}->{embedding_size}, pool={pooling}, norm={head_norm})")
+                 description=f"{desc} + head({layer}, pool={pooling}, norm={head_norm})")
 
 
 def _timm_trunk(name: str, *, input_shape, image_size, pooling, pretrained):

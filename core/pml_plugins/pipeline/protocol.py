@@ -266,8 +266,8 @@ def run_protocol(base: TrainConfig, losses: Sequence[tuple[str, str, dict]], out
                  floors: Sequence[tuple[str, str]] = (), progress: bool = True,
                  say: Callable[[str], None] = print,
                  on_update: Optional[Callable[[list], None]] = None) -> list[LossSummary]:
-    """Run the protocol. ``losses``: ``(label, loss name, fixed constructor args)``; ``floors``:
-    ``(label, retrieval distance)`` of the untrained rows. ``on_update(summaries)`` is called
+    """Run the protocol. ``losses``: ``(label, loss name, fixed constructor args[, config overrides])``;
+    ``floors``: ``(label, retrieval distance)`` of the untrained rows. ``on_update(summaries)`` is called
     after every run (to rewrite the result files), also with the partial rows on Ctrl-C."""
     out = Path(out)
     splits = data_mod.load_data(base.dataset) if protocol.validates else None
@@ -296,13 +296,18 @@ def run_protocol(base: TrainConfig, losses: Sequence[tuple[str, str, dict]], out
             done += 1
             _say_run(say, done, total, record)
             update()
-    for label, name, fixed_args in losses:
+    for item in losses:
+        label, name, fixed_args = item[:3]
+        # a 4th element: settings of this loss's runs other than its arguments (e.g. pretrain_epochs)
+        loss_base = dataclasses.replace(base, **item[3]) if len(item) > 3 and item[3] else base
         row = LossSummary(label=label, loss=name)
         summaries.append(row)
         args = dict(fixed_args)
         if protocol.tune:
             try:
-                row.tuning = tune_loss(base, name, label, args, protocol, out, num_train, progress=progress, log=say)
+                row.tuning = tune_loss(
+                    loss_base, name, label, args, protocol, out, num_train, progress=progress, log=say
+                )
             except KeyboardInterrupt:
                 raise
             except Exception as exc:
@@ -317,7 +322,7 @@ def run_protocol(base: TrainConfig, losses: Sequence[tuple[str, str, dict]], out
         for seed in range(protocol.seeds):
             for j, held in enumerate(plans[seed]):
                 fold = j if protocol.folds > 1 else None
-                cfg = dataclasses.replace(base, loss=name, loss_args=loss_args, seed=seed,
+                cfg = dataclasses.replace(loss_base, loss=name, loss_args=loss_args, seed=seed,
                                           loss_lr=loss_lr if loss_lr is not None else base.loss_lr,
                                           out=str(run_dir(out, _safe(name), seed, fold)))
                 record = execute(cfg, label, loss=name, seed=seed, fold=fold, held_out=held, progress=progress,

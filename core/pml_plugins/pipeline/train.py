@@ -30,15 +30,17 @@ from .. import registry as reg
 from ..specs import LossSpec
 from ..training_protocol import TrainingContext, TrainingSetup
 from . import data as data_mod
-from . import ddp
+from . import ddp, protocols
 from . import models as models_mod
 from . import resume as resume_mod
 from .builders import build_loss, build_miner, constructor_parameters
 from .checkpoint import seed_all
+from .class_texts import class_distances_for_run, read_class_texts
 from .config import TrainConfig
 from .evaluate import evaluate
 from .memory import PeakMemory
 from .outputs import RunResult, metrics_record, plot_metrics, write_json, write_outputs
+from .pretrain import pretrain_classifier, pretrain_epochs_for
 from .sampling import choose_m, m_per_class_sampler, preferred_m
 from .selection import EpochSelection
 from .trainer import EmbeddingTrainer, build_optimizers, build_schedulers, chain_hooks, quiet_pml_logger
@@ -171,6 +173,8 @@ def _run(cfg: TrainConfig, name: str, *, progress: bool, log: Optional[Callable[
     tb = _start_logs(run, resumed_epoch=int(state["epoch"]) if state is not None else 0)
     try:
         if train:
+            if state is None:  # a resumed run's weights (pre-trained or not) come from its checkpoint
+                _pretrain(run)
             trainer, setup, retrieval = _build_trainer(run, epoch_log=_epoch_log(run, tb))
             epoch_checkpoints = bool(cfg.out) and write_checkpoint
             with mem, resume_mod.StopSignal(distributed=env is not None, log=log) as stop:
@@ -190,7 +194,8 @@ def _run(cfg: TrainConfig, name: str, *, progress: bool, log: Optional[Callable[
         if run.lead:
             metrics = evaluate(run.trunk, run.embedder, run.splits.test, device=run.device,
                                retrieval_distance=retrieval, ks=cfg.ks, batch_size=cfg.eval_batch_size,
-                               progress=progress, with_bits=cfg.eval_binarize, keep=kept if cfg.out else None)
+                               progress=progress, with_bits=cfg.eval_binarize, keep=kept if cfg.out else None,
+                               gallery=run.splits.gallery)
         result = _result(run, metrics, trainer, mem if train else None)
         if cfg.out and run.lead:
             _save_test_embeddings(run, kept, retrieval, tb, metrics, step=int(result.extra.get("epochs_run", 0)))
@@ -331,6 +336,8 @@ def _check_names(run: _Run) -> None:
     if cfg.miner:
         reg.get_entry("miner", cfg.miner)
     kind, _ = data_mod.parse_dataset_spec(cfg.dataset)
+    if cfg.class_texts is not None:  # a recipe that names its class texts refuses to start without them
+        read_class_texts(cfg.class_texts)
     run.backbone = _default_backbone(kind) if cfg.backbone == "auto" else cfg.backbone
     models_mod.parse_backbone(run.backbone)
 
@@ -340,17 +347,23 @@ def _build_model_and_data(run: _Run) -> None:
     set_seed(cfg.seed)
     run.model = models_mod.build_model(run.backbone, embedding_size=cfg.embedding_size,
                                        input_shape=data_mod.feature_shape(cfg.dataset), image_size=cfg.image_size,
-                                       pooling=cfg.pooling, head_norm=cfg.head_norm, pretrained=cfg.pretrained)
+                                       pooling=cfg.pooling, head_norm=cfg.head_norm, pretrained=cfg.pretrained,
+                                       head=cfg.head)
     run.splits = data_mod.load_data(cfg.dataset, run.model.transforms)
     if run.selection is not None and cfg.loss is not None and cfg.epochs > 0:
         run.splits = data_mod.hold_out_classes(run.splits, run.selection.held_out)
+    # the papers' protocols: --query/--gallery, --samples-per-class (few-shot training)
+    run.splits, protocol = protocols.apply_protocols(run.splits, query=cfg.query, gallery=cfg.gallery,
+                                                     samples_per_class=cfg.samples_per_class, seed=cfg.seed,
+                                                     transforms=run.model.transforms)
     run.trunk, run.embedder = run.model.trunk.to(run.device), run.model.embedder.to(run.device)
     run.resolved = {"name": run.name, "device": str(run.device),
                     "amp": str(run.amp_dtype) if run.amp_dtype else "off", "backbone": run.backbone,
                     "model": run.model.description, "data": run.splits.describe(),
                     "num_train_classes": run.splits.num_train_classes, "threads": torch.get_num_threads(),
                     "versions": _versions(), "command": sys.argv, "machine": _machine(run.device),
-                    "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+                    "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                    **protocol}
     if run.env is not None:
         run.resolved["distributed"] = {"world_size": run.env.world_size, "rank": run.env.rank,
                                        "backend": torch.distributed.get_backend()}
@@ -360,8 +373,15 @@ def _build_trainer(run: _Run, epoch_log: Optional[Callable[[Any], None]] = None
                    ) -> tuple[EmbeddingTrainer, TrainingSetup, str]:
     """Loss, miner, the loss's training setup, sampler, optimizers and DDP wrapping -> PML trainer."""
     cfg, env, resolved = run.cfg, run.env, run.resolved
+    # a loss that takes class distances gets them from class texts (written to the run folder)
+    kind, _ = data_mod.parse_dataset_spec(cfg.dataset)
+    loss_args, distances = class_distances_for_run(run.entry.spec, dict(cfg.loss_args),
+                                                   train_classes=run.splits.train_classes, dataset_kind=kind,
+                                                   class_texts=cfg.class_texts, out=cfg.out if run.lead else None)
+    if distances is not None:
+        resolved["class_distances"] = distances
     loss, entry, loss_args, options = build_loss(run.entry.qualified_name, num_classes=run.splits.num_train_classes,
-                                                 embedding_size=cfg.embedding_size, loss_args=cfg.loss_args,
+                                                 embedding_size=cfg.embedding_size, loss_args=loss_args,
                                                  loss_options=cfg.loss_options)
     loss = loss.to(run.device)
     semantics = None
@@ -470,7 +490,8 @@ def _training_setup(run: _Run, loss: torch.nn.Module, entry: reg.Entry, options:
                               batch_size=cfg.batch_size, epochs=cfg.epochs, device=device, seed=cfg.seed,
                               num_workers=cfg.num_workers, embed=embed, options=dict(options),
                               progress=run.progress, rank=env.rank if env is not None else 0,
-                              world_size=env.world_size if env is not None else 1)
+                              world_size=env.world_size if env is not None else 1,
+                              train_eval_dataset=run.splits.train_eval)
     setup = training_setup(loss, context) or TrainingSetup()
     if not isinstance(setup, TrainingSetup):
         raise TypeError(f"{entry.name}'s training_setup returned {type(setup).__name__}, "
@@ -479,6 +500,24 @@ def _training_setup(run: _Run, loss: torch.nn.Module, entry: reg.Entry, options:
                                       "replaces_dataset": setup.train_dataset is not None,
                                       "sampler": type(setup.sampler).__name__ if setup.sampler else None}
     return setup
+
+
+def _pretrain(run: _Run) -> None:
+    """Classification pre-training when the loss declares it (``pretrain_epochs``) or the user asks."""
+    cfg = run.cfg
+    epochs = pretrain_epochs_for(cfg.pretrain_epochs, run.entry.spec)
+    if epochs == 0:
+        return
+    if run.env is not None:
+        raise ValueError("classification pre-training (pretrain_epochs) runs in one process only; pre-train "
+                         "without --distributed, or set --pretrain-epochs 0")
+    if run.log is not None:
+        run.log(f"{run.name}: {epochs} epochs of classification pre-training (linear classifier + cross-entropy)")
+    run.resolved["pretraining"] = pretrain_classifier(
+        run.trunk, run.embedder, run.splits.train, num_classes=run.splits.num_train_classes,
+        embedding_size=cfg.embedding_size, epochs=epochs, batch_size=cfg.batch_size, optimizer=cfg.optimizer,
+        lr=cfg.lr, weight_decay=cfg.weight_decay, device=run.device, seed=cfg.seed, num_workers=cfg.num_workers,
+        amp_dtype=run.amp_dtype, progress=run.progress)
 
 
 def _sampler(run: _Run, spec: LossSpec, setup: TrainingSetup,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from .artifacts import (
     MAX_THUMBNAILS,
@@ -51,13 +51,13 @@ def _threads(n: int):
 
 
 def write_report(
-    directory: Any, out: Any | None = None, *, seed: int = 0, run_reports: bool = True, threads: int = 1
+    directory: Any, out: Optional[Any] = None, *, seed: int = 0, run_reports: bool = True, threads: int = 1
 ) -> Path:
     """Write the report of a run folder or a comparison folder; returns the file written.
 
     ``out`` defaults to ``DIRECTORY/report.html``. For a comparison (a folder with
-    ``results.csv``) every run under ``runs/`` gets its own report first (``run_reports``),
-    and the comparison's report links to them.
+    ``results.csv``) each loss's run under ``runs/`` (its first seed) gets its own report first
+    (``run_reports``), and the comparison's report links to them.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -75,14 +75,13 @@ def write_report(
 
 
 def _build(directory: Path, target: Path, seed: int, run_reports: bool) -> str:
-    from .compare_report import build_compare_report, is_compare_dir, run_dirs
+    from .compare_report import build_compare_report, is_compare_dir, report_targets
     from .run_report import build_run_report
 
     if is_compare_dir(directory):
         if run_reports:
-            for run in run_dirs(directory):
-                if (run / "config.json").is_file() or (run / "metrics.json").is_file():
-                    (run / REPORT_FILE).write_text(build_run_report(run, seed=seed), encoding="utf-8")
+            for run in report_targets(directory):
+                (run / REPORT_FILE).write_text(build_run_report(run, seed=seed), encoding="utf-8")
         text = build_compare_report(directory, link_base=target.parent)
     else:
         text = build_run_report(directory, seed=seed)

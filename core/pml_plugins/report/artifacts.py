@@ -24,7 +24,7 @@ import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 
@@ -95,10 +95,10 @@ def save_test_artifacts(
     out: PathLike,
     embeddings: Any,
     labels: Any,
-    thumbnails: Any | None = None,
+    thumbnails: Optional[Any] = None,
     *,
-    thumbnail_index: Sequence[int] | None = None,
-    class_names: Sequence | None = None,
+    thumbnail_index: Optional[Sequence[int]] = None,
+    class_names: Optional[Sequence] = None,
     retrieval_distance: str = "cosine",
 ) -> Path:
     """Write ``OUT/test_embeddings.npz`` (see the module docstring); returns its path.
@@ -147,7 +147,7 @@ def save_test_artifacts(
     return path
 
 
-def load_test_artifacts(run_dir: PathLike) -> dict[str, Any] | None:
+def load_test_artifacts(run_dir: PathLike) -> Optional[dict[str, Any]]:
     """The arrays of ``RUN_DIR/test_embeddings.npz`` as a dict, or None when the run has none."""
     path = Path(run_dir) / TEST_ARTIFACTS
     if not path.is_file():
@@ -168,7 +168,7 @@ def thumbnail_sample(n: int, seed: int = 0, limit: int = MAX_THUMBNAILS) -> np.n
     return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
 
 
-def make_thumbnails(dataset: Any, indices: Iterable[int], size: int = THUMBNAIL_SIZE) -> np.ndarray | None:
+def make_thumbnails(dataset: Any, indices: Iterable[int], size: int = THUMBNAIL_SIZE) -> Optional[np.ndarray]:
     """uint8 thumbnails of ``dataset[indices]`` for the report, or None for feature vectors.
 
     Image files (a dataset with ``paths``) are read again with PIL, without the model's

@@ -8,13 +8,15 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Optional
 
 from . import figures
 from .html import Raw, esc, img, page, table
 
 #: section ids of a comparison report, in order
 COMPARE_SECTIONS = ("setting", "comparison", "plots", "runs")
-_METRIC = re.compile(r"^(bits_)?(recall_at_\d+|map_at_r|ndcg_at_\d+|precision_at_1)$")
+#: test metrics, ``bits_`` ones (--eval-binarize) and ``val_`` ones (a comparison that validates)
+_METRIC = re.compile(r"^(bits_|val_)?(recall_at_\d+|map_at_r|ndcg_at_\d+|precision_at_1)$")
 
 
 _MAIN_SETTING = (
@@ -35,7 +37,8 @@ _MAIN_SETTING = (
 
 
 def _label(metric: str) -> str:
-    """``recall_at_4`` -> ``R@4``, ``map_at_r`` -> ``MAP@R``, ``bits_ndcg_at_2`` -> ``bits nDCG@2``."""
+    """``recall_at_4`` -> ``R@4``, ``map_at_r`` -> ``MAP@R``, ``bits_ndcg_at_2`` -> ``bits nDCG@2``,
+    ``val_map_at_r`` -> ``val MAP@R``."""
     m = _METRIC.match(metric)
     if not m:
         return metric
@@ -47,7 +50,7 @@ def _label(metric: str) -> str:
         if base == "precision_at_1"
         else base.replace("recall_at_", "R@").replace("ndcg_at_", "nDCG@")
     )
-    return ("bits " if m.group(1) else "") + short
+    return (m.group(1) or "").replace("_", " ") + short
 
 
 def is_compare_dir(path: Path) -> bool:
@@ -63,6 +66,16 @@ def run_dirs(compare_dir: Path) -> list[Path]:
     return sorted(found)
 
 
+def report_targets(compare_dir: Path) -> list[Path]:
+    """The runs that get their own report: the first folder (seed) of each run name, so a comparison
+    over several seeds writes one report per loss, not one per seed."""
+    firsts: dict[str, Path] = {}
+    for d in run_dirs(compare_dir):
+        if (d / "config.json").is_file() or (d / "metrics.json").is_file():
+            firsts.setdefault(_run_name(d), d)
+    return list(firsts.values())
+
+
 def _run_name(run_dir: Path) -> str:
     for name in ("metrics.json", "config.json"):
         try:
@@ -75,7 +88,7 @@ def _run_name(run_dir: Path) -> str:
     return run_dir.name
 
 
-def _float(text: str | None) -> float | None:
+def _float(text: Optional[str]) -> Optional[float]:
     try:
         return float(text) if text not in (None, "") else None
     except ValueError:
@@ -87,10 +100,10 @@ def _sort_key(metric: str) -> tuple:
     base = m.group(2) if m else metric
     order = 0 if base.startswith("recall") else 1 if base == "map_at_r" else 2 if base.startswith("ndcg") else 3
     digits = re.findall(r"\d+", base)
-    return (bool(m and m.group(1)), order, int(digits[0]) if digits else 0)
+    return ((m.group(1) or "") if m else "", order, int(digits[0]) if digits else 0)
 
 
-def build_compare_report(compare_dir: Path, link_base: Path | None = None) -> str:
+def build_compare_report(compare_dir: Path, link_base: Optional[Path] = None) -> str:
     """The HTML of the comparison in ``compare_dir`` (reads results.csv, results.json, runs/); links to
     the runs' ``report.html`` are relative to ``link_base`` (the report's folder, default ``compare_dir``)."""
     compare_dir = Path(compare_dir)
@@ -107,15 +120,23 @@ def build_compare_report(compare_dir: Path, link_base: Path | None = None) -> st
     for d in dirs:
         by_name.setdefault(_run_name(d), []).append(d)
 
+    reported = set(report_targets(compare_dir))
+
     def link(d: Path) -> Raw:
-        # a run that failed before writing anything has only its traceback
-        has_report = (d / "config.json").is_file() or (d / "metrics.json").is_file()
-        target = d / ("report.html" if has_report else "error.txt")
-        rel = Path(os.path.relpath(target.resolve(), link_base.resolve()))
-        return Raw(
-            f'<a href="{esc(rel.as_posix())}">{esc(d.relative_to(compare_dir).as_posix())}'
-            f"{'' if has_report else ' (error.txt)'}</a>"
+        # the first seed of each loss has a report; other seeds their metrics; a failed run its traceback
+        target = next(
+            d / name
+            for name, ok in (
+                ("report.html", d in reported),
+                ("metrics.json", (d / "metrics.json").is_file()),
+                ("config.json", (d / "config.json").is_file()),
+                ("error.txt", True),
+            )
+            if ok
         )
+        rel = Path(os.path.relpath(target.resolve(), link_base.resolve()))
+        suffix = "" if target.name == "report.html" else f" ({target.name})"
+        return Raw(f'<a href="{esc(rel.as_posix())}">{esc(d.relative_to(compare_dir).as_posix())}{suffix}</a>')
 
     header = [
         "loss",
@@ -139,7 +160,7 @@ def build_compare_report(compare_dir: Path, link_base: Path | None = None) -> st
         spe = _float(r.get("seconds_per_epoch"))
         cells.append("-" if spe is None else f"{spe:.2f}")
         matches = by_name.get(r.get("loss", ""), [])
-        cells.append(Raw(" ".join(link(d) for d in matches)) if matches else "-")
+        cells.append(link(matches[0]) if matches else "-")
         body.append(cells)
     note = "Metrics in % on the test split (unseen classes); " + (
         "± is the 95% confidence interval over the seeds."
@@ -158,7 +179,14 @@ def build_compare_report(compare_dir: Path, link_base: Path | None = None) -> st
     )
     plots = img(png, "per-loss metrics with 95% intervals") if png else '<p class="note">No finished run.</p>'
 
-    listing = table(
+    many = len(dirs) > len(reported)
+    listing = (
+        '<p class="note">Each loss\'s first run (seed) has its own report; the other seeds link to their '
+        "metrics.json.</p>"
+        if many
+        else ""
+    )
+    listing += table(
         ["run", "report", "status"],
         [(_run_name(d), link(d), "error (see error.txt)" if (d / "error.txt").is_file() else "ok") for d in dirs],
     )

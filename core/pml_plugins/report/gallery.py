@@ -4,6 +4,7 @@ sign (✓ / ✗) and a border style (solid / dashed) as well as by colour."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -23,7 +24,7 @@ def choose_queries(
     n_random: int = GALLERY_RANDOM,
     n_worst: int = GALLERY_WORST,
     seed: int = 0,
-    allowed: np.ndarray | None = None,
+    allowed: Optional[np.ndarray] = None,
 ) -> tuple[list[int], list[int]]:
     """Positions in ``results.queries``: ``(seeded sample, worst by AP@R)``, disjoint.
 
@@ -39,7 +40,7 @@ def choose_queries(
     return sample, worst
 
 
-def _cell(kind: str, name: str, detail: str, thumb: np.ndarray | None, alt: str) -> str:
+def _cell(kind: str, name: str, detail: str, thumb: Optional[np.ndarray], alt: str) -> str:
     mark = {"query": "", "ok": "✓", "bad": "✗"}[kind]
     text = f'<span class="mark">{mark}</span> {esc(name)}<br>{esc(detail)}' if mark else f"{esc(name)}<br>{esc(detail)}"
     if thumb is not None:

@@ -10,7 +10,7 @@ import base64
 import html
 import io
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Optional
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
@@ -44,7 +44,7 @@ def png_uri(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
-def img(data: bytes, alt: str, cls: str = "fig", title: str | None = None) -> str:
+def img(data: bytes, alt: str, cls: str = "fig", title: Optional[str] = None) -> str:
     t = f' title="{esc(title)}"' if title else ""
     return f'<img class="{cls}" src="{png_uri(data)}" alt="{esc(alt)}"{t}>'
 

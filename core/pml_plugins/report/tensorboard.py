@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -65,9 +65,9 @@ class TensorBoardLogger:
         self,
         embeddings: Any,
         labels: Sequence[int],
-        class_names: Sequence[str] | None = None,
-        thumbnails: np.ndarray | None = None,
-        thumbnail_index: np.ndarray | None = None,
+        class_names: Optional[Sequence[str]] = None,
+        thumbnails: Optional[np.ndarray] = None,
+        thumbnail_index: Optional[np.ndarray] = None,
         *,
         step: int = 0,
         seed: int = 0,
@@ -104,7 +104,7 @@ class TensorBoardLogger:
         self.writer.close()
 
 
-def write_tensorboard(run_dir: Any, logdir: Any | None = None) -> Path:
+def write_tensorboard(run_dir: Any, logdir: Optional[Any] = None) -> Path:
     """TensorBoard events of a finished run folder, from its metrics.jsonl, metrics.json and
     test_embeddings.npz; written to ``logdir`` (default ``RUN_DIR/tensorboard``)."""
     import json

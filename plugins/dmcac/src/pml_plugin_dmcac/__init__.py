@@ -1,5 +1,6 @@
 """pml-plugin-dmcac: DMCAC (divergence minimisation + cross-attention classification) for PML."""
 from .data import MultiViewDataset, TensorViewAugment, dataset_labels, multi_view_collate, split_query_database
+from .database_gradient import DatabaseEncoder
 from .database_knn_miner import DatabaseKNNMiner
 from .divergence import frobenius_js_loss, js_divergence, pairwise_js_divergence
 from .dmcac_loss import DMCACLoss
@@ -21,6 +22,7 @@ __all__ = [
     "multi_view_collate",
     "dataset_labels",
     "DatabaseRefresher",
+    "DatabaseEncoder",
     "make_embed_fn",
     "training_setup",
     "build_faiss_index",

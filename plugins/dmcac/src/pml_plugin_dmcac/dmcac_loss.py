@@ -42,7 +42,10 @@ class DMCACLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         temperature: divides ``Z_A Z_S^T`` before the row softmax of eq. 9-10 (paper: 1).
         frob_weight, ce_weight, cac_weight: beta_frob, beta_ce, beta_cac of eq. 20.
         retrieval: ``"approximate"`` (top-k per view, union over views, rows as constants) or
-            ``"full"`` (every database row, with gradient when ``ref_emb`` requires grad).
+            ``"full"`` (every database row, with gradient when ``ref_emb`` requires grad, or
+            through the encoder when a :class:`~pml_plugin_dmcac.DatabaseEncoder` is attached
+            with :meth:`set_database_encoder`, as the main job does; a database set with
+            :meth:`set_database` is a constant).
         **kwargs: PML's ``reducer``, ``weight_init_func``, ``weight_regularizer`` (applied to
             the CE classifier), ``embedding_regularizer``.
     """
@@ -91,6 +94,7 @@ class DMCACLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         self.register_buffer("db_embeddings", torch.empty(0, embedding_size), persistent=False)
         self.register_buffer("db_labels", torch.empty(0, dtype=torch.long), persistent=False)
         self.db_index: Optional[Any] = None
+        self.db_encoder: Optional[Any] = None
         self.avg_union_size = 0.0
         self.add_to_recordable_attributes(
             list_of_names=["num_classes", "embedding_size", "num_views", "k", "temperature",
@@ -133,10 +137,28 @@ class DMCACLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         self.db_index = index
 
     def clear_database(self) -> None:
-        """Forget the database (the batch then serves as its own database)."""
+        """Forget the database and any encoder (the batch then serves as its own database)."""
         self.db_embeddings = self.db_embeddings.new_empty(0, self.embedding_size)
         self.db_labels = self.db_labels.new_empty(0)
         self.db_index = None
+        self.db_encoder = None
+
+    def set_database_encoder(self, encoder: Any) -> None:
+        """Full retrieval end to end (eq. 6): every call embeds the database with the current
+        encoder and the loss's gradient flows back into the encoder through every row.
+
+        Args:
+            encoder: a :class:`~pml_plugin_dmcac.DatabaseEncoder` (anything with ``rows()``
+                returning a differentiable ``(D, embedding_size)`` tensor), or None to detach it.
+        Only for ``retrieval="full"``: approximate retrieval treats the rows as constants anyway.
+        """
+        if encoder is not None and self.retrieval != "full":
+            raise ValueError('set_database_encoder needs retrieval="full" (approximate retrieval treats the '
+                             "retrieved rows as constants, section 3.4); use set_database for it")
+        if encoder is not None and not callable(getattr(encoder, "rows", None)):
+            raise TypeError(f"encoder must have a rows() method returning the database rows, "
+                            f"got {type(encoder).__name__}")
+        self.db_encoder = encoder
 
     # ------------------------------------------------------------------ forward
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
@@ -175,6 +197,12 @@ class DMCACLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         """(reference rows R_all, FAISS-like index or None, whether R_all is the batch itself)."""
         if ref_emb is not embeddings:
             return F.normalize(ref_emb.to(z.dtype), dim=1), None, False
+        if self.db_encoder is not None and self.retrieval == "full":
+            rows = self.db_encoder.rows().to(device=z.device)
+            if rows.ndim != 2 or rows.shape[1] != self.embedding_size:
+                raise ValueError(f"the database encoder must give (D, {self.embedding_size}) rows, "
+                                 f"got {tuple(rows.shape)}")
+            return F.normalize(rows.to(z.dtype), dim=1), None, False
         if self.has_database:
             return self.db_embeddings.to(device=z.device, dtype=z.dtype), self.db_index, False
         return z, None, True

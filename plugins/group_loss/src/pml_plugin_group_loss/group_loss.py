@@ -208,3 +208,27 @@ class GroupLoss(WeightRegularizerMixin, BaseMetricLossFunction):
                 GroupLossBatchWarning,
                 stacklevel=6,
             )
+
+
+class GroupLossPaper(GroupLoss):
+    """The Group Loss as the paper defines it: ``zero_diagonal=True`` (w_ii = 0, eq. 1) and
+    ``ce_weight=0.0`` (no auxiliary cross-entropy: section 3.4's loss alone).
+
+    :class:`GroupLoss` keeps the authors' released code's defaults (w_ii = 1, CE weight 1); this
+    class only changes those two defaults, so both remain settable. Registered as
+    ``group_loss_paper``.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        temperature: float = 24.0,
+        num_anchors: int = 2,
+        num_iterations: int = 1,
+        ce_weight: float = 0.0,
+        zero_diagonal: bool = True,
+        **kwargs,
+    ) -> None:
+        super().__init__(num_classes, embedding_size, temperature=temperature, num_anchors=num_anchors,
+                         num_iterations=num_iterations, ce_weight=ce_weight, zero_diagonal=zero_diagonal, **kwargs)
