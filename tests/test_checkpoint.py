@@ -314,3 +314,29 @@ def test_a_checkpoint_from_another_embedding_size_is_refused(trained, tmp_path, 
     assert cli_main(["evaluate", str(run)]) == 2
     err = capsys.readouterr().err
     assert "does not fit" in err and len(err.strip().splitlines()) == 1
+
+
+def test_evaluate_run_dir_follows_the_runs_query_gallery_protocol(tmp_path, capsys):
+    """A run evaluated query-vs-gallery (--query/--gallery) is re-evaluated the same way."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x, y = (digits.data / 16).astype(np.float32), digits.target
+    train, test = y < 5, y >= 5
+    xt, yt = x[test], y[test]
+    half = np.arange(len(yt)) % 2 == 0
+    np.savez(tmp_path / "train.npz", features=x[train], labels=y[train])
+    np.savez(tmp_path / "q.npz", features=xt[half], labels=yt[half])
+    np.savez(tmp_path / "g.npz", features=xt[~half], labels=yt[~half])
+    out = tmp_path / "run"
+    args = ["train", "--loss", "proxy_anchor", "--dataset", f"embeddings:{tmp_path / 'train.npz'}", "--epochs", "1",
+            "--iterations-per-epoch", "3", "--embedding-size", "16", "--no-progress"]
+    assert cli_main([*args, "--query", str(tmp_path / "q.npz"), "--gallery", str(tmp_path / "g.npz"),
+                     "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert cli_main(["evaluate", str(out), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["metrics"]
+    assert got == json.loads((out / "metrics.json").read_text())["metrics"]
+    # the same model queried leave-one-out in its own test split gives other numbers
+    assert cli_main(["evaluate", str(out), "--json", "--data", f"embeddings:{tmp_path / 'train.npz'}"]) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"] != got

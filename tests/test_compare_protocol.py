@@ -65,8 +65,10 @@ def test_seeds_folds_and_tuning_end_to_end(tmp_path, capsys):
     if abs(d[0] - d[1]) > 1e-9:
         t = (sum(d) / 2) / (abs(d[0] - d[1]) / math.sqrt(2) / math.sqrt(2))
         p = _p_df1(t)
-        assert float(rows[other]["p_value_vs_best"]) == pytest.approx(p, abs=1e-5)
-        assert rows[other]["tied_with_best"] == str(p >= 0.05)
+        # recomputed from runs.csv's 6-decimal values: at 1 df, p moves by up to ~1e-4 with that rounding
+        assert float(rows[other]["p_value_vs_best"]) == pytest.approx(p, abs=1e-3)
+        if abs(p - 0.05) > 1e-3:
+            assert rows[other]["tied_with_best"] == str(p >= 0.05)
     assert rows[best]["tied_with_best"] == "True"
 
     # folds: class-disjoint, covering the 5 training classes, the seeded split of each seed

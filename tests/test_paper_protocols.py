@@ -139,7 +139,7 @@ def test_compare_labels_where_the_distances_come_from_and_keeps_a_cosface_row(tm
         rows = {r["loss"]: r for r in csv.DictReader(fh)}
     assert rows["adaptive_margin_softmax [d: text of the digit names]"]["status"] == "ok"
     assert rows["cosface"]["status"] == "ok"
-    assert (out / "runs" / "adaptive_margin_softmax" / "class_distances.npy").exists()
+    assert (out / "runs" / "adaptive_margin_softmax" / "seed0" / "class_distances.npy").exists()
 
 
 # -- query vs gallery -------------------------------------------------------------------------------
@@ -305,8 +305,8 @@ def test_compare_skips_the_declared_pretraining_on_digits_unless_asked(tmp_path,
     out = tmp_path / "cmp"
     assert main(["compare", "--losses", "group_loss_paper", "--out", str(out), *TINY]) == 0
     assert "group_loss_paper (pretrain_epochs=0)" in capsys.readouterr().out
-    assert "pretraining" not in _resolved(out / "runs" / "group_loss_paper")
+    assert "pretraining" not in _resolved(out / "runs" / "group_loss_paper" / "seed0")
     out = tmp_path / "cmp2"
     assert main(["compare", "--losses", "group_loss_paper", "--pretrain-epochs", "1", "--out", str(out), *TINY]) == 0
     assert "group_loss_paper (pretrain_epochs" not in capsys.readouterr().out
-    assert _resolved(out / "runs" / "group_loss_paper")["pretraining"]["epochs"] == 1
+    assert _resolved(out / "runs" / "group_loss_paper" / "seed0")["pretraining"]["epochs"] == 1

@@ -96,3 +96,10 @@ def test_no_report_and_compare_report(tmp_path, report_html_checker):
     for link in reports:
         report_html_checker((out / link).read_text(encoding="utf-8"))
     assert not (out / "runs" / "untrained" / "seed0" / "metrics.jsonl").exists()  # the floor does not train
+    # compare validates on held-out training classes every epoch: metrics.jsonl carries those numbers
+    run = out / "runs" / "proxy_anchor" / "seed0"
+    history = json.loads((run / "metrics.json").read_text())["val_history"]
+    lines = read_metrics_jsonl(run)
+    assert history and [r["epoch"] for r in lines] == [h["epoch"] for h in history]
+    assert [r["val_map_at_r"] for r in lines] == pytest.approx([h["val_map_at_r"] for h in history])
+    assert all("val_recall_at_1" in r for r in lines)

@@ -102,10 +102,6 @@ def test_sigterm_and_kill_9_from_outside(tmp_path):
         "--device",
         "cpu",
         "--no-progress",
-        "--seeds",  # one run per loss, no per-epoch validation: every run resumes from its checkpoint
-        "1",
-        "--val-classes",
-        "0",
     ]
     assert cli_main([*args, "--out", str(tmp_path / "whole")]) == 0
     for sig, code in ((signal.SIGTERM, 130), (signal.SIGKILL, -signal.SIGKILL)):

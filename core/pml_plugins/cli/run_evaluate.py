@@ -25,10 +25,11 @@ def evaluate_run(args: argparse.Namespace, run_dir: Path) -> int:
     import torch
 
     from ..pipeline.evaluate import evaluate
-    from ..pipeline.run_dir import load_run, load_split
+    from ..pipeline.run_dir import load_run, load_splits
 
-    if args.embeddings is not None or args.labels is not None or args.reference is not None:
-        raise ValueError("give a run folder or --embeddings/--labels, not both")
+    given = [args.embeddings, args.labels, args.reference, getattr(args, "query", None), getattr(args, "gallery", None)]
+    if any(v is not None for v in given):
+        raise ValueError("give a run folder or embeddings files (--embeddings/--labels, --query/--gallery), not both")
     if args.knn_index != "flat" or args.knn_param:
         raise ValueError(
             "evaluate RUN_DIR repeats the run's exact evaluation; --knn-index / --knn-param apply to "
@@ -41,7 +42,7 @@ def evaluate_run(args: argparse.Namespace, run_dir: Path) -> int:
         torch.set_num_threads(run.threads)  # the run's thread count: the same float sums, the same numbers
     try:
         distance = args.distance or run.retrieval_distance
-        dataset = load_split(run, args.data, "test")
+        dataset, gallery = load_splits(run, args.data, "test")
         cfg = run.config
         metrics = evaluate(
             run.trunk,
@@ -53,6 +54,7 @@ def evaluate_run(args: argparse.Namespace, run_dir: Path) -> int:
             batch_size=cfg.eval_batch_size,
             progress=not args.json,
             with_bits=cfg.eval_binarize,
+            gallery=gallery,
         )
     finally:
         torch.set_num_threads(previous)

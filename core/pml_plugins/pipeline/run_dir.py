@@ -85,6 +85,7 @@ def load_run(run_dir: Path, *, device: Optional[torch.device] = None) -> LoadedR
         pooling=cfg.pooling,
         head_norm=cfg.head_norm,
         pretrained=None,
+        head=cfg.head,
     )
     source = f"checkpoint {str(run_dir / 'checkpoint.pt')!r}"
     load_module_state(model.trunk, state["trunk"], "trunk", source)
@@ -108,13 +109,29 @@ def load_run(run_dir: Path, *, device: Optional[torch.device] = None) -> LoadedR
 
 def load_split(run: LoadedRun, data: Optional[str] = None, split: str = "test") -> Any:
     """The dataset to embed: ``split`` ("test", "train" or "all") of ``data`` (a ``--dataset``
-    spec) or, by default, of the run's own dataset, loaded with the run's transforms."""
+    spec) or, by default, of the run's own dataset, loaded with the run's transforms (and, for the
+    run's own data, its ``--query/--gallery`` protocol: "test" is then the query set)."""
+    return load_splits(run, data, split)[0]
+
+
+def load_splits(run: LoadedRun, data: Optional[str] = None, split: str = "test") -> tuple[Any, Optional[Any]]:
+    """``(dataset, gallery)``: :func:`load_split` and the gallery the test queries are searched in
+    (None: the test split is searched in itself, leave-one-out)."""
+    from . import protocols
+
     if split not in ("test", "train", "all"):
         raise ValueError(f"split must be test, train or all, got {split!r}")
-    splits = data_mod.load_data(data or run.config.dataset, run.transforms)
+    cfg = run.config
+    splits = data_mod.load_data(data or cfg.dataset, run.transforms)
+    if data is None:  # the run's own evaluation protocol (query/gallery files); few-shot only thins training
+        splits, _ = protocols.apply_protocols(
+            splits, query=cfg.query, gallery=cfg.gallery, seed=cfg.seed, transforms=run.transforms
+        )
     if split == "all":
-        return torch.utils.data.ConcatDataset([splits.train, splits.test])
-    return splits.test if split == "test" else splits.train
+        return torch.utils.data.ConcatDataset([splits.train, splits.test]), None
+    if split == "train":
+        return splits.train, None
+    return splits.test, splits.gallery
 
 
 @torch.no_grad()
@@ -136,4 +153,4 @@ def embed_dataset(
     return torch.cat(chunks), torch.cat(labels)
 
 
-__all__ = ["LoadedRun", "read_run_config", "load_run", "load_split", "embed_dataset"]
+__all__ = ["LoadedRun", "read_run_config", "load_run", "load_split", "load_splits", "embed_dataset"]

@@ -30,6 +30,8 @@ class EpochSelection:
     history: list = field(default_factory=list)
     best_epoch: Optional[int] = None
     best_metrics: dict = field(default_factory=dict)
+    #: (epoch, metrics) of the latest validation, for the per-epoch log
+    last: Optional[tuple] = None
     _best_value: float = -math.inf
     _best_state: Optional[dict] = None
 
@@ -46,6 +48,7 @@ class EpochSelection:
             value = float(metrics[self.metric])
             epoch = int(trainer.epoch)
             self.history.append((epoch, value))
+            self.last = (epoch, metrics)
             if value > self._best_value or self.best_epoch is None:  # ties keep the earlier epoch
                 self._best_value, self.best_epoch, self.best_metrics = value, epoch, metrics
                 self._best_state = {k: copy.deepcopy(m.state_dict()) for k, m in modules.items()}

@@ -291,6 +291,9 @@ def _epoch_log(run: _Run, tb: Optional[Any]) -> Optional[Callable[[Any], None]]:
     def hook(trainer: Any) -> None:
         record = {"epoch": int(trainer.epoch), "loss": float(trainer.last_loss), "lr": dict(trainer.epoch_lr),
                   "seconds": float(trainer.epoch_seconds[-1])}
+        # the validation hook runs before this one: its metrics of this epoch, named val_<metric>
+        if run.selection is not None and run.selection.last is not None and run.selection.last[0] == record["epoch"]:
+            record.update({f"val_{k}": float(v) for k, v in run.selection.last[1].items()})
         append_metrics_line(out, record)
         if tb is not None:
             tb.log_epoch(record)
