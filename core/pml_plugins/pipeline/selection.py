@@ -4,6 +4,7 @@ Musgrave et al. (2020) select the model by validation MAP@R on classes held out 
 classes, never by the test split; the test split is then evaluated once, on the selected model.
 :class:`EpochSelection` is what :func:`~pml_plugins.pipeline.train.run_training` takes for that.
 """
+
 from __future__ import annotations
 
 import copy
@@ -39,12 +40,29 @@ class EpochSelection:
         if len(self.held_out) < 2:
             raise ValueError(f"validation needs at least 2 held-out classes, got {list(self.held_out)}")
 
-    def make_hook(self, modules: dict[str, torch.nn.Module], dataset: Any, *, device: torch.device,
-                  retrieval_distance: str, ks: Sequence[int], batch_size: int) -> Callable[[Any], bool]:
+    def make_hook(
+        self,
+        modules: dict[str, torch.nn.Module],
+        dataset: Any,
+        *,
+        device: torch.device,
+        retrieval_distance: str,
+        ks: Sequence[int],
+        batch_size: int,
+    ) -> Callable[[Any], bool]:
         """The trainer's end-of-epoch hook (``modules``: ``trunk``, ``embedder`` and ``loss``)."""
+
         def hook(trainer: Any) -> bool:
-            metrics = evaluate(modules["trunk"], modules["embedder"], dataset, device=device,
-                               retrieval_distance=retrieval_distance, ks=ks, batch_size=batch_size, progress=False)
+            metrics = evaluate(
+                modules["trunk"],
+                modules["embedder"],
+                dataset,
+                device=device,
+                retrieval_distance=retrieval_distance,
+                ks=ks,
+                batch_size=batch_size,
+                progress=False,
+            )
             value = float(metrics[self.metric])
             epoch = int(trainer.epoch)
             self.history.append((epoch, value))
@@ -68,6 +86,9 @@ class EpochSelection:
     def record(self) -> dict:
         """``best_epoch``, the held-out ``val_classes`` (training-class ids), ``val_<metric>`` of the
         best epoch and the per-epoch ``val_history``."""
-        return {"best_epoch": self.best_epoch, "val_classes": [int(c) for c in self.held_out],
-                "val_metrics": {f"val_{k}": v for k, v in self.best_metrics.items()},
-                "val_history": [{"epoch": e, f"val_{self.metric}": v} for e, v in self.history]}
+        return {
+            "best_epoch": self.best_epoch,
+            "val_classes": [int(c) for c in self.held_out],
+            "val_metrics": {f"val_{k}": v for k, v in self.best_metrics.items()},
+            "val_history": [{"epoch": e, f"val_{self.metric}": v} for e, v in self.history],
+        }
