@@ -7,9 +7,9 @@ bug in a plugin) gets an error row and the comparison goes on. Files are rewritt
 run, so an interrupted comparison keeps every completed run (``OUT/runs/<loss>/seed<k>/``) and
 the table of those runs. Running the same command
 again with the same ``--out`` keeps the runs that finished with the same settings (and the same
-validation classes) and continues an interrupted run without validation from its checkpoint
-(``checkpoint.pt`` after every epoch); a run with per-epoch validation starts again (its epoch
-selection is not in the checkpoint). ``--tune`` continues its Optuna studies (``OUT/optuna.db``).
+validation classes) and continues an interrupted run from its checkpoint (``checkpoint.pt`` after
+every epoch; with per-epoch validation it holds the best epoch so far, its metrics and weights).
+``--tune`` continues its Optuna studies (``OUT/optuna.db``).
 """
 
 from __future__ import annotations

@@ -172,8 +172,8 @@ def execute(
     """One run; an exception (other than Ctrl-C and Optuna's pruning) becomes an error record.
 
     A run that finished before in ``cfg.out`` with the same settings and validation classes is
-    kept (``record.reused``); an interrupted one continues from its checkpoint when it has no
-    per-epoch validation, else starts again."""
+    kept (``record.reused``); an interrupted one continues from its checkpoint (which holds the
+    epoch selection so far when the run validates)."""
     start = time.perf_counter()
     validates = held_out is not None and loss is not None
     selection = EpochSelection(held_out=held_out.tolist(), metric=primary, report=report) if validates else None
@@ -189,7 +189,7 @@ def execute(
             name=label,
             write_checkpoint=loss is not None and write_files,
             selection=selection,
-            resume="auto" if selection is None and write_files else False,
+            resume="auto" if write_files else False,
             resume_hint="the same pml-plugins compare command",
         )
     except KeyboardInterrupt:

@@ -222,6 +222,11 @@ def _run(
     _check_names(run)  # fail fast on names before touching data
     train = cfg.loss is not None and cfg.epochs > 0
     state = resume_mod.find_resumable(cfg.to_dict(), cfg.out, resume[0], resume[1]) if train else None
+    if state is not None and selection is not None and not selection.same_classes(state.get("best") or {}):
+        # the checkpoint validated on other classes (or not at all): another run
+        if resume[0] != "auto":
+            raise ValueError(f"--resume {cfg.out}: the checkpoint's per-epoch validation differs from this run's")
+        state = None
     _build_model_and_data(run)
     retrieval = cfg.retrieval_distance or "cosine"
     trainer, mem = None, PeakMemory(run.device)
@@ -297,6 +302,7 @@ def _prepare_resumable(
             setup=setup,
             config=cfg.to_dict(),
             resolved=run.resolved,
+            selection=run.selection,
         )
 
     def stop_error(epoch: int, iteration: int) -> BaseException:
@@ -330,6 +336,7 @@ def _restore(run: _Run, trainer: EmbeddingTrainer, setup: TrainingSetup, state: 
         loss=resume_mod.unwrap(trainer.loss_funcs["metric_loss"]),
         setup=setup,
         source=source,
+        selection=run.selection,
     )
     forced = state.get("forced_differences") or []
     run.resolved["resumed_from"] = {
