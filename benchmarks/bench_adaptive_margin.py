@@ -17,6 +17,7 @@ before the step and listed in its own column.
     python benchmarks/bench_adaptive_margin.py                 # CPU
     python benchmarks/bench_adaptive_margin.py --device cuda
 """
+
 from __future__ import annotations
 
 import argparse

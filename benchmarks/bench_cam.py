@@ -9,6 +9,7 @@ CPU -> growth of the process's peak RSS (``resource.getrusage``) over the same w
     python benchmarks/bench_cam.py                    # t = 100 and 11,318, CPU (+ CUDA if present)
     python benchmarks/bench_cam.py --devices cpu --classes 100
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,8 +70,11 @@ def worker(name: str, t: int, device: str, batch: int, dim: int, reps: int) -> d
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     once()  # the first call also counts for the memory peak
     sync()
-    peak = (torch.cuda.max_memory_allocated() - base if device == "cuda"
-            else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024)
+    peak = (
+        torch.cuda.max_memory_allocated() - base
+        if device == "cuda"
+        else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024
+    )
     once()  # warm-up
     times = []
     for _ in range(reps):
@@ -83,8 +87,20 @@ def worker(name: str, t: int, device: str, batch: int, dim: int, reps: int) -> d
 
 
 def run_one(name: str, t: int, device: str, args) -> dict | None:
-    cmd = [sys.executable, __file__, "--worker", name, str(t), device, "--batch", str(args.batch),
-           "--dim", str(args.dim), "--reps", str(args.reps)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        name,
+        str(t),
+        device,
+        "--batch",
+        str(args.batch),
+        "--dim",
+        str(args.dim),
+        "--reps",
+        str(args.reps),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
@@ -100,8 +116,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--reps", type=int, default=10)
-    parser.add_argument("--naive-max-classes", type=int, default=20000,
-                        help="skip the naive variant above this t (its t x t matrices)")
+    parser.add_argument(
+        "--naive-max-classes", type=int, default=20000, help="skip the naive variant above this t (its t x t matrices)"
+    )
     parser.add_argument("--worker", nargs=3, metavar=("LOSS", "T", "DEVICE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -112,9 +129,11 @@ def main() -> None:
     import torch
 
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-    print(f"torch {torch.__version__}, batch {args.batch}, embedding {args.dim}, median of {args.reps} fwd+bwd, "
-          f"CPU threads {torch.get_num_threads()}"
-          + (f", GPU {torch.cuda.get_device_name()}" if "cuda" in devices else ""))
+    print(
+        f"torch {torch.__version__}, batch {args.batch}, embedding {args.dim}, median of {args.reps} fwd+bwd, "
+        f"CPU threads {torch.get_num_threads()}"
+        + (f", GPU {torch.cuda.get_device_name()}" if "cuda" in devices else "")
+    )
     print()
     print("| device | t | loss | fwd+bwd ms | peak MiB | time / ProxyAnchor | memory / ProxyAnchor |")
     print("|---|---:|---|---:|---:|---:|---:|")

@@ -21,6 +21,7 @@ NormalizedSoftmaxLoss step. Memory: the database is D x 384 float32 (1.5 GB at 1
 FAISS flat/IVF indexes hold one more copy; per step DMCAC allocates B x A x |S| x 384 floats of
 gathered rows (|S| <= A k) plus the B*A x |S| similarity and attention maps (a few MB here).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,8 @@ def clustered(n: int, centers: torch.Tensor, g: torch.Generator, noise: float = 
     labels = torch.randint(len(centers), (n,), generator=g)
     out = torch.empty(n, DIM)
     for s in range(0, n, 100_000):  # chunked: bounded temporary memory at 1M rows
-        lab = labels[s:s + 100_000]
-        out[s:s + len(lab)] = centers[lab] + noise * torch.randn(len(lab), DIM, generator=g) / DIM ** 0.5
+        lab = labels[s : s + 100_000]
+        out[s : s + len(lab)] = centers[lab] + noise * torch.randn(len(lab), DIM, generator=g) / DIM**0.5
     return torch.nn.functional.normalize(out, dim=1), labels
 
 
@@ -94,8 +95,9 @@ def main() -> None:
     baseline = time_steps(NormalizedSoftmaxLoss(CLASSES, DIM), model, x, y, args.steps)
     print(f"torch threads {torch.get_num_threads()}, B={B} queries x A={A} views = {B * A} rows, k={args.k}, d={DIM}")
     print(f"PML NormalizedSoftmaxLoss step (same model and batch): {baseline * 1e3:.1f} ms\n")
-    header = ("| database rows | retrieval | step (ms) | top-k search (ms) | index build (s) | IVF recall@k "
-              "| x NormSoftmax |")
+    header = (
+        "| database rows | retrieval | step (ms) | top-k search (ms) | index build (s) | IVF recall@k | x NormSoftmax |"
+    )
     print(header)
     print("|" + "---|" * 7)
     for n in args.sizes:

@@ -9,6 +9,7 @@
 
 CPU defaults are tiny (timm vit_tiny at 32 px) so it runs in a minute on 2 cores.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,19 +45,27 @@ def main() -> None:
     labels = torch.arange(args.queries).repeat_interleave(args.views) % 50
     labels = labels.to(device)
     opt = torch.optim.AdamW(trunk.parameters(), lr=3e-5)
-    print(f"{args.model} ({width}-d) at {args.image_size} px on {device}; B={args.queries} x A={args.views} "
-          f"views, database D={args.database}, chunk {args.chunk}")
+    print(
+        f"{args.model} ({width}-d) at {args.image_size} px on {device}; B={args.queries} x A={args.views} "
+        f"views, database D={args.database}, chunk {args.chunk}"
+    )
     print("| retrieval | step (s) | peak memory (MiB) | memory kind |")
     print("|---|---:|---:|---|")
     for mode in ("approximate", "full (constant rows)", "full (database gradient)"):
-        loss = DMCACLoss(num_classes=50, embedding_size=width, num_views=args.views,
-                         retrieval="approximate" if mode == "approximate" else "full").to(device)
+        loss = DMCACLoss(
+            num_classes=50,
+            embedding_size=width,
+            num_views=args.views,
+            retrieval="approximate" if mode == "approximate" else "full",
+        ).to(device)
         if mode == "full (database gradient)":
-            loss.set_database_encoder(DatabaseEncoder(database, trunk, modules=[trunk], batch_size=args.chunk,
-                                                      device=device))
+            loss.set_database_encoder(
+                DatabaseEncoder(database, trunk, modules=[trunk], batch_size=args.chunk, device=device)
+            )
         else:
-            DatabaseRefresher(loss, database, make_embed_fn(trunk, None, device), batch_size=args.chunk,
-                              device=device, progress=False).refresh()
+            DatabaseRefresher(
+                loss, database, make_embed_fn(trunk, None, device), batch_size=args.chunk, device=device, progress=False
+            ).refresh()
         times = []
         mem = PeakMemory(device)
         with mem:

@@ -17,6 +17,7 @@ and a few n x C matrices (logits, prior, X * Pi, X(t+1)).
     python benchmarks/bench_group_loss.py              # CPU
     python benchmarks/bench_group_loss.py --device cuda
 """
+
 from __future__ import annotations
 
 import argparse

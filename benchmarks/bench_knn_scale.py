@@ -28,6 +28,7 @@ For every N in ``--sizes``:
 Run (the numbers in docs/scale.md): ``nice python benchmarks/bench_knn_scale.py``; ``--quick`` for
 a one-minute check (N = 20k, 100k; 10k queries).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,13 @@ from pml_plugins.metrics import AccuracyCalculator
 
 NDCG_KS = (2, 4, 8, 10)
 RECALL_KS = (1, 2, 4, 8)
-INCLUDE = ("precision_at_1", "mean_average_precision_at_r", "r_precision",
-           *[f"recall_at_{k}" for k in RECALL_KS], *[f"ndcg_at_{k}" for k in NDCG_KS])
+INCLUDE = (
+    "precision_at_1",
+    "mean_average_precision_at_r",
+    "r_precision",
+    *[f"recall_at_{k}" for k in RECALL_KS],
+    *[f"ndcg_at_{k}" for k in NDCG_KS],
+)
 
 
 def clustered(n: int, q: int, dim: int, items_per_class: int, noise: float, seed: int = 0):
@@ -132,19 +138,32 @@ def main() -> None:
     p.add_argument(
         "--pml-max-n", type=int, default=100_000, help="largest N for PML's FaissKNN (exact, same cost as ours)"
     )
-    p.add_argument("--pq-k-factor", type=int, nargs="*", default=[4, 16, 64],
-                   help="PQ sweep: candidates re-ranked exactly per neighbour (none: no PQ)")
+    p.add_argument(
+        "--pq-k-factor",
+        type=int,
+        nargs="*",
+        default=[4, 16, 64],
+        help="PQ sweep: candidates re-ranked exactly per neighbour (none: no PQ)",
+    )
     p.add_argument("--pq-m", type=int, default=None, help="PQ sub-quantizers (default dim / 2)")
-    p.add_argument("--e2e-index", choices=("auto", "ivf", "hnsw", "pq", "flat"), default="auto",
-                   help="index of the end-to-end run (flat: exact, for the baseline)")
+    p.add_argument(
+        "--e2e-index",
+        choices=("auto", "ivf", "hnsw", "pq", "flat"),
+        default="auto",
+        help="index of the end-to-end run (flat: exact, for the baseline)",
+    )
     p.add_argument(
         "--e2e-nprobe",
         type=int,
         default=None,
         help="IVF nprobe of the end-to-end run (default: smallest with R@1 >= 0.95)",
     )
-    p.add_argument("--e2e-ef-search", type=int, default=None,
-                   help="HNSW ef_search of the end-to-end run (default: smallest with R@1 >= 0.95)")
+    p.add_argument(
+        "--e2e-ef-search",
+        type=int,
+        default=None,
+        help="HNSW ef_search of the end-to-end run (default: smallest with R@1 >= 0.95)",
+    )
     p.add_argument("--threads", type=int, default=None, help="FAISS / torch threads (default: all cores)")
     p.add_argument("--quick", action="store_true", help="N = 20k, 100k; 10k queries; 2k exact")
     p.add_argument("--seed", type=int, default=0)
@@ -159,15 +178,20 @@ def main() -> None:
         faiss.omp_set_num_threads(args.threads)
         torch.set_num_threads(args.threads)
     threads = args.threads or faiss.omp_get_max_threads()
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {threads} threads, "
-          f"torch {torch.__version__}, faiss {faiss.__version__}, faiss GPUs {faiss.get_num_gpus()}")
-    print(f"data: {args.dim}-d clusters on the unit sphere, {args.items_per_class} refs/class, noise {args.noise}; "
-          f"{args.queries} queries (exact subset {args.exact_queries})")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {threads} threads, "
+        f"torch {torch.__version__}, faiss {faiss.__version__}, faiss GPUs {faiss.get_num_gpus()}"
+    )
+    print(
+        f"data: {args.dim}-d clusters on the unit sphere, {args.items_per_class} refs/class, noise {args.noise}; "
+        f"{args.queries} queries (exact subset {args.exact_queries})"
+    )
 
     rows, e2e_rows = [], []
     for n in args.sizes:
         (ref, ref_labels, query, query_labels), gen_s = timed(
-            lambda: clustered(n, args.queries, args.dim, args.items_per_class, args.noise, args.seed))
+            lambda: clustered(n, args.queries, args.dim, args.items_per_class, args.noise, args.seed)
+        )
         sub = min(args.exact_queries, args.queries)
         qs = query[:sub]
         k_eval = int(torch.bincount(ref_labels).max())  # max_bin_count: what MAP@R needs
@@ -178,15 +202,36 @@ def main() -> None:
         flat = None  # frees the index before the next size
         exact_per_query = (build_s + search_s) / sub
         exact_total = build_s + exact_per_query * args.queries
-        rows.append(dict(n=n, method="exact flat (ours)", params="-", build=build_s, search=exact_total,
-                         note=f"measured on {sub} queries, x{args.queries / sub:g}", r1=1.0, in10=1.0, r10=1.0))
+        rows.append(
+            dict(
+                n=n,
+                method="exact flat (ours)",
+                params="-",
+                build=build_s,
+                search=exact_total,
+                note=f"measured on {sub} queries, x{args.queries / sub:g}",
+                r1=1.0,
+                in10=1.0,
+                r10=1.0,
+            )
+        )
         if n <= args.pml_max_n:
             from pytorch_metric_learning.utils.inference import FaissKNN
 
             (_, pml_i), pml_s = timed(lambda: FaissKNN(index_init_fn=faiss.IndexFlatIP)(qs, k_exact, ref, False))
-            rows.append(dict(n=n, method="exact PML FaissKNN", params="IndexFlatIP", build=float("nan"),
-                             search=pml_s / sub * args.queries, note=f"measured on {sub} queries",
-                             r1=float((pml_i[:, 0] == ex_i[:, 0]).float().mean()), in10=float("nan"), r10=float("nan")))
+            rows.append(
+                dict(
+                    n=n,
+                    method="exact PML FaissKNN",
+                    params="IndexFlatIP",
+                    build=float("nan"),
+                    search=pml_s / sub * args.queries,
+                    note=f"measured on {sub} queries",
+                    r1=float((pml_i[:, 0] == ex_i[:, 0]).float().mean()),
+                    in10=float("nan"),
+                    r10=float("nan"),
+                )
+            )
         ivf_base, ivf_build = (
             (None, 0.0)
             if not args.nprobe
@@ -197,9 +242,21 @@ def main() -> None:
             ivf_base.faiss_index.nprobe = min(nprobe, nlist)
             (a_s, a_i), s = timed(lambda: ivf_base.search(query, 10, progress=None))
             r1, in10, r10 = recall(a_s[:sub], a_i[:sub], ex_s, ex_i)
-            rows.append(dict(n=n, method="IVF-Flat", params=f"nlist={nlist} nprobe={nprobe}", build=ivf_build, search=s,
-                             note=f"trained on {train_size} rows", r1=r1, in10=in10, r10=r10,
-                             index="ivf", index_params={"nprobe": nprobe, **ivf_params(args)}))
+            rows.append(
+                dict(
+                    n=n,
+                    method="IVF-Flat",
+                    params=f"nlist={nlist} nprobe={nprobe}",
+                    build=ivf_build,
+                    search=s,
+                    note=f"trained on {train_size} rows",
+                    r1=r1,
+                    in10=in10,
+                    r10=r10,
+                    index="ivf",
+                    index_params={"nprobe": nprobe, **ivf_params(args)},
+                )
+            )
             print(f"  IVF nprobe={nprobe}: search {s:.1f} s, R@1 {r1:.4f}")
         ivf_base = None  # frees the index
         if n <= args.hnsw_max_n:
@@ -208,9 +265,21 @@ def main() -> None:
                 hnsw.params["ef_search"] = ef
                 (a_s, a_i), s = timed(lambda: hnsw.search(query, 10, progress=None))
                 r1, in10, r10 = recall(a_s[:sub], a_i[:sub], ex_s, ex_i)
-                rows.append(dict(n=n, method="HNSW-Flat", params=f"M=32 ef_search={ef}", build=hnsw_build, search=s,
-                                 note="efConstruction 40", r1=r1, in10=in10, r10=r10,
-                                 index="hnsw", index_params={"ef_search": ef}))
+                rows.append(
+                    dict(
+                        n=n,
+                        method="HNSW-Flat",
+                        params=f"M=32 ef_search={ef}",
+                        build=hnsw_build,
+                        search=s,
+                        note="efConstruction 40",
+                        r1=r1,
+                        in10=in10,
+                        r10=r10,
+                        index="hnsw",
+                        index_params={"ef_search": ef},
+                    )
+                )
                 print(f"  HNSW ef_search={ef}: search {s:.1f} s, R@1 {r1:.4f}")
             del hnsw
         pq_build_params = {"m": args.pq_m} if args.pq_m else {}
@@ -242,23 +311,49 @@ def main() -> None:
         if args.e2e_index == "flat":
             e2e_index, params, label = "flat", {}, "exact flat"
         else:
-            swept = [r for r in rows if r["n"] == n and "index" in r
-                     and (args.e2e_index == "auto" or r["index"] == args.e2e_index)]
+            swept = [
+                r
+                for r in rows
+                if r["n"] == n and "index" in r and (args.e2e_index == "auto" or r["index"] == args.e2e_index)
+            ]
             if args.e2e_index == "ivf" and args.e2e_nprobe:
-                swept = [r for r in swept if r["index_params"]["nprobe"] == args.e2e_nprobe] or [dict(
-                    index="ivf", index_params={"nprobe": args.e2e_nprobe, **ivf_params(args)}, method="IVF-Flat",
-                    params=f"nprobe={args.e2e_nprobe}", r1=0.0, build=0.0, search=0.0)]
+                swept = [r for r in swept if r["index_params"]["nprobe"] == args.e2e_nprobe] or [
+                    dict(
+                        index="ivf",
+                        index_params={"nprobe": args.e2e_nprobe, **ivf_params(args)},
+                        method="IVF-Flat",
+                        params=f"nprobe={args.e2e_nprobe}",
+                        r1=0.0,
+                        build=0.0,
+                        search=0.0,
+                    )
+                ]
             if args.e2e_index == "hnsw" and args.e2e_ef_search:
-                swept = [dict(index="hnsw", index_params={"ef_search": args.e2e_ef_search}, method="HNSW-Flat",
-                              params=f"M=32 ef_search={args.e2e_ef_search}", r1=0.0, build=0.0, search=0.0)]
+                swept = [
+                    dict(
+                        index="hnsw",
+                        index_params={"ef_search": args.e2e_ef_search},
+                        method="HNSW-Flat",
+                        params=f"M=32 ef_search={args.e2e_ef_search}",
+                        r1=0.0,
+                        build=0.0,
+                        search=0.0,
+                    )
+                ]
             if not swept:
                 raise SystemExit(f"--e2e-index {args.e2e_index}: that index was not swept at N = {n}")
             good = [r for r in swept if r["r1"] >= 0.95]
             chosen = min(good, key=lambda r: r["build"] + r["search"]) if good else max(swept, key=lambda r: r["r1"])
             e2e_index, params, label = chosen["index"], chosen["index_params"], f"{chosen['method']} {chosen['params']}"
-        calc = AccuracyCalculator(include=INCLUDE, k="max_bin_count", ndcg_ks=NDCG_KS, recall_ks=RECALL_KS,
-                                  device="cpu", plugin_metrics=False,
-                                  knn_func=Capture(KNN("cosine", index=e2e_index, index_params=params, progress=None)))
+        calc = AccuracyCalculator(
+            include=INCLUDE,
+            k="max_bin_count",
+            ndcg_ks=NDCG_KS,
+            recall_ks=RECALL_KS,
+            device="cpu",
+            plugin_metrics=False,
+            knn_func=Capture(KNN("cosine", index=e2e_index, index_params=params, progress=None)),
+        )
         approx, e2e_s = timed(lambda: calc.get_accuracy(query, query_labels, ref, ref_labels, False))
         # the same metrics on the subset: exact neighbours vs the approximate ones the calculator used
         used_s, used_i = calc.knn_func.result
@@ -302,16 +397,24 @@ def main() -> None:
         exact_total = exact["build"] + exact["search"]
         fmt = lambda v: "-" if math.isnan(v) else f"{v:.4f}"
         build = "-" if math.isnan(r["build"]) else f"{r['build']:.1f}"
-        print(f"| {r['n']:,} | {r['method']} | {r['params']} | {build} | {r['search']:.1f} | {total:.1f} | "
-              f"{exact_total / total:.1f}x | {fmt(r['r1'])} | {fmt(r['in10'])} | {fmt(r['r10'])} | {r['note']} |")
+        print(
+            f"| {r['n']:,} | {r['method']} | {r['params']} | {build} | {r['search']:.1f} | {total:.1f} | "
+            f"{exact_total / total:.1f}x | {fmt(r['r1'])} | {fmt(r['in10'])} | {fmt(r['r10'])} | {r['note']} |"
+        )
 
     print("\n## End to end: pml_plugins.AccuracyCalculator with approximate kNN\n")
-    print("| N refs | queries | kNN | R@1 of the index | time (s) | exact kNN alone, est. (s) | "
-          + " | ".join(INCLUDE) + " |")
+    print(
+        "| N refs | queries | kNN | R@1 of the index | time (s) | exact kNN alone, est. (s) | "
+        + " | ".join(INCLUDE)
+        + " |"
+    )
     print("|---|---|---|---|---|---|" + "---|" * len(INCLUDE))
     for e in e2e_rows:
-        print(f"| {e['n']:,} | {e['q']:,} | {e['index']} | {e['r1']:.4f} | {e['seconds']:.1f} | {e['exact_est']:.0f} | "
-              + " | ".join(f"{e['approx'][m]:.4f}" for m in INCLUDE) + " |")
+        print(
+            f"| {e['n']:,} | {e['q']:,} | {e['index']} | {e['r1']:.4f} | {e['seconds']:.1f} | {e['exact_est']:.0f} | "
+            + " | ".join(f"{e['approx'][m]:.4f}" for m in INCLUDE)
+            + " |"
+        )
     print("\nSame metrics on the exact subset, exact vs approximate neighbours (last row: largest |difference|):\n")
     print("| N refs | subset | kNN | metric | exact | approximate | difference |")
     print("|---|---|---|---|---|---|---|")

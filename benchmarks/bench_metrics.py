@@ -27,6 +27,7 @@ Each calculator's kNN call is timed by wrapping its ``knn_func``; "other" is eve
 ``CustomKNN(LpDistance(normalize_embeddings=False))`` (its FaissKNN is CPU-only with faiss-cpu,
 and raises NameError without FAISS), ours with its default KNN (torch on the GPU without FAISS-GPU).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -117,8 +118,15 @@ def run(name, calculator, x, labels):
         _sync(x.device)
         total = time.perf_counter() - start
     print(f"  {name}: {total:.1f} s, peak memory +{mem.growth_mb:.0f} MiB", flush=True)
-    return {"name": name, "results": results, "total": total, "knn": timed.seconds, "k": timed.k,
-            "other": total - timed.seconds, "peak_mb": mem.growth_mb}
+    return {
+        "name": name,
+        "results": results,
+        "total": total,
+        "knn": timed.seconds,
+        "k": timed.k,
+        "other": total - timed.seconds,
+        "peak_mb": mem.growth_mb,
+    }
 
 
 def main() -> None:
@@ -127,62 +135,109 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=11316)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--with-clustering", action="store_true", help="also compute NMI and AMI (FAISS k-means)")
-    parser.add_argument("--torch-knn", action="store_true",
-                        help="add a run of ours with the exact torch kNN (no FAISS)")
+    parser.add_argument(
+        "--torch-knn", action="store_true", help="add a run of ours with the exact torch kNN (no FAISS)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--skip-default-k", action="store_true", help="leave out the default k=None run")
-    parser.add_argument("--pml-default", action="store_true",
-                        help="also run PML with its default k=None (the N x N ranking: only for small --n)")
+    parser.add_argument(
+        "--pml-default",
+        action="store_true",
+        help="also run PML with its default k=None (the N x N ranking: only for small --n)",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     device = torch.device(args.device)
     x, labels = sop_like(args.n, args.classes, args.dim)
     x, labels = x.to(device), labels.to(device)
     exclude = () if args.with_clustering else ("NMI", "AMI")
-    print(f"data: {args.n} x {args.dim}, {args.classes} classes (sizes {int(torch.bincount(labels).min())}-"
-          f"{int(torch.bincount(labels).max())}), leave-one-out; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, device {device}")
+    print(
+        f"data: {args.n} x {args.dim}, {args.classes} classes (sizes {int(torch.bincount(labels).min())}-"
+        f"{int(torch.bincount(labels).max())}), leave-one-out; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, device {device}"
+    )
     if device.type == "cuda":
         pml_knn = CustomKNN(LpDistance(normalize_embeddings=False), batch_size=2048)
-        run("warm-up", AccuracyCalculator(exclude=exclude, device=device, plugin_metrics=False, k="max_bin_count"), x,
-            labels)
+        run(
+            "warm-up",
+            AccuracyCalculator(exclude=exclude, device=device, plugin_metrics=False, k="max_bin_count"),
+            x,
+            labels,
+        )
     else:
         from pytorch_metric_learning.utils.inference import FaissKNN
 
         pml_knn = FaissKNN()
 
-    runs = [run("PML 2.9 AccuracyCalculator (PML defaults)",
-                pml_ac.AccuracyCalculator(k="max_bin_count", exclude=exclude, device=device, knn_func=pml_knn),
-                x, labels)]
-    runs.append(run("pml_plugins AccuracyCalculator, k='max_bin_count' (+nDCG, Recall)",
-                    AccuracyCalculator(exclude=exclude, device=device, plugin_metrics=False, k="max_bin_count"),
-                    x, labels))
+    runs = [
+        run(
+            "PML 2.9 AccuracyCalculator (PML defaults)",
+            pml_ac.AccuracyCalculator(k="max_bin_count", exclude=exclude, device=device, knn_func=pml_knn),
+            x,
+            labels,
+        )
+    ]
+    runs.append(
+        run(
+            "pml_plugins AccuracyCalculator, k='max_bin_count' (+nDCG, Recall)",
+            AccuracyCalculator(exclude=exclude, device=device, plugin_metrics=False, k="max_bin_count"),
+            x,
+            labels,
+        )
+    )
     if args.torch_knn:
-        runs.append(run("pml_plugins, exact torch kNN (no FAISS), k='max_bin_count'",
-                        AccuracyCalculator(exclude=exclude, device=device, plugin_metrics=False, k="max_bin_count",
-                                           knn_func=KNN("euclidean", backend="torch")), x, labels))
+        runs.append(
+            run(
+                "pml_plugins, exact torch kNN (no FAISS), k='max_bin_count'",
+                AccuracyCalculator(
+                    exclude=exclude,
+                    device=device,
+                    plugin_metrics=False,
+                    k="max_bin_count",
+                    knn_func=KNN("euclidean", backend="torch"),
+                ),
+                x,
+                labels,
+            )
+        )
 
     if not args.skip_default_k:
-        runs.append(run("pml_plugins AccuracyCalculator, default k=None (full-ranking MAP/MRR, +nDCG, Recall)",
-                        AccuracyCalculator(exclude=exclude, device=device, plugin_metrics=False), x, labels))
+        runs.append(
+            run(
+                "pml_plugins AccuracyCalculator, default k=None (full-ranking MAP/MRR, +nDCG, Recall)",
+                AccuracyCalculator(exclude=exclude, device=device, plugin_metrics=False),
+                x,
+                labels,
+            )
+        )
     pml_run, ours = runs[0], runs[1]
     print()
-    print("| calculator | metrics | kNN k | total (s) | kNN (s) | other (s) | other / kNN | peak memory (MiB) "
-          "| speed-up vs PML |")
+    print(
+        "| calculator | metrics | kNN k | total (s) | kNN (s) | other (s) | other / kNN | peak memory (MiB) "
+        "| speed-up vs PML |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in runs:
-        print(f"| {r['name']} | {len(r['results'])} | {r['k']} | {r['total']:.2f} | {r['knn']:.2f} | "
-              f"{r['other']:.2f} | "
-              f"{100 * r['other'] / r['knn']:.1f}% | {r['peak_mb']:.0f} | {pml_run['total'] / r['total']:.2f}x |")
+        print(
+            f"| {r['name']} | {len(r['results'])} | {r['k']} | {r['total']:.2f} | {r['knn']:.2f} | "
+            f"{r['other']:.2f} | "
+            f"{100 * r['other'] / r['knn']:.1f}% | {r['peak_mb']:.0f} | {pml_run['total'] / r['total']:.2f}x |"
+        )
     n = len(x)
-    print(f"\nPML's default k=None asks FAISS for the {n} x {n - 1} ranking: {n * (n - 1) * 8 / 1e9:.0f} GB of int64 "
-          f"indices + {n * (n - 1) * 4 / 1e9:.0f} GB of float32 distances (not run)")
+    print(
+        f"\nPML's default k=None asks FAISS for the {n} x {n - 1} ranking: {n * (n - 1) * 8 / 1e9:.0f} GB of int64 "
+        f"indices + {n * (n - 1) * 4 / 1e9:.0f} GB of float32 distances (not run)"
+    )
     if not args.skip_default_k:
         full = runs[-1]["results"]
         pml_full = None
         if args.pml_default:
-            pml_full = run("PML 2.9 AccuracyCalculator, k=None (N x N ranking)",
-                           pml_ac.AccuracyCalculator(exclude=exclude, device=device, knn_func=pml_knn), x, labels)
+            pml_full = run(
+                "PML 2.9 AccuracyCalculator, k=None (N x N ranking)",
+                pml_ac.AccuracyCalculator(exclude=exclude, device=device, knn_func=pml_knn),
+                x,
+                labels,
+            )
             print(f"PML k=None: {pml_full['total']:.2f} s, peak memory +{pml_full['peak_mb']:.0f} MiB")
         print("\n| metric | ours, default k=None (full ranking) | PML k=None | ours, k='max_bin_count' |")
         print("|---|---|---|---|")
@@ -206,11 +261,15 @@ def main() -> None:
     print(f"shared metrics bit-for-bit identical: {identical} (max abs diff {worst:.1e})")
     if args.torch_knn:
         t = runs[2]["results"]  # the torch kNN run (k="max_bin_count")
-        print(f"torch kNN vs FAISS kNN, max abs diff over all metrics: "
-              f"{max(abs(t[k] - ours['results'][k]) for k in t):.1e}")
-    print(f"end-to-end speed-up: {pml_run['total'] / ours['total']:.2f}x; our non-kNN time is "
-          f"{100 * ours['other'] / ours['knn']:.1f}% of our kNN time "
-          f"(PML: {100 * pml_run['other'] / pml_run['knn']:.1f}%)")
+        print(
+            f"torch kNN vs FAISS kNN, max abs diff over all metrics: "
+            f"{max(abs(t[k] - ours['results'][k]) for k in t):.1e}"
+        )
+    print(
+        f"end-to-end speed-up: {pml_run['total'] / ours['total']:.2f}x; our non-kNN time is "
+        f"{100 * ours['other'] / ours['knn']:.1f}% of our kNN time "
+        f"(PML: {100 * pml_run['other'] / pml_run['knn']:.1f}%)"
+    )
 
 
 if __name__ == "__main__":

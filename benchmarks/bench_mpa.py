@@ -15,6 +15,7 @@ estimated from ``torch.profiler``'s per-op memory records (CPU), or exactly by
     python benchmarks/bench_mpa.py                 # SOP and CUB scale, CPU
     python benchmarks/bench_mpa.py --device cuda
 """
+
 from __future__ import annotations
 
 import argparse

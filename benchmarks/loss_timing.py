@@ -3,6 +3,7 @@
 Imported by the ``bench_*.py`` scripts of this folder (``python benchmarks/bench_mpa.py`` puts
 the folder on ``sys.path``).
 """
+
 from __future__ import annotations
 
 import statistics
@@ -25,8 +26,9 @@ def train_step(loss_fn: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor) 
     loss_fn(x, labels).backward()
 
 
-def median_step_seconds(loss_fn: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, repeats: int, device: str,
-                        warmup: int = 2) -> float:
+def median_step_seconds(
+    loss_fn: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, repeats: int, device: str, warmup: int = 2
+) -> float:
     """Median wall-clock seconds of :func:`train_step` over ``repeats`` runs after ``warmup`` runs."""
     for _ in range(warmup):
         train_step(loss_fn, x, labels)

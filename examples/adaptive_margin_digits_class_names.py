@@ -12,6 +12,7 @@ Classes 0-4 train, 5-9 test. Runs in seconds on CPU (plus ~10 s to load the text
 
     python examples/adaptive_margin_digits_class_names.py [--attributes] [--epochs 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,7 +71,7 @@ def train(x, y, d, epochs: int, embedding_size: int, seed: int = 0) -> torch.nn.
     for _ in range(epochs):
         perm = torch.randperm(len(y), generator=g)
         for i in range(0, len(y), 64):
-            idx = perm[i:i + 64]
+            idx = perm[i : i + 64]
             opt.zero_grad()
             loss(model(x[idx]), y[idx]).backward()
             opt.step()
@@ -110,7 +111,8 @@ def main() -> None:
             recalls.append(recall_at_1(emb[~train_mask], y[~train_mask]))
             # does the geometry follow d? correlation of d_ij with 1 - cos of the class means
             means = torch.nn.functional.normalize(
-                torch.stack([torch.nn.functional.normalize(emb[y == c], dim=1).mean(0) for c in range(5)]), dim=1)
+                torch.stack([torch.nn.functional.normalize(emb[y == c], dim=1).mean(0) for c in range(5)]), dim=1
+            )
             sep = (1 - means @ means.t())[pairs[0], pairs[1]]
             corrs.append(float(np.corrcoef(d[pairs[0], pairs[1]].numpy(), sep.numpy())[0, 1]))
         print(

@@ -10,6 +10,7 @@ get their own optimizer at the registered loss_lr (the paper's 0.01). Runs in se
 
     python examples/adaptive_margin_trainer.py [--epochs 3] [--distances none] [--class-texts five_lines.txt]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,9 @@ def main() -> None:
     elif args.distances == "pixels":
         class_means = torch.stack([x_tr[y_tr == c].mean(0) for c in range(5)])
         loss_args["class_distances"] = class_distances_from_embeddings(class_means, metric="cosine", normalize="half")
-    loss = pml_plugins.create_loss("adaptive_margin_softmax", num_classes=5, embedding_size=args.embedding_size,
-                                   **loss_args)
+    loss = pml_plugins.create_loss(
+        "adaptive_margin_softmax", num_classes=5, embedding_size=args.embedding_size, **loss_args
+    )
     if loss.class_distances is not None:
         print("class distances d (train classes 0-4):")
         print(np.array2string(loss.class_distances.numpy(), precision=2))

@@ -6,6 +6,7 @@ seconds on CPU::
 
     python examples/cam_trainer.py --epochs 8
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,6 +85,8 @@ if __name__ == "__main__":
     result = main(args.epochs, args.embedding_size, args.seed)
     for stage in ("before", "after"):
         r = result[stage]
-        print(f"{stage:6s} precision_at_1={r['precision_at_1']:.4f} "
-              f"mean_average_precision_at_r={r['mean_average_precision_at_r']:.4f}")
+        print(
+            f"{stage:6s} precision_at_1={r['precision_at_1']:.4f} "
+            f"mean_average_precision_at_r={r['mean_average_precision_at_r']:.4f}"
+        )
     print(f"nearest_anchor_accuracy={result['nearest_anchor_accuracy']:.4f}")

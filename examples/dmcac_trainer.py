@@ -4,6 +4,7 @@ Classes 0-4 train (split 80/20 into training queries and a training database), c
 are retrieved at the end. ``training_setup`` supplies what the trainer needs: the A-view query
 dataset, the B*A collate function, and the database refresher hooks.
 """
+
 import logging
 
 import torch
@@ -36,8 +37,16 @@ with torch.no_grad():
 
 # A = 2 views (original + shifted/noisy copy), k = 4 neighbours per view
 loss = DMCACLoss(num_classes=5, embedding_size=4, num_views=2, k=4)
-context = TrainingContext(trunk=trunk, embedder=embedder, train_dataset=dataset, batch_size=32, epochs=4,
-                          device=torch.device("cpu"), seed=0, options={"refresh_every_epochs": 1, "progress": False})
+context = TrainingContext(
+    trunk=trunk,
+    embedder=embedder,
+    train_dataset=dataset,
+    batch_size=32,
+    epochs=4,
+    device=torch.device("cpu"),
+    seed=0,
+    options={"refresh_every_epochs": 1, "progress": False},
+)
 setup = training_setup(loss, context)
 
 trainer = trainers.MetricLossOnly(

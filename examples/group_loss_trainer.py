@@ -8,6 +8,7 @@ lr 1e-3 for both and a lower temperature (--temperature). Runs in seconds on CPU
 
     python examples/group_loss_trainer.py [--epochs 3] [--temperature 2] [--ce-weight 1]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,9 +55,15 @@ def main() -> None:
     trunk = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU())
     embedder = torch.nn.Linear(64, args.embedding_size)
     model = torch.nn.Sequential(trunk, embedder)
-    loss = pml_plugins.create_loss("group_loss", num_classes=7, embedding_size=args.embedding_size,
-                                   temperature=args.temperature, num_anchors=args.num_anchors,
-                                   num_iterations=args.num_iterations, ce_weight=args.ce_weight)
+    loss = pml_plugins.create_loss(
+        "group_loss",
+        num_classes=7,
+        embedding_size=args.embedding_size,
+        temperature=args.temperature,
+        num_anchors=args.num_anchors,
+        num_iterations=args.num_iterations,
+        ce_weight=args.ce_weight,
+    )
     optimizers = {
         "trunk_optimizer": torch.optim.Adam(trunk.parameters(), lr=args.lr),
         "embedder_optimizer": torch.optim.Adam(embedder.parameters(), lr=args.lr),

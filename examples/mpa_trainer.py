@@ -6,6 +6,7 @@ pretrained network, here 1e-3 for an MLP trained from scratch. Runs in seconds o
 
     python examples/mpa_trainer.py [--loss multi_proxy_anchor_ap] [--epochs 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,11 @@ def recall_at_1(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--loss", default="multi_proxy_anchor",
-                        choices=["multi_proxy_anchor", "multi_proxy_anchor_dw", "multi_proxy_anchor_ap"])
+    parser.add_argument(
+        "--loss",
+        default="multi_proxy_anchor",
+        choices=["multi_proxy_anchor", "multi_proxy_anchor_dw", "multi_proxy_anchor_ap"],
+    )
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--proxies-per-class", type=int, default=4)
     parser.add_argument("--embedding-size", type=int, default=4)
@@ -47,8 +51,9 @@ def main() -> None:
     trunk = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU())
     embedder = torch.nn.Linear(64, args.embedding_size)
     model = torch.nn.Sequential(trunk, embedder)
-    loss = pml_plugins.create_loss(args.loss, num_classes=5, embedding_size=args.embedding_size,
-                                   proxies_per_class=args.proxies_per_class)
+    loss = pml_plugins.create_loss(
+        args.loss, num_classes=5, embedding_size=args.embedding_size, proxies_per_class=args.proxies_per_class
+    )
     proxy_lr = pml_plugins.get_entry("loss", args.loss).spec.loss_lr  # 1e-2, the paper's
     optimizers = {
         "trunk_optimizer": torch.optim.AdamW(trunk.parameters(), lr=1e-3),
@@ -65,7 +70,6 @@ def main() -> None:
         sampler=samplers.MPerClassSampler(y_tr, m=16, batch_size=64, length_before_new_iter=len(y_tr)),
         dataloader_num_workers=0,
         data_device=torch.device("cpu"),
-
     )
     trainer.train(num_epochs=args.epochs)
     print(f"Recall@1 after: {recall_at_1(model, x_te, y_te):.4f}")

@@ -5,6 +5,7 @@ Extras named ``gpu`` / ``cuda`` are left out (no GPU wheels on CPU machines). Ru
 install runs before anything is installed, so it cannot count on ``tomli``).
 Usage: ``python scripts/plugin_extras.py plugins/NAME/pyproject.toml``
 """
+
 from __future__ import annotations
 
 import re
@@ -39,8 +40,11 @@ def extras(text: str) -> List[str]:
             import tomli as toml  # type: ignore[no-redef]
         except ModuleNotFoundError:
             toml = None
-    names = (list(toml.loads(text).get("project", {}).get("optional-dependencies", {})) if toml is not None
-             else _extras_minimal(text))
+    names = (
+        list(toml.loads(text).get("project", {}).get("optional-dependencies", {}))
+        if toml is not None
+        else _extras_minimal(text)
+    )
     return [n for n in names if n not in SKIPPED]
 
 

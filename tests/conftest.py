@@ -1,4 +1,5 @@
 """Shared fixtures: the example plugin packages, pip-installed into a private folder."""
+
 from __future__ import annotations
 
 import os
@@ -24,9 +25,21 @@ def example_plugins_site(tmp_path_factory) -> Path:
     """
     target = tmp_path_factory.mktemp("site")
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--disable-pip-version-check", "--target", str(target),
-         str(EXAMPLES / "good"), str(EXAMPLES / "broken"), str(EXAMPLES / "colliding")],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--disable-pip-version-check",
+            "--target",
+            str(target),
+            str(EXAMPLES / "good"),
+            str(EXAMPLES / "broken"),
+            str(EXAMPLES / "colliding"),
+        ],
         check=True,
     )
     return target
@@ -98,10 +111,22 @@ def build_report_run(out: Path, dims: int = 16, distance: str = "cosine") -> dic
     for epoch in range(1, 4):
         append_metrics_line(out, {"epoch": epoch, "loss": 1.0 / epoch, "lr": {"trunk": 1e-3 / epoch}, "seconds": 0.1})
     rows = thumbnail_sample(len(splits.test_labels))
-    save_test_artifacts(out, emb, splits.test_labels, make_thumbnails(splits.test, rows), thumbnail_index=rows,
-                        class_names=splits.test_classes, retrieval_distance=distance)
-    return {"embeddings": emb, "labels": splits.test_labels, "metrics": metrics, "name": name,
-            "class_names": [str(c) for c in splits.test_classes]}
+    save_test_artifacts(
+        out,
+        emb,
+        splits.test_labels,
+        make_thumbnails(splits.test, rows),
+        thumbnail_index=rows,
+        class_names=splits.test_classes,
+        retrieval_distance=distance,
+    )
+    return {
+        "embeddings": emb,
+        "labels": splits.test_labels,
+        "metrics": metrics,
+        "name": name,
+        "class_names": [str(c) for c in splits.test_classes],
+    }
 
 
 @pytest.fixture(scope="session")
@@ -151,8 +176,9 @@ def check_self_contained(text: str) -> list[tuple[str, dict]]:
             value = attrs.get(key)
             if value is None:
                 continue
-            assert not re.match(r"^\s*([a-z][a-z0-9+.-]*:|//)", value, re.I) or value.startswith("data:image/"), \
+            assert not re.match(r"^\s*([a-z][a-z0-9+.-]*:|//)", value, re.I) or value.startswith("data:image/"), (
                 f"<{tag} {key}={value[:80]!r}> leaves the page"
+            )
             assert not value.startswith("/"), f"absolute path {value!r}"
     images = [a for t, a in tags if t == "img"]
     assert images

@@ -3,6 +3,7 @@
 Imports are read with ``ast`` (nothing is imported), at module level and inside functions alike:
 a lazy import hides a cycle from the interpreter, not from a reader.
 """
+
 from __future__ import annotations
 
 import ast
@@ -12,6 +13,7 @@ import pytest
 
 CORE = Path(__file__).resolve().parents[1] / "core" / "pml_plugins"
 PACKAGE = "pml_plugins"
+
 
 def _modules() -> dict[str, Path]:
     out = {}
@@ -138,17 +140,25 @@ def test_no_private_name_is_imported_from_another_module():
                 bad.append(f"{module}: from {target} import {name}")
         aliases = _module_aliases(module)
         for node in ast.walk(ast.parse(MODULES[module].read_text())):
-            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
-                    and node.attr.startswith("_") and not node.attr.startswith("__")):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in aliases
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+            ):
                 bad.append(f"{module}: {node.value.id}.{node.attr} ({aliases[node.value.id]})")
     assert not bad, "private names used across modules:\n" + "\n".join(sorted(set(bad)))
 
 
-@pytest.mark.parametrize("old, new", [
-    ("pml_plugins.distributed", "pml_plugins.distributed_losses"),
-    ("pml_plugins.training", "pml_plugins.training_protocol"),
-    ("pml_plugins.pipeline.distributed", "pml_plugins.pipeline.ddp"),
-])
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("pml_plugins.distributed", "pml_plugins.distributed_losses"),
+        ("pml_plugins.training", "pml_plugins.training_protocol"),
+        ("pml_plugins.pipeline.distributed", "pml_plugins.pipeline.ddp"),
+    ],
+)
 def test_renamed_modules_keep_their_old_path_with_a_deprecation_warning(old, new):
     import importlib
     import sys

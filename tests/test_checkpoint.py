@@ -329,10 +329,24 @@ def test_evaluate_run_dir_follows_the_runs_query_gallery_protocol(tmp_path, caps
     np.savez(tmp_path / "q.npz", features=xt[half], labels=yt[half])
     np.savez(tmp_path / "g.npz", features=xt[~half], labels=yt[~half])
     out = tmp_path / "run"
-    args = ["train", "--loss", "proxy_anchor", "--dataset", f"embeddings:{tmp_path / 'train.npz'}", "--epochs", "1",
-            "--iterations-per-epoch", "3", "--embedding-size", "16", "--no-progress"]
-    assert cli_main([*args, "--query", str(tmp_path / "q.npz"), "--gallery", str(tmp_path / "g.npz"),
-                     "--out", str(out)]) == 0
+    args = [
+        "train",
+        "--loss",
+        "proxy_anchor",
+        "--dataset",
+        f"embeddings:{tmp_path / 'train.npz'}",
+        "--epochs",
+        "1",
+        "--iterations-per-epoch",
+        "3",
+        "--embedding-size",
+        "16",
+        "--no-progress",
+    ]
+    assert (
+        cli_main([*args, "--query", str(tmp_path / "q.npz"), "--gallery", str(tmp_path / "g.npz"), "--out", str(out)])
+        == 0
+    )
     capsys.readouterr()
     assert cli_main(["evaluate", str(out), "--json"]) == 0
     got = json.loads(capsys.readouterr().out)["metrics"]

@@ -1,4 +1,5 @@
 """The command line's frame: `python -m pml_plugins`, help, version, JSON listing."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """`pml-plugins compare` end to end: table, CSV, Markdown, plot, failing losses, Ctrl-C."""
+
 from __future__ import annotations
 
 import csv
@@ -52,10 +53,25 @@ def _csv(path):
 
 def test_compare_table_files_and_a_failing_loss(test_plugin, tmp_path, capsys):
     out = tmp_path / "cmp"
-    assert main(["compare", "--losses", "proxy_anchor,broken_test_loss,contrastive", "--out", str(out),
-                 "--loss-arg", "proxy_anchor.margin=0.2", "--seeds", "2", *TINY]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                "--losses",
+                "proxy_anchor,broken_test_loss,contrastive",
+                "--out",
+                str(out),
+                "--loss-arg",
+                "proxy_anchor.margin=0.2",
+                "--seeds",
+                "2",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
-    table = printed[printed.index("loss "):]
+    table = printed[printed.index("loss ") :]
     assert "untrained (floor)" in table and "error: seed 0: RuntimeError: deliberately broken" in table
     assert "2 trained, 1 failed" in printed
     assert "Protocol: digits, 2 seeds (0-1), mean ± 95% t-interval" in printed  # the one-line caption
@@ -70,8 +86,10 @@ def test_compare_table_files_and_a_failing_loss(test_plugin, tmp_path, capsys):
     assert "True" in (rows[1]["tied_with_best"], rows[3]["tied_with_best"])  # the best is tied with itself
     runs = _csv(out / "runs.csv")
     assert [(r["loss"], r["seed"]) for r in runs] == [
-        (name, str(seed)) for name in ("untrained (floor)", "proxy_anchor", "broken_test_loss", "contrastive")
-        for seed in (0, 1)]
+        (name, str(seed))
+        for name in ("untrained (floor)", "proxy_anchor", "broken_test_loss", "contrastive")
+        for seed in (0, 1)
+    ]
     md = (out / "results.md").read_text()
     assert "| untrained (floor) |" in md and "| proxy_anchor |" in md and "R@1" in md and "nDCG@8" in md
     assert " ± " in md and "scipy.stats.ttest_rel" in md
@@ -90,8 +108,21 @@ def test_compare_table_files_and_a_failing_loss(test_plugin, tmp_path, capsys):
 
 def test_ctrl_c_keeps_completed_runs(test_plugin, tmp_path, capsys):
     out = tmp_path / "cmp"
-    assert main(["compare", "--losses", "normalized_softmax,interrupting_test_loss,contrastive", "--out", str(out),
-                 "--seeds", "1", *TINY]) == 130
+    assert (
+        main(
+            [
+                "compare",
+                "--losses",
+                "normalized_softmax,interrupting_test_loss,contrastive",
+                "--out",
+                str(out),
+                "--seeds",
+                "1",
+                *TINY,
+            ]
+        )
+        == 130
+    )
     assert "interrupted" in capsys.readouterr().err
     rows = _csv(out / "results.csv")
     assert [r["loss"] for r in rows] == ["untrained (floor)", "normalized_softmax"]
@@ -120,10 +151,25 @@ def test_compare_config_file_as_a_subprocess(tmp_path):
     """The installed command line with a TOML config (per-loss arguments in a table)."""
     (tmp_path / "c.toml").write_text(
         'losses = ["proxy_anchor", "soft_triple"]\nepochs = 1\niterations_per_epoch = 2\nbatch_size = 32\n'
-        'embedding_size = 16\nseeds = 1\nval_classes = 0\n[loss_args.soft_triple]\ncenters_per_class = 3\n')
-    result = subprocess.run([sys.executable, "-m", "pml_plugins", "compare", "--config", str(tmp_path / "c.toml"),
-                             "--out", str(tmp_path / "o"), "--no-progress", "--no-report"], capture_output=True,
-                            text=True, timeout=240)
+        "embedding_size = 16\nseeds = 1\nval_classes = 0\n[loss_args.soft_triple]\ncenters_per_class = 3\n"
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pml_plugins",
+            "compare",
+            "--config",
+            str(tmp_path / "c.toml"),
+            "--out",
+            str(tmp_path / "o"),
+            "--no-progress",
+            "--no-report",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert result.returncode == 0, result.stderr
     assert "untrained (floor)" in result.stdout and "soft_triple" in result.stdout
     assert "1 seed (0): no interval (n/a)" in result.stdout and "no validation: last epoch reported" in result.stdout
@@ -146,8 +192,9 @@ class ArgRecordingLoss(pml_losses.ContrastiveLoss):
 class _DemoPlugin:
     @pml_plugins.hookimpl
     def register_losses(self, register):
-        register(ArgRecordingLoss, name="demo_args_test_loss", summary="records demo_flag",
-                 demo_loss_args={"demo_flag": 0.0})
+        register(
+            ArgRecordingLoss, name="demo_args_test_loss", summary="records demo_flag", demo_loss_args={"demo_flag": 0.0}
+        )
 
 
 @pytest.fixture

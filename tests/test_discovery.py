@@ -1,4 +1,5 @@
 """Real pip-installed plugin packages: discovery, isolation of a broken one, collisions, control."""
+
 from __future__ import annotations
 
 import json

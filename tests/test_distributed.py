@@ -5,6 +5,7 @@ value and the gradients of the model and of the loss's own parameters with one p
 the gathered batch (float64), train a few steps both ways, and compare parameters across
 ranks. The losses come from the registry, so any installed third-party plugin is covered.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,8 +44,9 @@ DATABASE_CASES = [n for n in PLUGIN_LOSSES if n.endswith(":dmcac")]
 
 @pytest.fixture(scope="module")
 def report() -> dict:
-    return distributed_report(PLUGIN_LOSSES, miner_cases=[MINER_CASE], database_cases=DATABASE_CASES, world_size=2,
-                              steps=3)
+    return distributed_report(
+        PLUGIN_LOSSES, miner_cases=[MINER_CASE], database_cases=DATABASE_CASES, world_size=2, steps=3
+    )
 
 
 def test_plugins_are_installed_and_declare_their_semantics():
@@ -134,8 +136,12 @@ def no_ddp_plugin():
 
     @pml_plugins.hookimpl
     def register_losses(register):
-        register(_NoDdpLoss, name="no_ddp", distributed="unsupported",
-                 distributed_note="it keeps per-process state that cannot be synchronised")
+        register(
+            _NoDdpLoss,
+            name="no_ddp",
+            distributed="unsupported",
+            distributed_note="it keeps per-process state that cannot be synchronised",
+        )
         register(_NoDdpLoss, name="bad_ddp", distributed="sometimes")
 
     module.register_losses = register_losses
@@ -151,8 +157,13 @@ def _free_port() -> int:
 
 
 def _torchrun_env(monkeypatch, world_size: int = 1) -> None:
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", str(world_size)),
-                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))):
+    for key, value in (
+        ("RANK", "0"),
+        ("LOCAL_RANK", "0"),
+        ("WORLD_SIZE", str(world_size)),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", str(_free_port())),
+    ):
         monkeypatch.setenv(key, value)
 
 
@@ -164,8 +175,15 @@ def test_unsupported_loss_is_refused_by_name(no_ddp_plugin, monkeypatch):
         pd.check_distributed_support(pml_plugins.get_entry("loss", "scratch_ddp:bad_ddp"))
     # the trainer itself, in a real one-process gloo group started from torchrun's variables
     _torchrun_env(monkeypatch)
-    cfg = TrainConfig(loss="scratch_ddp:no_ddp", distributed=True, device="cpu", epochs=1, batch_size=16,
-                      iterations_per_epoch=1, backbone="mlp")
+    cfg = TrainConfig(
+        loss="scratch_ddp:no_ddp",
+        distributed=True,
+        device="cpu",
+        epochs=1,
+        batch_size=16,
+        iterations_per_epoch=1,
+        backbone="mlp",
+    )
     with pytest.raises(ValueError, match="'no_ddp'.*cannot be trained distributed"):
         run_training(cfg, progress=False)
     assert not torch.distributed.is_initialized()  # torn down after the error
@@ -205,12 +223,44 @@ def test_torchrun_trains_like_one_process(tmp_path):
     digits = load_digits()
     data = tmp_path / "digits.npz"
     np.savez(data, features=(digits.data / 16).astype(np.float32), labels=digits.target)
-    args = ["--loss", "group_loss", "--dataset", f"embeddings:{data}", "--epochs", "1", "--iterations-per-epoch",
-            "4", "--batch-size", "32", "--device", "cpu", "--no-progress", "--no-report"]
+    args = [
+        "--loss",
+        "group_loss",
+        "--dataset",
+        f"embeddings:{data}",
+        "--epochs",
+        "1",
+        "--iterations-per-epoch",
+        "4",
+        "--batch-size",
+        "32",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--no-report",
+    ]
     env = {k: v for k, v in os.environ.items() if k not in pd.TORCHRUN_ENV}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "pml_plugins", "train", "--distributed", *args, "--out", str(tmp_path / "ddp")],
-                          capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "pml_plugins",
+            "train",
+            "--distributed",
+            *args,
+            "--out",
+            str(tmp_path / "ddp"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("wrote ") == 1  # only rank 0 evaluates and writes
     assert cli_main(["train", *args, "--out", str(tmp_path / "one")]) == 0
@@ -239,13 +289,48 @@ def test_torchrun_compare_holds_one_group_and_rank_0_reports(tmp_path):
     digits = load_digits()
     data = tmp_path / "digits.npz"
     np.savez(data, features=(digits.data / 16).astype(np.float32), labels=digits.target)
-    args = ["--losses", "contrastive,group_loss", "--dataset", f"embeddings:{data}", "--epochs", "1",
-            "--iterations-per-epoch", "3", "--batch-size", "32", "--device", "cpu", "--no-progress", "--no-report",
-            "--seeds", "1", "--val-classes", "0"]  # DDP reports the last epoch (no per-epoch validation)
+    args = [
+        "--losses",
+        "contrastive,group_loss",
+        "--dataset",
+        f"embeddings:{data}",
+        "--epochs",
+        "1",
+        "--iterations-per-epoch",
+        "3",
+        "--batch-size",
+        "32",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--no-report",
+        "--seeds",
+        "1",
+        "--val-classes",
+        "0",
+    ]  # DDP reports the last epoch (no per-epoch validation)
     env = {k: v for k, v in os.environ.items() if k not in pd.TORCHRUN_ENV}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "pml_plugins", "compare", "--distributed", *args, "--out", str(tmp_path / "ddp")],
-                          capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "pml_plugins",
+            "compare",
+            "--distributed",
+            *args,
+            "--out",
+            str(tmp_path / "ddp"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("comparing 2 losses") == 1 and proc.stdout.count("2 trained, 0 failed") == 1
     assert cli_main(["compare", *args, "--out", str(tmp_path / "one")]) == 0

@@ -1,4 +1,5 @@
 """The glyphs dataset (deterministic, cached, class-disjoint) and class-disjoint validation folds."""
+
 from __future__ import annotations
 
 import numpy as np

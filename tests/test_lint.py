@@ -1,4 +1,5 @@
 """Lint in CI: ``ruff check .`` and ``ruff format --check .`` with the root pyproject's ``[tool.ruff]``."""
+
 from __future__ import annotations
 
 import shutil

@@ -1,4 +1,5 @@
 """``pml-plugins new-plugin``: the generated package installs with pip, passes its own tests and is listed."""
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,12 @@ def _env_with(path: Path) -> dict:
 
 
 def test_generated_plugin_installs_passes_its_tests_and_is_listed(tmp_path):
-    made = subprocess.run([sys.executable, "-m", "pml_plugins", "new-plugin", "toy-margin", "--dir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+    made = subprocess.run(
+        [sys.executable, "-m", "pml_plugins", "new-plugin", "toy-margin", "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert made.returncode == 0, made.stderr
     package = tmp_path / "toy_margin"
     for relative in EXPECTED_FILES:
@@ -49,15 +54,33 @@ def test_generated_plugin_installs_passes_its_tests_and_is_listed(tmp_path):
     # a real pip install (not a mocked entry point), into a private folder as tests/conftest.py does
     site = tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--disable-pip-version-check", "--target", str(site), str(package)],
-        check=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--disable-pip-version-check",
+            "--target",
+            str(site),
+            str(package),
+        ],
+        check=True,
+        timeout=300,
     )
     assert list(site.glob("pml_plugin_toy_margin-0.1.0.dist-info/entry_points.txt"))
 
     # its own tests: hand value, loop reference, registration by name, the conformance kit
-    tests = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "tests"],
-                           cwd=package, env=_env_with(site), capture_output=True, text=True, timeout=300)
+    tests = subprocess.run(
+        [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "tests"],
+        cwd=package,
+        env=_env_with(site),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert tests.returncode == 0, tests.stdout[-4000:] + tests.stderr[-2000:]
     for case in (
         "test_value_by_hand",
@@ -68,8 +91,9 @@ def test_generated_plugin_installs_passes_its_tests_and_is_listed(tmp_path):
     ):
         assert f"{case} PASSED" in tests.stdout, f"{case} did not pass:\n{tests.stdout[-4000:]}"
 
-    listed = subprocess.run([sys.executable, "-m", "pml_plugins", "list"], env=_env_with(site),
-                            capture_output=True, text=True, timeout=120)
+    listed = subprocess.run(
+        [sys.executable, "-m", "pml_plugins", "list"], env=_env_with(site), capture_output=True, text=True, timeout=120
+    )
     assert listed.returncode == 0, listed.stderr
     lines = listed.stdout.splitlines()
     header = next(
@@ -79,13 +103,16 @@ def test_generated_plugin_installs_passes_its_tests_and_is_listed(tmp_path):
     assert lines[header].rstrip().endswith("ok") and lines[header + 1].split() == ["losses", "toy_margin"]
 
 
-@pytest.mark.parametrize("raw, expected", [
-    ("my_margin", ("my_margin", "pml-plugin-my-margin", "pml_plugin_my_margin", "MyMarginLoss", "my_margin_loss")),
-    ("my-margin", ("my_margin", "pml-plugin-my-margin", "pml_plugin_my_margin", "MyMarginLoss", "my_margin_loss")),
-    ("MyMargin", ("my_margin", "pml-plugin-my-margin", "pml_plugin_my_margin", "MyMarginLoss", "my_margin_loss")),
-    ("focal_loss", ("focal_loss", "pml-plugin-focal-loss", "pml_plugin_focal_loss", "FocalLoss", "focal_loss")),
-    ("arc2", ("arc2", "pml-plugin-arc2", "pml_plugin_arc2", "Arc2Loss", "arc2_loss")),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("my_margin", ("my_margin", "pml-plugin-my-margin", "pml_plugin_my_margin", "MyMarginLoss", "my_margin_loss")),
+        ("my-margin", ("my_margin", "pml-plugin-my-margin", "pml_plugin_my_margin", "MyMarginLoss", "my_margin_loss")),
+        ("MyMargin", ("my_margin", "pml-plugin-my-margin", "pml_plugin_my_margin", "MyMarginLoss", "my_margin_loss")),
+        ("focal_loss", ("focal_loss", "pml-plugin-focal-loss", "pml_plugin_focal_loss", "FocalLoss", "focal_loss")),
+        ("arc2", ("arc2", "pml-plugin-arc2", "pml_plugin_arc2", "Arc2Loss", "arc2_loss")),
+    ],
+)
 def test_names_derived_from_name(raw, expected):
     names = plugin_names(raw)
     assert (names.name, names.dist, names.module, names.class_name, names.loss_module) == expected

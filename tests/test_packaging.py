@@ -3,6 +3,7 @@ fresh virtual environment (no source tree, no editable installs), then used.
 
 Slow (a fresh venv with torch): marked ``packaging``; skip locally with ``-m "not packaging"``.
 """
+
 from __future__ import annotations
 
 import json

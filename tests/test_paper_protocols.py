@@ -1,6 +1,7 @@
 """The papers' training paths and evaluation protocols from the command line (tiny budgets):
 classification pre-training, class distances from class texts, query vs gallery evaluation,
 few-shot training, the embedding head choice, DMCAC through the main job."""
+
 from __future__ import annotations
 
 import json
@@ -66,7 +67,9 @@ def test_group_loss_paper_pretrains_a_classifier_first(tmp_path):
 def test_class_texts_from_json_csv_and_defaults(tmp_path):
     (tmp_path / "m.json").write_text(json.dumps({"a": "a cat", "b": ["a", "dog"], "c": "x"}))
     assert ct.class_texts_for(["a", "b"], dataset_kind="imagefolder", class_texts=str(tmp_path / "m.json")) == (
-        ["a cat", "a dog"], f"file {tmp_path / 'm.json'}")
+        ["a cat", "a dog"],
+        f"file {tmp_path / 'm.json'}",
+    )
     (tmp_path / "m.csv").write_text("class,text\n0,zero things\n1,one, with a comma\n")
     texts, _ = ct.class_texts_for([0, 1], dataset_kind="digits", class_texts=str(tmp_path / "m.csv"))
     assert texts == ["zero things", "one, with a comma"]
@@ -81,8 +84,9 @@ def test_class_texts_from_json_csv_and_defaults(tmp_path):
 
 
 def test_losses_without_class_distances_are_left_alone():
-    args, info = ct.class_distances_for_run({}, {"margin": 0.1}, train_classes=[0, 1], dataset_kind="digits",
-                                            class_texts=None, out=None)
+    args, info = ct.class_distances_for_run(
+        {}, {"margin": 0.1}, train_classes=[0, 1], dataset_kind="digits", class_texts=None, out=None
+    )
     assert args == {"margin": 0.1} and info is None
 
 
@@ -114,15 +118,41 @@ def test_class_texts_file_from_the_command_line(tmp_path):
     texts = {"0": "a round loop", "1": "a single vertical stroke", "2": "a swan", "3": "two bumps", "4": "a chair"}
     (tmp_path / "texts.json").write_text(json.dumps(texts))
     out = tmp_path / "am"
-    assert main(["train", "--loss", "adaptive_margin", "--class-texts", str(tmp_path / "texts.json"),
-                 "--out", str(out), *TINY]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--loss",
+                "adaptive_margin",
+                "--class-texts",
+                str(tmp_path / "texts.json"),
+                "--out",
+                str(out),
+                *TINY,
+            ]
+        )
+        == 0
+    )
     record = json.loads((out / "class_distances.json").read_text())
     assert record["texts"] == list(texts.values())
     # explicit distances as a loss argument win over texts
     out2 = tmp_path / "am2"
     np.save(tmp_path / "d.npy", np.full((5, 5), 0.5, dtype=np.float32))
-    assert main(["train", "--loss", "adaptive_margin", "--loss-arg", f"class_distances='{tmp_path / 'd.npy'}'",
-                 "--out", str(out2), *TINY]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--loss",
+                "adaptive_margin",
+                "--loss-arg",
+                f"class_distances='{tmp_path / 'd.npy'}'",
+                "--out",
+                str(out2),
+                *TINY,
+            ]
+        )
+        == 0
+    )
     assert not (out2 / "class_distances.npy").exists()
     assert _resolved(out2)["class_distances"] == {"source": "loss argument class_distances"}
 
@@ -153,9 +183,11 @@ def _brute_recall(q, yq, g, yg, k):
 def _feature_sets(seed=0):
     rng = np.random.RandomState(seed)
     centers = rng.randn(6, 8)
+
     def draw(n, classes):
         y = rng.choice(classes, n)
         return (centers[y] + 1.2 * rng.randn(n, 8)).astype(np.float32), y
+
     xtr, ytr = draw(60, [0, 1, 2])
     xq, yq = draw(40, [3, 4, 5])
     xg, yg = draw(50, [3, 4, 5])
@@ -167,12 +199,38 @@ def _feature_sets(seed=0):
 def test_query_gallery_from_an_npz_dataset_matches_brute_force(tmp_path):
     xtr, ytr, xq, yq, xg, yg = _feature_sets()
     path = tmp_path / "qg.npz"
-    np.savez(path, train_features=xtr, train_labels=ytr, query_features=xq, query_labels=yq,
-             gallery_features=xg, gallery_labels=yg)
+    np.savez(
+        path,
+        train_features=xtr,
+        train_labels=ytr,
+        query_features=xq,
+        query_labels=yq,
+        gallery_features=xg,
+        gallery_labels=yg,
+    )
     out = tmp_path / "run"
     # the head is the identity and nothing trains: the embeddings are the features themselves
-    assert main(["train", "--dataset", f"embeddings:{path}", "--backbone", "identity", "--head", "none",
-                 "--embedding-size", "8", "--epochs", "0", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                f"embeddings:{path}",
+                "--backbone",
+                "identity",
+                "--head",
+                "none",
+                "--embedding-size",
+                "8",
+                "--epochs",
+                "0",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     metrics = _metrics(out)
     for k in (1, 2, 4):
         assert metrics[f"recall_at_{k}"] == pytest.approx(_brute_recall(xq, yq, xg, yg, k), abs=1e-9)
@@ -187,13 +245,50 @@ def test_query_and_gallery_flags_with_npz_pairs(tmp_path, capsys):
     np.savez(tmp_path / "q.npz", features=xq, labels=yq)
     np.savez(tmp_path / "g.npz", features=xg, labels=yg)
     out = tmp_path / "run"
-    assert main(["train", "--dataset", f"embeddings:{tmp_path / 'train.npz'}", "--backbone", "identity",
-                 "--head", "none", "--embedding-size", "8", "--epochs", "0", "--query", str(tmp_path / "q.npz"),
-                 "--gallery", str(tmp_path / "g.npz"), "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                f"embeddings:{tmp_path / 'train.npz'}",
+                "--backbone",
+                "identity",
+                "--head",
+                "none",
+                "--embedding-size",
+                "8",
+                "--epochs",
+                "0",
+                "--query",
+                str(tmp_path / "q.npz"),
+                "--gallery",
+                str(tmp_path / "g.npz"),
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert _metrics(out)["recall_at_1"] == pytest.approx(_brute_recall(xq, yq, xg, yg, 1), abs=1e-9)
     capsys.readouterr()
-    assert main(["train", "--dataset", f"embeddings:{tmp_path / 'train.npz'}", "--query", str(tmp_path / "q.npz"),
-                 "--epochs", "0", "--out", str(tmp_path / "x"), "--no-progress"]) != 0
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                f"embeddings:{tmp_path / 'train.npz'}",
+                "--query",
+                str(tmp_path / "q.npz"),
+                "--epochs",
+                "0",
+                "--out",
+                str(tmp_path / "x"),
+                "--no-progress",
+            ]
+        )
+        != 0
+    )
     assert "query and gallery go together" in capsys.readouterr().err
 
 
@@ -213,12 +308,33 @@ def make_image_folder(root: Path, splits: dict, size: int = 8, seed: int = 0) ->
 
 
 def test_imagefolder_query_and_gallery_folders(tmp_path):
-    root = make_image_folder(tmp_path / "shop", {"train": (["a", "b", "c"], 4), "query": (["d", "e"], 3),
-                                                 "gallery": (["d", "e", "f"], 3)})
+    root = make_image_folder(
+        tmp_path / "shop", {"train": (["a", "b", "c"], 4), "query": (["d", "e"], 3), "gallery": (["d", "e", "f"], 3)}
+    )
     out = tmp_path / "run"
-    assert main(["train", "--dataset", f"imagefolder:{root}", "--image-size", "8", "--loss", "contrastive",
-                 "--out", str(out), "--epochs", "1", "--batch-size", "6", "--iterations-per-epoch", "1",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                f"imagefolder:{root}",
+                "--image-size",
+                "8",
+                "--loss",
+                "contrastive",
+                "--out",
+                str(out),
+                "--epochs",
+                "1",
+                "--batch-size",
+                "6",
+                "--iterations-per-epoch",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     evaluation = _resolved(out)["evaluation"]
     assert (evaluation["num_query"], evaluation["num_gallery"]) == (6, 9)
     assert "query" in _resolved(out)["data"] and "gallery" in _resolved(out)["data"]
@@ -231,8 +347,25 @@ def test_samples_per_class_draws_n_of_each_class_with_the_seed(tmp_path, capsys)
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     assert np.bincount(labels[a]).tolist() == [3, 3, 2, 3]  # a class with fewer keeps all
     out = tmp_path / "fs"
-    assert main(["train", "--loss", "class_anchor_margin", "--samples-per-class", "4", "--out", str(out),
-                 "--batch-size", "8", "--epochs", "1", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--loss",
+                "class_anchor_margin",
+                "--samples-per-class",
+                "4",
+                "--out",
+                str(out),
+                "--batch-size",
+                "8",
+                "--epochs",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     few = _resolved(out)["few_shot"]
     assert few["train_samples"] == 20 and few["train_samples_before"] == 901
     assert "train 20 samples / 5 classes" in _resolved(out)["data"]
@@ -254,8 +387,9 @@ def test_head_none_is_the_trunk_features_and_checks_the_width():
 def test_head_none_on_a_vit_is_its_cls_token():
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
-    model = models_mod.build_model("timm:vit_tiny_patch16_224", embedding_size=192, input_shape=None, image_size=32,
-                                   head="none")
+    model = models_mod.build_model(
+        "timm:vit_tiny_patch16_224", embedding_size=192, input_shape=None, image_size=32, head="none"
+    )
     model.trunk.eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -275,11 +409,41 @@ def test_dmcac_on_images_embeds_the_database_without_augmentation(tmp_path, retr
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # the plugin warns when it gets no evaluation view
         warnings.filterwarnings("ignore", message=".*(torch|tensor|Tensor|TypedStorage).*")
-        assert main(["train", "--loss", "dmcac", "--dataset", f"imagefolder:{root}", "--image-size", "8",
-                     "--head", "none", "--embedding-size", "64", "--loss-arg", "num_views=2", "--loss-arg", "k=2",
-                     "--loss-arg", f"retrieval='{retrieval}'", "--loss-option", "refresh_every_epochs=1",
-                     "--batch-size", "4", "--epochs", "1", "--iterations-per-epoch", "2", "--out", str(out),
-                     "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "--loss",
+                    "dmcac",
+                    "--dataset",
+                    f"imagefolder:{root}",
+                    "--image-size",
+                    "8",
+                    "--head",
+                    "none",
+                    "--embedding-size",
+                    "64",
+                    "--loss-arg",
+                    "num_views=2",
+                    "--loss-arg",
+                    "k=2",
+                    "--loss-arg",
+                    f"retrieval='{retrieval}'",
+                    "--loss-option",
+                    "refresh_every_epochs=1",
+                    "--batch-size",
+                    "4",
+                    "--epochs",
+                    "1",
+                    "--iterations-per-epoch",
+                    "2",
+                    "--out",
+                    str(out),
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
     resolved = _resolved(out)
     assert resolved["training_setup"]["options"] == {"refresh_every_epochs": 1}
     assert "none: the trunk's 64-d features" in resolved["model"]
@@ -289,15 +453,43 @@ def test_evaluate_command_with_query_and_gallery_files(tmp_path, capsys):
     _, _, xq, yq, xg, yg = _feature_sets(2)
     np.savez(tmp_path / "q.npz", embeddings=xq, labels=yq)
     np.savez(tmp_path / "g.npz", features=xg, labels=yg)
-    assert main(["evaluate", "--query", str(tmp_path / "q.npz"), "--gallery", str(tmp_path / "g.npz"),
-                 "--distance", "cosine", "--recall-ks", "1", "2", "--json"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--query",
+                str(tmp_path / "q.npz"),
+                "--gallery",
+                str(tmp_path / "g.npz"),
+                "--distance",
+                "cosine",
+                "--recall-ks",
+                "1",
+                "2",
+                "--json",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["ref_includes_query"] is False and report["num_references"] == 50
     for k in (1, 2):
         assert report["metrics"][f"recall_at_{k}"] == pytest.approx(_brute_recall(xq, yq, xg, yg, k), abs=1e-9)
     assert "mean_average_precision" in report["metrics"] and "NMI" in report["metrics"]
-    assert main(["evaluate", "--query", str(tmp_path / "q.npz"), "--embeddings", str(tmp_path / "q.npz"),
-                 "--gallery", str(tmp_path / "g.npz")]) != 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--query",
+                str(tmp_path / "q.npz"),
+                "--embeddings",
+                str(tmp_path / "q.npz"),
+                "--gallery",
+                str(tmp_path / "g.npz"),
+            ]
+        )
+        != 0
+    )
     assert "replace --embeddings" in capsys.readouterr().err
 
 

@@ -4,6 +4,7 @@ The full suite needs torch for that interpreter; these checks need nothing insta
 file compiles, the dev install's extras reader works without ``tomllib``, and the typed plugin
 contract (``specs``, ``names``: standard library only) behaves the same.
 """
+
 from __future__ import annotations
 
 import re
@@ -56,10 +57,12 @@ def test_the_claimed_floor_is_the_same_everywhere():
 
 def test_every_source_file_compiles_on_the_floor(floor_python):
     files = [str(p) for d in SOURCE_DIRS for p in sorted((ROOT / d).rglob("*.py"))]
-    code = ("import sys\nbad = []\nfor path in sys.argv[1:]:\n"
-            "    try:\n        compile(open(path, encoding='utf-8').read(), path, 'exec')\n"
-            "    except SyntaxError as exc:\n        bad.append(f'{path}:{exc.lineno}: {exc.msg}')\n"
-            "print('\\n'.join(bad))\n")
+    code = (
+        "import sys\nbad = []\nfor path in sys.argv[1:]:\n"
+        "    try:\n        compile(open(path, encoding='utf-8').read(), path, 'exec')\n"
+        "    except SyntaxError as exc:\n        bad.append(f'{path}:{exc.lineno}: {exc.msg}')\n"
+        "print('\\n'.join(bad))\n"
+    )
     out = subprocess.run([floor_python, "-c", code, *files], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and not out.stdout.strip(), out.stdout + out.stderr
     assert len(files) > 100  # the glob found the project
@@ -68,10 +71,17 @@ def test_every_source_file_compiles_on_the_floor(floor_python):
 def test_dev_install_reads_extras_without_tomllib(floor_python):
     pyprojects = [ROOT / "pyproject.toml", *sorted((ROOT / "plugins").glob("*/pyproject.toml"))]
     for pyproject in pyprojects:
-        expected = [k for k in tomllib.loads(pyproject.read_text())["project"].get("optional-dependencies", {})
-                    if k not in ("gpu", "cuda")]
-        out = subprocess.run([floor_python, str(ROOT / "scripts" / "plugin_extras.py"), str(pyproject)],
-                             capture_output=True, text=True, timeout=60)
+        expected = [
+            k
+            for k in tomllib.loads(pyproject.read_text())["project"].get("optional-dependencies", {})
+            if k not in ("gpu", "cuda")
+        ]
+        out = subprocess.run(
+            [floor_python, str(ROOT / "scripts" / "plugin_extras.py"), str(pyproject)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip() == ",".join(expected), pyproject
     assert "plugin_extras.py" in (ROOT / "scripts" / "dev-install.sh").read_text()
@@ -84,8 +94,10 @@ def test_the_minimal_extras_reader_agrees_with_tomllib():
         import plugin_extras
     finally:
         sys.path.pop(0)
-    text = ('[project]\nname = "x"\n[project.optional-dependencies]\n# a comment\ntext = ["a>=1", "b"]\n'
-            'gpu = ["faiss-gpu"]\n"dotted.name" = [\n    "c[extra]",\n]\n[tool.x]\nnot_an_extra = 1\n')
+    text = (
+        '[project]\nname = "x"\n[project.optional-dependencies]\n# a comment\ntext = ["a>=1", "b"]\n'
+        'gpu = ["faiss-gpu"]\n"dotted.name" = [\n    "c[extra]",\n]\n[tool.x]\nnot_an_extra = 1\n'
+    )
     assert plugin_extras._extras_minimal(text) == list(tomllib.loads(text)["project"]["optional-dependencies"])
     assert plugin_extras.extras(text) == ["text", "dotted.name"]
 

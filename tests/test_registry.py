@@ -1,4 +1,5 @@
 """The registry: built-in PML entries, lookups, errors, in-process plugins, isolation, collisions."""
+
 from __future__ import annotations
 
 import types
@@ -106,8 +107,12 @@ def test_non_pml_class_is_skipped_and_recorded(fresh_registry):
 
 
 def test_hook_that_raises_is_isolated_and_warned_once(fresh_registry):
-    plugin = make_plugin("exploding", losses_to_register=[(MyContrastive, "x", {})],
-                         miners_to_register=[(miners.BatchHardMiner, "still_here")], fail_in="losses")
+    plugin = make_plugin(
+        "exploding",
+        losses_to_register=[(MyContrastive, "x", {})],
+        miners_to_register=[(miners.BatchHardMiner, "still_here")],
+        fail_in="losses",
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         pml_plugins.register_plugin(plugin)

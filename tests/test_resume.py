@@ -216,6 +216,46 @@ def test_compare_resumes_and_produces_the_same_table(tmp_path, capsys):
     assert capsys.readouterr().out.count("done before (same settings), kept") == 3
 
 
+def test_compare_with_validation_resumes_its_epoch_selection(tmp_path, capsys):
+    # compare's default protocol validates on held-out training classes every epoch and tests the best
+    # epoch: a run killed mid-way continues from its checkpoint, which holds the selection so far
+    args = [
+        "compare",
+        "--losses",
+        "proxy_anchor",
+        "--seeds",
+        "1",
+        "--epochs",
+        "3",
+        "--iterations-per-epoch",
+        "3",
+        "--embedding-size",
+        "16",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--no-report",
+    ]
+    assert cli_main([*args, "--out", str(tmp_path / "whole")]) == 0
+    killed = _cli([*args, "--out", str(tmp_path / "run")], signal_at="3:1:SIGKILL")  # epochs 1-2 saved
+    assert killed.returncode == -signal.SIGKILL
+    folder = tmp_path / "run" / "runs" / "proxy_anchor" / "seed0"
+    best = _checkpoint(folder)["best"]
+    assert [e for e, _ in best["history"]] == [1, 2] and best["best_epoch"] in (1, 2)
+    assert set(best["best_state"]) >= {"trunk", "embedder"}
+    capsys.readouterr()
+    assert cli_main([*args, "--out", str(tmp_path / "run")]) == 0
+    assert json.loads((folder / "resumed.json").read_text())[0]["from_epoch"] == 2
+    whole = json.loads((tmp_path / "whole" / "runs" / "proxy_anchor" / "seed0" / "metrics.json").read_text())
+    run = json.loads((folder / "metrics.json").read_text())
+    for key in ("metrics", "best_epoch", "val_metrics", "val_history", "val_classes", "final_epoch_loss"):
+        assert run[key] == whole[key], key
+    # a run without per-epoch validation keeps no selection in its checkpoint
+    plain = tmp_path / "plain"
+    assert cli_main(["train", "--loss", "proxy_anchor", *args[5:], "--out", str(plain)]) == 0
+    assert _checkpoint(plain)["best"] is None
+
+
 def test_ddp_resume_two_gloo_processes(tmp_path):
     """Rank 0 writes, every rank loads: killed and resumed under torchrun == uninterrupted under torchrun."""
     from sklearn.datasets import load_digits

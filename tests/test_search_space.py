@@ -1,4 +1,5 @@
 """Search-space declarations (registry metadata ``search_space``) and what ``pml-plugins info`` shows."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,9 +15,17 @@ from pml_plugins.search_space import (
 
 
 def test_declaration_forms():
-    space = parse_search_space({"margin": (0.0, 0.5), "scale": (4, 64, "log"), "k": (1, 8, "int"),
-                                "n": [2, 64, "int", "log"], "reducer": {"choices": ["mean", "sum"]},
-                                "t": {"low": 0.01, "high": 1.0, "log": True}, "p": SearchParam(low=1, high=2)})
+    space = parse_search_space(
+        {
+            "margin": (0.0, 0.5),
+            "scale": (4, 64, "log"),
+            "k": (1, 8, "int"),
+            "n": [2, 64, "int", "log"],
+            "reducer": {"choices": ["mean", "sum"]},
+            "t": {"low": 0.01, "high": 1.0, "log": True},
+            "p": SearchParam(low=1, high=2),
+        }
+    )
     assert space["margin"] == SearchParam(low=0.0, high=0.5)
     assert space["scale"].log and not space["scale"].integer
     assert space["k"].integer and not space["k"].log and space["n"].integer and space["n"].log
@@ -25,16 +34,19 @@ def test_declaration_forms():
     assert parse_search_space(None) == {}
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"m": (0.5, 0.1)}, "low must be < high"),
-    ({"m": (0.0, 1.0, "log")}, "log-scaled range needs low > 0"),
-    ({"m": (0.5, 2.5, "int")}, "integer range needs integer bounds"),
-    ({"m": (0.0, 1.0, "square")}, "unknown flags"),
-    ({"m": 0.5}, "expected (low, high"),
-    ({"m": {"choices": []}}, "at least one value"),
-    ({"m": {"low": 0, "hi": 1}}, "unknown keys"),
-    ({"not a name": (0, 1)}, "argument names"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"m": (0.5, 0.1)}, "low must be < high"),
+        ({"m": (0.0, 1.0, "log")}, "log-scaled range needs low > 0"),
+        ({"m": (0.5, 2.5, "int")}, "integer range needs integer bounds"),
+        ({"m": (0.0, 1.0, "square")}, "unknown flags"),
+        ({"m": 0.5}, "expected (low, high"),
+        ({"m": {"choices": []}}, "at least one value"),
+        ({"m": {"low": 0, "hi": 1}}, "unknown keys"),
+        ({"not a name": (0, 1)}, "argument names"),
+    ],
+)
 def test_bad_declarations_name_the_entry(bad, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         parse_search_space(bad)

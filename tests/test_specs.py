@@ -1,4 +1,5 @@
 """The typed plugin contract: LossSpec / MinerSpec / MetricSpec, keyword metadata converted, one build path."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,22 +27,37 @@ class _ProxyLoss(losses.ProxyAnchorLoss):
 def _plugin(name: str, register_losses=None, register_miners=None, register_metrics=None, api_version="1.1"):
     module = types.ModuleType(name)
     module.pml_plugins_api_version = api_version
-    for hook_name, body in (("register_losses", register_losses), ("register_miners", register_miners),
-                            ("register_metrics", register_metrics)):
+    for hook_name, body in (
+        ("register_losses", register_losses),
+        ("register_miners", register_miners),
+        ("register_metrics", register_metrics),
+    ):
         if body is not None:
             setattr(module, hook_name, pml_plugins.hookimpl(specname=hook_name)(body))
     return module
 
 
 def test_register_with_a_spec(fresh_registry):
-    spec = LossSpec(summary="s", tags="pair", sampler="m_per_class", samples_per_class=6, loss_lr=0.5,
-                    retrieval_distance="euclidean")
+    spec = LossSpec(
+        summary="s",
+        tags="pair",
+        sampler="m_per_class",
+        samples_per_class=6,
+        loss_lr=0.5,
+        retrieval_distance="euclidean",
+    )
     pml_plugins.register_plugin(_plugin("typed", lambda register: register(_SpecLoss, name="typed_loss", spec=spec)))
     entry = pml_plugins.get_entry("loss", "typed_loss")
     assert entry.spec.samples_per_class == 6 and entry.spec.tags == ("pair",) and entry.spec.loss_lr == 0.5
     assert entry.spec.loss_optimizer is False  # inferred: ContrastiveLoss takes no num_classes
-    assert entry.needs() == {"sampler": "m_per_class", "multi_view": False, "database_refresh": False,
-                             "loss_optimizer": False, "loss_lr": 0.5, "retrieval_distance": "euclidean"}
+    assert entry.needs() == {
+        "sampler": "m_per_class",
+        "multi_view": False,
+        "database_refresh": False,
+        "loss_optimizer": False,
+        "loss_lr": 0.5,
+        "retrieval_distance": "euclidean",
+    }
     with pytest.raises(dataclasses.FrozenInstanceError):
         entry.spec.loss_lr = 1.0
 
@@ -89,8 +105,14 @@ def test_old_spellings_of_samples_per_class_are_deprecated_aliases(old):
 
 
 def test_entry_metadata_is_a_deprecated_read_only_view(fresh_registry):
-    pml_plugins.register_plugin(_plugin("view", lambda register: register(
-        _SpecLoss, name="view_loss", spec=LossSpec(summary="v", distributed="batch_dependent"))))
+    pml_plugins.register_plugin(
+        _plugin(
+            "view",
+            lambda register: register(
+                _SpecLoss, name="view_loss", spec=LossSpec(summary="v", distributed="batch_dependent")
+            ),
+        )
+    )
     entry = pml_plugins.get_entry("loss", "view_loss")
     with pytest.warns(DeprecationWarning, match="entry.spec"):
         meta = entry.metadata
@@ -115,24 +137,28 @@ def test_spec_and_keywords_together_or_the_wrong_spec_kind_are_registration_erro
 
 def test_a_keyword_of_the_wrong_type_is_a_registration_error_naming_plugin_and_entry(fresh_registry):
     with pytest.warns(RuntimeWarning, match=r"plugin 'badtype' registered the loss 'bad': multi_view must be a bool"):
-        pml_plugins.register_plugin(_plugin("badtype", lambda register: register(_SpecLoss, name="bad",
-                                                                                 multi_view="yes")))
+        pml_plugins.register_plugin(
+            _plugin("badtype", lambda register: register(_SpecLoss, name="bad", multi_view="yes"))
+        )
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    ({"sampler": "random"}, ValueError, "sampler must be 'm_per_class' or None"),
-    ({"samples_per_class": 0}, ValueError, "samples_per_class must be a positive integer"),
-    ({"samples_per_class": True}, ValueError, "samples_per_class must be a positive integer"),
-    ({"loss_lr": 0}, ValueError, "loss_lr must be a finite number > 0"),
-    ({"loss_lr": float("nan")}, ValueError, "loss_lr must be a finite number > 0"),
-    ({"retrieval_distance": "manhattan"}, ValueError, "retrieval_distance must be 'cosine' or 'euclidean'"),
-    ({"loss_optimizer": 1}, TypeError, "loss_optimizer must be a bool or None"),
-    ({"training_setup": "setup"}, TypeError, "training_setup must be callable"),
-    ({"demo_loss_args": [("a", 1)]}, TypeError, "demo_loss_args must be a dict"),
-    ({"tags": ("ok", 3)}, TypeError, "tags must be a tuple of str"),
-    ({"summary": None}, TypeError, "summary must be a str"),
-    ({"distributed_note": 3}, TypeError, "distributed_note must be a str or None"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"sampler": "random"}, ValueError, "sampler must be 'm_per_class' or None"),
+        ({"samples_per_class": 0}, ValueError, "samples_per_class must be a positive integer"),
+        ({"samples_per_class": True}, ValueError, "samples_per_class must be a positive integer"),
+        ({"loss_lr": 0}, ValueError, "loss_lr must be a finite number > 0"),
+        ({"loss_lr": float("nan")}, ValueError, "loss_lr must be a finite number > 0"),
+        ({"retrieval_distance": "manhattan"}, ValueError, "retrieval_distance must be 'cosine' or 'euclidean'"),
+        ({"loss_optimizer": 1}, TypeError, "loss_optimizer must be a bool or None"),
+        ({"training_setup": "setup"}, TypeError, "training_setup must be callable"),
+        ({"demo_loss_args": [("a", 1)]}, TypeError, "demo_loss_args must be a dict"),
+        ({"tags": ("ok", 3)}, TypeError, "tags must be a tuple of str"),
+        ({"summary": None}, TypeError, "summary must be a str"),
+        ({"distributed_note": 3}, TypeError, "distributed_note must be a str or None"),
+    ],
+)
 def test_loss_spec_checks_its_fields(kwargs, error, match):
     with pytest.raises(error, match=match):
         LossSpec(**kwargs)
@@ -151,8 +177,14 @@ def test_metric_spec_is_what_the_calculator_reads(fresh_registry):
     def precision_at_2(relevance, **kwargs):
         return relevance[:, :2].sum(1).double() / 2
 
-    pml_plugins.register_plugin(_plugin("metric_spec", register_metrics=lambda register: register(
-        precision_at_2, name="p_at_2", spec=MetricSpec(k=2, summary="P@2"))))
+    pml_plugins.register_plugin(
+        _plugin(
+            "metric_spec",
+            register_metrics=lambda register: register(
+                precision_at_2, name="p_at_2", spec=MetricSpec(k=2, summary="P@2")
+            ),
+        )
+    )
     spec = pml_plugins.get_entry("metric", "p_at_2").spec
     assert (spec.k, spec.requires_knn, spec.requires_clustering) == (2, True, False)
     with pytest.raises(TypeError, match="requires_knn must be a bool"):
@@ -173,15 +205,30 @@ def test_every_field_is_documented():
             if isinstance(node, ast.ClassDef):
                 body = node.body
                 for a, b in zip(body, body[1:]):
-                    if (isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)
-                            and isinstance(getattr(b, "value", None), ast.Constant)):
+                    if (
+                        isinstance(a, ast.AnnAssign)
+                        and isinstance(b, ast.Expr)
+                        and isinstance(getattr(b, "value", None), ast.Constant)
+                    ):
                         documented.add(a.target.id)
         missing = [f.name for f in dataclasses.fields(cls) if f.name not in documented]
         assert not missing, f"{cls.__name__} fields without a docstring: {missing}"
 
 
-@pytest.mark.parametrize("declared, loads", [(1, True), ("1", True), ("1.0", True), ("1.1", True), ((1, 1), True),
-                                             ("1.2", False), (2, False), ("one", False), (True, False)])
+@pytest.mark.parametrize(
+    "declared, loads",
+    [
+        (1, True),
+        ("1", True),
+        ("1.0", True),
+        ("1.1", True),
+        ((1, 1), True),
+        ("1.2", False),
+        (2, False),
+        ("one", False),
+        (True, False),
+    ],
+)
 def test_plugin_api_version_compatibility(fresh_registry, declared, loads):
     assert pml_plugins.PLUGIN_API_VERSION == "1.1"
     assert reg.api_version_supported(declared) is loads
@@ -208,8 +255,11 @@ def test_build_offers_what_the_constructor_takes_and_keeps_options_for_a_trainin
     def setup(loss, context):
         return pml_plugins.TrainingSetup()
 
-    pml_plugins.register_plugin(_plugin("with_setup", lambda register: register(
-        _SpecLoss, name="setup_loss", spec=LossSpec(training_setup=setup))))
+    pml_plugins.register_plugin(
+        _plugin(
+            "with_setup", lambda register: register(_SpecLoss, name="setup_loss", spec=LossSpec(training_setup=setup))
+        )
+    )
     built = reg.registry.build("loss", "setup_loss", {"pos_margin": 0.1, "views": 3}, with_options=True)
     assert built.arguments == {"pos_margin": 0.1} and built.options == {"views": 3}
     with pytest.raises(TypeError, match=r"takes no argument 'views'"):  # create() has no options to give them to
@@ -220,21 +270,28 @@ def test_one_rule_set_for_unknown_and_missing_arguments(fresh_registry):
     # the same message whichever door: create_loss, the main job's build_loss
     from pml_plugins.pipeline.builders import build_loss
 
-    for call in (lambda: pml_plugins.create_loss("proxy_anchor", num_classes=3, embedding_size=4, margn=0.1),
-                 lambda: build_loss("proxy_anchor", num_classes=3, embedding_size=4, loss_args={"margn": 0.1})):
-        with pytest.raises(TypeError, match=r"loss 'proxy_anchor' \(ProxyAnchorLoss\) takes no argument 'margn' "
-                                            r"\(did you mean 'margin'\?\).*signature: ProxyAnchorLoss\(num_classes"):
+    for call in (
+        lambda: pml_plugins.create_loss("proxy_anchor", num_classes=3, embedding_size=4, margn=0.1),
+        lambda: build_loss("proxy_anchor", num_classes=3, embedding_size=4, loss_args={"margn": 0.1}),
+    ):
+        with pytest.raises(
+            TypeError,
+            match=r"loss 'proxy_anchor' \(ProxyAnchorLoss\) takes no argument 'margn' "
+            r"\(did you mean 'margin'\?\).*signature: ProxyAnchorLoss\(num_classes",
+        ):
             call()
     with pytest.raises(TypeError, match=r"miner 'multi_similarity' .*'epsilom' \(did you mean 'epsilon'\?\)"):
         pml_plugins.create_miner("multi_similarity", epsilom=0.1)
 
 
 def test_the_conformance_kit_builds_losses_without_the_main_job():
-    code = ("import sys, pml_plugins\n"
-            "from pml_plugins.testing.distributed_checks import make_check_loss\n"
-            "loss = make_check_loss(pml_plugins.get_entry('loss', 'proxy_anchor'), 3, 4)\n"
-            "assert tuple(loss.proxies.shape) == (3, 4)\n"
-            "print(sorted(m for m in sys.modules if m.startswith('pml_plugins.pipeline')))\n")
+    code = (
+        "import sys, pml_plugins\n"
+        "from pml_plugins.testing.distributed_checks import make_check_loss\n"
+        "loss = make_check_loss(pml_plugins.get_entry('loss', 'proxy_anchor'), 3, 4)\n"
+        "assert tuple(loss.proxies.shape) == (3, 4)\n"
+        "print(sorted(m for m in sys.modules if m.startswith('pml_plugins.pipeline')))\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

@@ -1,4 +1,5 @@
 """Statistics of the comparison protocol against hand-computed values and closed forms."""
+
 from __future__ import annotations
 
 import math

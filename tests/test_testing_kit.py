@@ -1,4 +1,5 @@
 """The conformance kit itself: a well-behaved loss passes, each deliberately broken loss fails."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,8 +15,9 @@ class ValidatedProxyAnchor(losses.ProxyAnchorLoss):
     """PML's ProxyAnchorLoss plus the input validation the kit asks of plugins."""
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        pml_plugins.check_embeddings_and_labels(embeddings, labels, num_classes=self.num_classes,
-                                                embedding_size=self.proxies.shape[1])
+        pml_plugins.check_embeddings_and_labels(
+            embeddings, labels, num_classes=self.num_classes, embedding_size=self.proxies.shape[1]
+        )
         return super().compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
 
@@ -45,6 +47,7 @@ def test_pml_miners_pass(check):
 
 
 # --- deliberately broken losses: each must fail the kit, at the check that names its defect ---
+
 
 class NotAPMLLoss(torch.nn.Module):
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
@@ -119,10 +122,15 @@ def test_broken_loss_fails_the_named_check(factory, options, failing_check):
     with pytest.raises(AssertionError, match=failing_check):
         checks[failing_check]()
     with pytest.raises(AssertionError, match=failing_check):
-        check_loss(factory, embedding_size=8, max_examples=5, skip={
-            name: "ran above; only the named check matters here"
-            for name in checks if name not in {failing_check}
-        }, **options)
+        check_loss(
+            factory,
+            embedding_size=8,
+            max_examples=5,
+            skip={
+                name: "ran above; only the named check matters here" for name in checks if name not in {failing_check}
+            },
+            **options,
+        )
 
 
 class MislabelledMiner(miners.BatchHardMiner):

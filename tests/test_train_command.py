@@ -1,4 +1,5 @@
 """`pml-plugins train` end to end (tiny budgets) and the pipeline pieces it honours."""
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,13 @@ CALLS: dict = {}
 
 
 def two_view_setup(loss, context):
-    CALLS.update(options=dict(context.options), batch_size=context.batch_size, epochs=context.epochs,
-                 embed_shape=tuple(context.embed(context.train_dataset[0][0].unsqueeze(0)).shape), epochs_ended=0)
+    CALLS.update(
+        options=dict(context.options),
+        batch_size=context.batch_size,
+        epochs=context.epochs,
+        embed_shape=tuple(context.embed(context.train_dataset[0][0].unsqueeze(0)).shape),
+        epochs_ended=0,
+    )
     views = int(context.options.get("views", 2))
 
     def collate(batch):  # B samples -> B*views consecutive rows with equal labels
@@ -57,15 +63,27 @@ def two_view_setup(loss, context):
     def end_of_epoch(trainer):
         CALLS["epochs_ended"] += 1
 
-    return TrainingSetup(collate_fn=collate, end_of_epoch_hook=end_of_epoch,
-                         before_training=lambda: CALLS.update(before=True), views_per_sample=views)
+    return TrainingSetup(
+        collate_fn=collate,
+        end_of_epoch_hook=end_of_epoch,
+        before_training=lambda: CALLS.update(before=True),
+        views_per_sample=views,
+    )
 
 
 class _Plugin:
     @pml_plugins.hookimpl
     def register_losses(self, register):
-        register(TwoViewLoss, name="two_view_test", multi_view=True, training_setup=two_view_setup,
-                 sampler="m_per_class", m_per_class=8, loss_optimizer=True, loss_lr=0.05)
+        register(
+            TwoViewLoss,
+            name="two_view_test",
+            multi_view=True,
+            training_setup=two_view_setup,
+            sampler="m_per_class",
+            m_per_class=8,
+            loss_optimizer=True,
+            loss_lr=0.05,
+        )
 
 
 @pytest.fixture
@@ -95,8 +113,20 @@ def test_train_cli_writes_files_and_config_reruns_identically(tmp_path, capsys):
     assert state["loss"]["proxies"].shape == (5, 64)
     assert (out / "metrics.png").read_bytes()[:4] == b"\x89PNG"
     # config.json is enough to rerun: same seed on CPU -> the same metrics
-    assert main(["train", "--config", str(out / "config.json"), "--out", str(tmp_path / "again"), "--no-progress",
-                 "--no-report"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(out / "config.json"),
+                "--out",
+                str(tmp_path / "again"),
+                "--no-progress",
+                "--no-report",
+            ]
+        )
+        == 0
+    )
     again = json.loads((tmp_path / "again" / "metrics.json").read_text())["metrics"]
     for key, value in metrics["metrics"].items():
         assert again[key] == pytest.approx(value, abs=1e-6)
@@ -112,19 +142,27 @@ def test_same_seed_same_metrics_other_seed_differs():
 
 
 def test_pair_loss_gets_m_per_class_sampler_and_normalized_softmax_a_loss_optimizer(tmp_path):
-    r = run_training(TrainConfig(loss="contrastive", epochs=1, iterations_per_epoch=2, batch_size=32,
-                                 out=str(tmp_path / "c")), progress=False)
+    r = run_training(
+        TrainConfig(loss="contrastive", epochs=1, iterations_per_epoch=2, batch_size=32, out=str(tmp_path / "c")),
+        progress=False,
+    )
     resolved = r.config["resolved"]
     assert resolved["sampler"] == "MPerClassSampler" and resolved["m"] == 8  # 32 from 5 classes: m=8 fits
     assert resolved["loss_lr"] is None  # no parameters, no loss optimizer
-    r = run_training(TrainConfig(loss="normalized_softmax", epochs=1, iterations_per_epoch=2, batch_size=32,
-                                 loss_lr=0.2), progress=False)
+    r = run_training(
+        TrainConfig(loss="normalized_softmax", epochs=1, iterations_per_epoch=2, batch_size=32, loss_lr=0.2),
+        progress=False,
+    )
     assert r.config["resolved"]["loss_lr"] == 0.2 and r.config["resolved"]["sampler"] == "random"
 
 
 def test_training_setup_is_called_and_merged(two_view_plugin, tmp_path):
-    r = run_training(TrainConfig(loss="two_view_test", loss_args={"margin": 0.3, "views": 3}, epochs=2,
-                                 iterations_per_epoch=2, batch_size=16), progress=False)
+    r = run_training(
+        TrainConfig(
+            loss="two_view_test", loss_args={"margin": 0.3, "views": 3}, epochs=2, iterations_per_epoch=2, batch_size=16
+        ),
+        progress=False,
+    )
     assert CALLS["options"] == {"views": 3}  # not a constructor argument -> a training option
     assert CALLS["before"] is True and CALLS["epochs_ended"] == 2 and CALLS["batch_size"] == 16
     assert CALLS["embed_shape"] == (1, 64)
@@ -154,18 +192,21 @@ def test_choose_m():
         choose_m(64, 5, 4)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--loss", "proxy_anchr"], "Did you mean 'proxy_anchor'"),
-    (["--loss", "proxy_anchor", "--miner", "multi_similarty"], "Did you mean 'multi_similarity'"),
-    (["--dataset", "digitz"], "Did you mean 'digits'"),
-    (["--dataset", "imagefolder:/no/such/folder"], "does not exist"),
-    (["--backbone", "cnm"], "Did you mean 'cnn'"),
-    (["--backbone", "timm:resnet5O"], "unknown timm model"),
-    (["--loss", "proxy_anchor", "--loss-arg", "alpah=3"], "did you mean 'alpha'"),
-    (["--loss", "contrastive", "--m", "4", "--batch-size", "64"], "incompatible with the m-per-class sampler"),
-    (["--loss", "contrastive", "--m", "5", "--batch-size", "32"], "must divide"),
-    (["--config", "/no/such/file.toml"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--loss", "proxy_anchr"], "Did you mean 'proxy_anchor'"),
+        (["--loss", "proxy_anchor", "--miner", "multi_similarty"], "Did you mean 'multi_similarity'"),
+        (["--dataset", "digitz"], "Did you mean 'digits'"),
+        (["--dataset", "imagefolder:/no/such/folder"], "does not exist"),
+        (["--backbone", "cnm"], "Did you mean 'cnn'"),
+        (["--backbone", "timm:resnet5O"], "unknown timm model"),
+        (["--loss", "proxy_anchor", "--loss-arg", "alpah=3"], "did you mean 'alpha'"),
+        (["--loss", "contrastive", "--m", "4", "--batch-size", "64"], "incompatible with the m-per-class sampler"),
+        (["--loss", "contrastive", "--m", "5", "--batch-size", "32"], "must divide"),
+        (["--config", "/no/such/file.toml"], "does not exist"),
+    ],
+)
 def test_clear_one_line_errors(argv, message, capsys, tmp_path):
     assert main(["train", *argv, "--out", str(tmp_path / "x"), *TINY]) == 2
     err = capsys.readouterr().err.strip()
@@ -192,10 +233,36 @@ def test_fewer_than_two_classes_per_split(tmp_path, capsys):
 def test_timm_backbone_on_an_image_folder_with_gem(tmp_path):
     folder = _image_folder(tmp_path / "imgs", classes=4, per_class=6)
     out = tmp_path / "timm"
-    assert main(["train", "--loss", "normalized_softmax", "--dataset", f"imagefolder:{folder}", "--backbone",
-                 "timm:test_resnet", "--pooling", "gem", "--image-size", "32", "--embedding-size", "16",
-                 "--epochs", "1", "--batch-size", "6", "--head-norm", "layernorm", "--out", str(out),
-                 "--no-progress", "--no-report"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--loss",
+                "normalized_softmax",
+                "--dataset",
+                f"imagefolder:{folder}",
+                "--backbone",
+                "timm:test_resnet",
+                "--pooling",
+                "gem",
+                "--image-size",
+                "32",
+                "--embedding-size",
+                "16",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "6",
+                "--head-norm",
+                "layernorm",
+                "--out",
+                str(out),
+                "--no-progress",
+                "--no-report",
+            ]
+        )
+        == 0
+    )
     config = json.loads((out / "config.json").read_text())["resolved"]
     assert "timm:test_resnet [random init]" in config["model"] and "pool=gem" in config["model"]
     assert "train 12 samples / 2 classes" in config["data"]
@@ -203,8 +270,23 @@ def test_timm_backbone_on_an_image_folder_with_gem(tmp_path):
 
 
 def test_pretrained_weights_missing_is_clear(capsys, tmp_path):
-    assert main(["train", "--backbone", "timm:test_resnet", "--pretrained", str(tmp_path / "w.pth"),
-                 "--dataset", "digits", "--out", str(tmp_path / "o"), *TINY]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--backbone",
+                "timm:test_resnet",
+                "--pretrained",
+                str(tmp_path / "w.pth"),
+                "--dataset",
+                "digits",
+                "--out",
+                str(tmp_path / "o"),
+                *TINY,
+            ]
+        )
+        == 2
+    )
     assert "does not exist" in capsys.readouterr().err
 
 
@@ -219,8 +301,19 @@ def test_embeddings_npz_and_yaml_config_with_flag_override(tmp_path):
     )
     out = tmp_path / "o"
     assert (
-        main(["train", "--config", str(tmp_path / "c.yaml"), "--epochs", "1", "--out", str(out), "--no-progress",
-              "--no-report"])
+        main(
+            [
+                "train",
+                "--config",
+                str(tmp_path / "c.yaml"),
+                "--epochs",
+                "1",
+                "--out",
+                str(out),
+                "--no-progress",
+                "--no-report",
+            ]
+        )
         == 0
     )
     config = json.loads((out / "config.json").read_text())
@@ -310,8 +403,18 @@ def test_train_and_compare_with_eval_binarize(tmp_path, capsys):
 
 @pytest.mark.parametrize("dataset", ["digits", "digits:raw"])
 def test_identity_backbone_on_image_shaped_digits(dataset, tmp_path):
-    result = run_training(TrainConfig(loss="contrastive", dataset=dataset, backbone="identity", epochs=1,
-                                      iterations_per_epoch=2, batch_size=32, out=str(tmp_path / "run")), progress=False)
+    result = run_training(
+        TrainConfig(
+            loss="contrastive",
+            dataset=dataset,
+            backbone="identity",
+            epochs=1,
+            iterations_per_epoch=2,
+            batch_size=32,
+            out=str(tmp_path / "run"),
+        ),
+        progress=False,
+    )
     assert 0.0 < result.metrics["recall_at_1"] <= 1.0
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     side = 12 if dataset == "digits" else 8

@@ -1,4 +1,5 @@
 """pml_plugins.validation's scalar checks: boundaries, types, messages, and the plugins that use them."""
+
 from __future__ import annotations
 
 import math
@@ -9,14 +10,17 @@ import pytest
 from pml_plugins import validation as v
 
 
-@pytest.mark.parametrize("check, good, bad_values, bad_types", [
-    (v.check_positive_int, [1, 7, np.int64(3)], [0, -2], [True, 1.0, "3", None]),
-    (v.check_non_negative_int, [0, 5], [-1], [False, 0.0]),
-    (v.check_positive_float, [1e-9, 3, 2.5, np.float32(0.5)], [0, -1.0, math.inf, math.nan], [True, "1", None]),
-    (v.check_non_negative_float, [0, 0.0, 4.0], [-1e-9, math.nan], [False]),
-    (v.check_finite_float, [-3.5, 0, 1e30], [math.inf, -math.inf, math.nan], [None, [1.0]]),
-    (v.check_probability, [0, 0.5, 1], [-0.1, 1.1, math.nan], ["0.5"]),
-])
+@pytest.mark.parametrize(
+    "check, good, bad_values, bad_types",
+    [
+        (v.check_positive_int, [1, 7, np.int64(3)], [0, -2], [True, 1.0, "3", None]),
+        (v.check_non_negative_int, [0, 5], [-1], [False, 0.0]),
+        (v.check_positive_float, [1e-9, 3, 2.5, np.float32(0.5)], [0, -1.0, math.inf, math.nan], [True, "1", None]),
+        (v.check_non_negative_float, [0, 0.0, 4.0], [-1e-9, math.nan], [False]),
+        (v.check_finite_float, [-3.5, 0, 1e30], [math.inf, -math.inf, math.nan], [None, [1.0]]),
+        (v.check_probability, [0, 0.5, 1], [-0.1, 1.1, math.nan], ["0.5"]),
+    ],
+)
 def test_scalar_checks_accept_convert_and_refuse(check, good, bad_values, bad_types):
     for value in good:
         out = check("x", value)
@@ -54,10 +58,12 @@ def test_the_plugins_use_the_shared_checks():
     from pml_plugin_group_loss import GroupLoss
     from pml_plugin_mpa import MultiProxyAnchorLoss
 
-    for make in (lambda: ClassAnchorMarginLoss(num_classes=0, embedding_size=4),
-                 lambda: MultiProxyAnchorLoss(num_classes=0, embedding_size=4),
-                 lambda: DMCACLoss(num_classes=0, embedding_size=4),
-                 lambda: GroupLoss(num_classes=0, embedding_size=4)):
+    for make in (
+        lambda: ClassAnchorMarginLoss(num_classes=0, embedding_size=4),
+        lambda: MultiProxyAnchorLoss(num_classes=0, embedding_size=4),
+        lambda: DMCACLoss(num_classes=0, embedding_size=4),
+        lambda: GroupLoss(num_classes=0, embedding_size=4),
+    ):
         with pytest.raises(ValueError, match="^num_classes must be a positive integer, got 0$"):
             make()
     with pytest.raises(ValueError, match=r"gamma must be a finite number > 0 \(softmax temperature of eq. 1\)"):

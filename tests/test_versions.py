@@ -1,5 +1,6 @@
 """The versioning scheme of CHANGELOG.md holds: versions agree, every release is in the changelog,
 every plugin's core range admits this core."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -7,6 +7,7 @@ its MRO until one stops forwarding. :func:`resolve_arguments` applies the rules 
 kit: an unknown argument is a ``TypeError`` that names the closest one and shows the signature;
 a missing required one likewise. A leaf module: it imports nothing from the package.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -69,17 +70,27 @@ def describe_signature(cls: type) -> str:
             if init is None:
                 continue
             for n, p in signature_parameters(init).items():
-                if (n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n not in sig.parameters
-                        and n not in extra):
+                if (
+                    n != "self"
+                    and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+                    and n not in sig.parameters
+                    and n not in extra
+                ):
                     extra.append(n)
         if extra:
             text += f"  [forwarded to the PML base class: {', '.join(extra)}]"
     return text
 
 
-def resolve_arguments(kind: str, name: str, cls: type, arguments: Optional[Mapping[str, Any]] = None, *,
-                      offered: Optional[Mapping[str, Any]] = None,
-                      keep_unknown: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+def resolve_arguments(
+    kind: str,
+    name: str,
+    cls: type,
+    arguments: Optional[Mapping[str, Any]] = None,
+    *,
+    offered: Optional[Mapping[str, Any]] = None,
+    keep_unknown: bool = False,
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Split ``arguments`` into ``(constructor keyword arguments, the rest)`` or raise ``TypeError``.
 
     Args:
@@ -102,16 +113,21 @@ def resolve_arguments(kind: str, name: str, cls: type, arguments: Optional[Mappi
         for k in unknown:
             close = difflib.get_close_matches(k, accepted, n=1, cutoff=0.6)
             hints.append(f"{k!r} (did you mean {close[0]!r}?)" if close else repr(k))
-        raise TypeError(f"{kind} {name!r} ({cls.__name__}) takes no argument {', '.join(hints)}; it takes: "
-                        f"{', '.join(accepted) or 'nothing'}; signature: {cls.__name__}{describe_signature(cls)}")
+        raise TypeError(
+            f"{kind} {name!r} ({cls.__name__}) takes no argument {', '.join(hints)}; it takes: "
+            f"{', '.join(accepted) or 'nothing'}; signature: {cls.__name__}{describe_signature(cls)}"
+        )
     for key, value in (offered or {}).items():
         if key not in kwargs and key in accepted:
             kwargs[key] = value
     params = signature_parameters(cls)
-    missing = [n for n, p in params.items()
-               if p.default is inspect.Parameter.empty
-               and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-               and n not in kwargs]
+    missing = [
+        n
+        for n, p in params.items()
+        if p.default is inspect.Parameter.empty
+        and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        and n not in kwargs
+    ]
     if missing:
         raise TypeError(
             f"{cls.__name__} needs argument(s) {missing}; signature: {cls.__name__}{describe_signature(cls)}"

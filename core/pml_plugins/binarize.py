@@ -1,5 +1,6 @@
 """Binarised embeddings for indexing (the "bits" rows of the adaptive-margin paper, section 3,
 Tables 1-3): an evaluation option of the main job (``--eval-binarize``) that any loss can use."""
+
 from __future__ import annotations
 
 import torch
@@ -29,7 +30,8 @@ def binarize_embeddings(embeddings: torch.Tensor, eps: float = 1e-5) -> torch.Te
     x = embeddings if embeddings.is_floating_point() else embeddings.to(torch.float32)
     with torch.no_grad():
         # float32 for half precision: the LayerNorm's variance is inaccurate in fp16
-        z = torch.nn.functional.layer_norm(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x,
-                                           x.shape[-1:], eps=eps)
+        z = torch.nn.functional.layer_norm(
+            x.float() if x.dtype in (torch.float16, torch.bfloat16) else x, x.shape[-1:], eps=eps
+        )
         one = torch.ones((), dtype=x.dtype, device=x.device)
         return torch.where(z > 0, one, -one)

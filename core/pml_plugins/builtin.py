@@ -3,6 +3,7 @@
 This lets every comparison include PML's built-ins by name, e.g.
 ``create_loss("proxy_anchor", num_classes=100, embedding_size=128)``.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -32,8 +33,15 @@ _NAME_OVERRIDES = {
 }
 # Losses that own learnable class weights / proxies (need a loss optimizer).
 _CLASSIFICATION_LOSSES = {
-    "ArcFaceLoss", "CosFaceLoss", "LargeMarginSoftmaxLoss", "NormalizedSoftmaxLoss",
-    "P2SGradLoss", "ProxyAnchorLoss", "ProxyNCALoss", "SoftTripleLoss", "SphereFaceLoss",
+    "ArcFaceLoss",
+    "CosFaceLoss",
+    "LargeMarginSoftmaxLoss",
+    "NormalizedSoftmaxLoss",
+    "P2SGradLoss",
+    "ProxyAnchorLoss",
+    "ProxyNCALoss",
+    "SoftTripleLoss",
+    "SphereFaceLoss",
     "SubCenterArcFaceLoss",
 }
 # Abstract bases and losses that only make sense wrapped or with unusual inputs.
@@ -57,8 +65,12 @@ _SEARCH_SPACES = {
     "TupletMarginLoss": {"margin": (0.0, 20.0), "scale": (4.0, 128.0, "log")},
     "ProxyAnchorLoss": {"margin": (0.0, 0.5), "alpha": (4.0, 128.0, "log")},
     "ProxyNCALoss": {"softmax_scale": (1.0, 64.0, "log")},
-    "SoftTripleLoss": {"centers_per_class": (1, 10, "int"), "la": (4.0, 100.0, "log"), "gamma": (0.01, 1.0, "log"),
-                       "margin": (0.0, 0.5)},
+    "SoftTripleLoss": {
+        "centers_per_class": (1, 10, "int"),
+        "la": (4.0, 100.0, "log"),
+        "gamma": (0.01, 1.0, "log"),
+        "margin": (0.0, 0.5),
+    },
     "NormalizedSoftmaxLoss": {"temperature": (0.01, 1.0, "log")},
     "ArcFaceLoss": {"margin": (5.0, 60.0), "scale": (4.0, 128.0, "log")},
     "SubCenterArcFaceLoss": {"margin": (5.0, 60.0), "scale": (4.0, 128.0, "log"), "sub_centers": (1, 5, "int")},

@@ -4,6 +4,7 @@ The registry (:mod:`pml_plugins.registry`) iterates these entry points itself, o
 time (see its docstring for why); this module holds what it reads of the environment and of the
 installed distributions, and :class:`PluginRecord`, its account of each plugin.
 """
+
 from __future__ import annotations
 
 import importlib.metadata as importlib_metadata
@@ -96,7 +97,7 @@ def entry_points() -> list[Any]:
 
 def core_requirement(dist: Any) -> str | None:
     """The version range a plugin distribution requires of pml-plugins, e.g. ``>=0.1,<0.2``."""
-    for requirement in (getattr(dist, "requires", None) or []):
+    for requirement in getattr(dist, "requires", None) or []:
         spec = requirement.split(";", 1)[0].strip()
         match = re.match(r"^([A-Za-z0-9._-]+)\s*(\[[^\]]*\])?\s*\(?([^)]*)\)?$", spec)
         if match and normalize_name(match.group(1)).replace(".", "_") == "pml_plugins":

@@ -26,6 +26,7 @@ Losses declare their semantics in their spec (``LossSpec.distributed``, see
 :class:`pml_plugins.LossSpec` and :data:`DISTRIBUTED_SEMANTICS`); :func:`wrap_loss` refuses a
 loss that cannot run distributed, or efficient mode for a loss that does not support it.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,9 +40,9 @@ from pytorch_metric_learning.utils import distributed as pml_dist
 #: values of ``LossSpec.distributed``, with their meaning
 DISTRIBUTED_SEMANTICS = {
     "gradient_equivalent": "each rank's gradients (model after DDP averaging, loss parameters after "
-                           "average_loss_gradients) equal the single-process gradients on the gathered global batch",
+    "average_loss_gradients) equal the single-process gradients on the gathered global batch",
     "batch_dependent": "runs distributed and ranks stay in sync, but the value differs from one process on the "
-                       "global batch (the registration's distributed_note says how)",
+    "global batch (the registration's distributed_note says how)",
     "unsupported": "cannot run distributed; the trainer refuses it",
 }
 
@@ -74,8 +75,10 @@ def env_from_torchrun(environ: Optional[Mapping[str, str]] = None) -> Distribute
     try:
         rank, world, local = (int(environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     except ValueError:
-        raise ValueError(f"RANK, WORLD_SIZE and LOCAL_RANK must be integers, got "
-                         f"{[environ[k] for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')]}") from None
+        raise ValueError(
+            f"RANK, WORLD_SIZE and LOCAL_RANK must be integers, got "
+            f"{[environ[k] for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')]}"
+        ) from None
     if world < 1 or not 0 <= rank < world or local < 0:
         raise ValueError(f"inconsistent torchrun environment: RANK={rank}, WORLD_SIZE={world}, LOCAL_RANK={local}")
     return DistributedEnv(rank=rank, world_size=world, local_rank=local)
@@ -137,8 +140,12 @@ class DistributedMinerWrapper(pml_dist.DistributedMinerWrapper):
     def forward(self, emb, labels, ref_emb=None, ref_labels=None):
         if self.efficient or world_size() <= 1:
             return super().forward(emb, labels, ref_emb, ref_labels)
-        return self.miner(gather_in_rank_order(emb), _gather_optional(labels, emb.device),
-                          _gather_optional(ref_emb, emb.device), _gather_optional(ref_labels, emb.device))
+        return self.miner(
+            gather_in_rank_order(emb),
+            _gather_optional(labels, emb.device),
+            _gather_optional(ref_emb, emb.device),
+            _gather_optional(ref_labels, emb.device),
+        )
 
 
 def loss_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -171,7 +178,7 @@ def average_loss_gradients(module: torch.nn.Module, *, efficient: bool = False) 
     flat /= size if efficient else size * size
     offset = 0
     for p in params:
-        part = flat[offset:offset + p.numel()].view_as(p)
+        part = flat[offset : offset + p.numel()].view_as(p)
         offset += p.numel()
         if p.grad is not None:
             p.grad.copy_(part)
@@ -193,8 +200,9 @@ def distributed_semantics(entry: Any) -> Optional[str]:
     """The ``distributed`` value a registry entry declares (None when it declares nothing)."""
     value = entry.spec.distributed
     if value is not None and value not in DISTRIBUTED_SEMANTICS:
-        raise ValueError(f"loss {entry.name!r} declares distributed={value!r}; "
-                         f"expected one of {sorted(DISTRIBUTED_SEMANTICS)}")
+        raise ValueError(
+            f"loss {entry.name!r} declares distributed={value!r}; expected one of {sorted(DISTRIBUTED_SEMANTICS)}"
+        )
     return value
 
 
@@ -208,12 +216,15 @@ def check_distributed_support(entry: Any, *, efficient: bool = False) -> Optiona
     semantics = distributed_semantics(entry)
     note = entry.spec.distributed_note
     if semantics == "unsupported":
-        raise ValueError(f"loss {entry.name!r} ({entry.obj.__name__}) cannot be trained distributed"
-                         + (f": {note}" if note else " (its registration says distributed='unsupported')"))
+        raise ValueError(
+            f"loss {entry.name!r} ({entry.obj.__name__}) cannot be trained distributed"
+            + (f": {note}" if note else " (its registration says distributed='unsupported')")
+        )
     if efficient and not entry.spec.distributed_efficient:
         raise ValueError(
             f"loss {entry.name!r} ({entry.obj.__name__}) does not support PML's efficient distributed mode "
-            f"(it would receive the gathered batch as ref_emb); train without --distributed-efficient")
+            f"(it would receive the gathered batch as ref_emb); train without --distributed-efficient"
+        )
     return semantics
 
 

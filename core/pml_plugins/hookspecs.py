@@ -26,6 +26,7 @@ The keyword form of plugin API 1.0, ``register(MyLoss, name="my_loss", summary=.
 still works: the keywords are converted to the spec; an unknown keyword is dropped with a
 ``UserWarning`` naming the plugin, the key and the closest field.
 """
+
 from __future__ import annotations
 
 import pluggy

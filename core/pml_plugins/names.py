@@ -1,5 +1,6 @@
 """How registry names are spelled: a leaf module (no imports from the package) shared by the
 registry and the built-in plugin."""
+
 from __future__ import annotations
 
 import re

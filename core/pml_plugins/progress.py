@@ -1,4 +1,5 @@
 """Whether long work shows progress bars: a leaf module shared by the commands (imports nothing from the package)."""
+
 from __future__ import annotations
 
 import os

@@ -12,6 +12,7 @@ installed distributions is in :mod:`pml_plugins.discovery`; name spelling in
 :mod:`pml_plugins.names`; the argument rules in :mod:`pml_plugins.arguments`; what an entry
 declares in :mod:`pml_plugins.specs`.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -47,12 +48,41 @@ from .specs import KINDS, SPEC_OF_KIND, LossSpec, Spec, spec_from_metadata
 
 # names other modules and users import from here (they moved to leaf modules)
 __all__ = [
-    "BUILTIN_PLUGIN", "ENTRY_POINT_GROUP", "ENV_ALLOW", "ENV_BLOCK", "ENV_DISABLE_AUTOLOAD", "KINDS",
-    "PLUGIN_API_VERSION", "PluginRecord", "api_version_supported", "describe_signature", "normalize_name",
-    "snake_case", "PluginError", "UnknownNameError", "AmbiguousNameError", "RegistrationError", "Entry",
-    "BuildResult", "Registrar", "Registry", "registry", "load_plugins", "register_plugin", "unregister_plugin",
-    "plugin_info", "list_losses", "list_miners", "list_metrics", "get_loss", "get_miner", "get_metric",
-    "get_entry", "create_loss", "create_miner", "create_metric",
+    "BUILTIN_PLUGIN",
+    "ENTRY_POINT_GROUP",
+    "ENV_ALLOW",
+    "ENV_BLOCK",
+    "ENV_DISABLE_AUTOLOAD",
+    "KINDS",
+    "PLUGIN_API_VERSION",
+    "PluginRecord",
+    "api_version_supported",
+    "describe_signature",
+    "normalize_name",
+    "snake_case",
+    "PluginError",
+    "UnknownNameError",
+    "AmbiguousNameError",
+    "RegistrationError",
+    "Entry",
+    "BuildResult",
+    "Registrar",
+    "Registry",
+    "registry",
+    "load_plugins",
+    "register_plugin",
+    "unregister_plugin",
+    "plugin_info",
+    "list_losses",
+    "list_miners",
+    "list_metrics",
+    "get_loss",
+    "get_miner",
+    "get_metric",
+    "get_entry",
+    "create_loss",
+    "create_miner",
+    "create_metric",
 ]
 
 _HOOK_OF_KIND = {"loss": "register_losses", "miner": "register_miners", "metric": "register_metrics"}
@@ -77,7 +107,6 @@ class RegistrationError(PluginError, TypeError):
     """A plugin tried to register something invalid."""
 
 
-
 @dataclass(frozen=True)
 class Entry:
     """One registered loss, miner or metric: its object, who registered it, and its :class:`~pml_plugins.specs.Spec`."""
@@ -100,8 +129,11 @@ class Entry:
     @property
     def metadata(self) -> Mapping[str, Any]:
         """Deprecated (plugin API 1.1): read ``entry.spec.<field>``. A read-only view of the spec's fields."""
-        warnings.warn("Entry.metadata is deprecated; read entry.spec.<field> (pml_plugins.LossSpec / MinerSpec / "
-                      "MetricSpec)", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "Entry.metadata is deprecated; read entry.spec.<field> (pml_plugins.LossSpec / MinerSpec / MetricSpec)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return MappingProxyType(self.spec.as_dict())
 
     @property
@@ -164,8 +196,9 @@ class Registrar:
         self._kind = kind
         self.staged: list[Entry] = []
 
-    def __call__(self, obj: Any, name: str | None = None, aliases: Iterable[str] = (), spec: Spec | None = None,
-                 **metadata: Any) -> Any:
+    def __call__(
+        self, obj: Any, name: str | None = None, aliases: Iterable[str] = (), spec: Spec | None = None, **metadata: Any
+    ) -> Any:
         kind = self._kind
         base = _base_class_for(kind)
         if base is not None:
@@ -211,16 +244,20 @@ class Registrar:
     def _spec(self, obj: Any, name: str, spec: Spec | None, metadata: Mapping[str, Any]) -> Spec:
         kind, cls = self._kind, SPEC_OF_KIND[self._kind]
         if spec is not None and metadata:
-            raise RegistrationError(f"plugin {self._plugin.name!r} registered the {kind} {name!r} with spec= and "
-                                    f"metadata keywords {sorted(metadata)}; put them all in the spec")
+            raise RegistrationError(
+                f"plugin {self._plugin.name!r} registered the {kind} {name!r} with spec= and "
+                f"metadata keywords {sorted(metadata)}; put them all in the spec"
+            )
         if spec is None:
             try:
                 spec = spec_from_metadata(kind, metadata, plugin=self._plugin.name, name=name, stacklevel=4)
             except (TypeError, ValueError) as exc:
                 raise RegistrationError(f"plugin {self._plugin.name!r} registered the {kind} {name!r}: {exc}") from exc
         elif type(spec) is not cls:
-            raise RegistrationError(f"plugin {self._plugin.name!r} registered the {kind} {name!r} with a "
-                                    f"{type(spec).__name__}; a {kind} takes a pml_plugins.{cls.__name__}")
+            raise RegistrationError(
+                f"plugin {self._plugin.name!r} registered the {kind} {name!r} with a "
+                f"{type(spec).__name__}; a {kind} takes a pml_plugins.{cls.__name__}"
+            )
         if isinstance(spec, LossSpec) and spec.loss_optimizer is None:
             # a loss whose constructor takes num_classes owns class weights / proxies
             spec = spec.replace(loss_optimizer="num_classes" in signature_parameters(obj))
@@ -283,8 +320,15 @@ class Registry:
             if BUILTIN_PLUGIN not in block_set and BUILTIN_PLUGIN not in self.plugins:
                 from . import builtin
 
-                self._add_plugin(builtin, PluginRecord(name=BUILTIN_PLUGIN, distribution="pml-plugins",
-                                                       version=dist_version("pml-plugins"), module=builtin.__name__))
+                self._add_plugin(
+                    builtin,
+                    PluginRecord(
+                        name=BUILTIN_PLUGIN,
+                        distribution="pml-plugins",
+                        version=dist_version("pml-plugins"),
+                        module=builtin.__name__,
+                    ),
+                )
             for ep in entry_points():
                 name = normalize_name(ep.name)
                 if name in block_set or name == BUILTIN_PLUGIN:
@@ -307,8 +351,13 @@ class Registry:
                     plugin_name = f"{name}@{normalize_name(dist_name or 'unknown')}"
                     if plugin_name in self.plugins:
                         continue
-                record = PluginRecord(name=plugin_name, distribution=dist_name, version=ep_version, module=ep.value,
-                                      requires_core=core_requirement(dist))
+                record = PluginRecord(
+                    name=plugin_name,
+                    distribution=dist_name,
+                    version=ep_version,
+                    module=ep.value,
+                    requires_core=core_requirement(dist),
+                )
                 try:
                     obj = ep.load()
                 except Exception as exc:  # a broken plugin must not break the host
@@ -461,8 +510,15 @@ class Registry:
         """Instantiate the registered class ``name`` with ``kwargs`` (see :meth:`build`)."""
         return self.build(kind, name, kwargs).obj
 
-    def build(self, kind: str, name: str, arguments: Optional[Mapping[str, Any]] = None, *,
-              offered: Optional[Mapping[str, Any]] = None, with_options: bool = False) -> BuildResult:
+    def build(
+        self,
+        kind: str,
+        name: str,
+        arguments: Optional[Mapping[str, Any]] = None,
+        *,
+        offered: Optional[Mapping[str, Any]] = None,
+        with_options: bool = False,
+    ) -> BuildResult:
         """Instantiate the registered class ``name``: the one place a loss, miner or metric is built from a name.
 
         The rules (:func:`pml_plugins.arguments.resolve_arguments`): the class takes the keyword

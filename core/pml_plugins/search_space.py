@@ -19,6 +19,7 @@ For example::
 
 ``pml-plugins info NAME`` shows the space; :func:`suggest` draws one setting from an Optuna trial.
 """
+
 from __future__ import annotations
 
 import math
@@ -80,8 +81,12 @@ def parse_param(name: str, value: Any) -> SearchParam:
             extra = set(value) - {"low", "high", "log", "int"}
             if extra:
                 raise ValueError(f"unknown keys {sorted(extra)}; use low, high, log, int or choices")
-            return SearchParam(low=value.get("low"), high=value.get("high"), log=bool(value.get("log", False)),
-                               integer=bool(value.get("int", False)))
+            return SearchParam(
+                low=value.get("low"),
+                high=value.get("high"),
+                log=bool(value.get("log", False)),
+                integer=bool(value.get("int", False)),
+            )
         if isinstance(value, (tuple, list)) and len(value) >= 2:
             flags = [str(f).lower() for f in value[2:]]
             bad = [f for f in flags if f not in ("log", "int")]
@@ -90,8 +95,10 @@ def parse_param(name: str, value: Any) -> SearchParam:
             return SearchParam(low=value[0], high=value[1], log="log" in flags, integer="int" in flags)
     except ValueError as exc:
         raise ValueError(f"search space entry {name!r}: {exc}") from None
-    raise ValueError(f"search space entry {name!r}: expected (low, high[, 'log'][, 'int']), "
-                     f"{{'choices': [...]}} or a SearchParam, got {value!r}")
+    raise ValueError(
+        f"search space entry {name!r}: expected (low, high[, 'log'][, 'int']), "
+        f"{{'choices': [...]}} or a SearchParam, got {value!r}"
+    )
 
 
 def parse_search_space(space: Optional[Mapping[str, Any]]) -> dict[str, SearchParam]:

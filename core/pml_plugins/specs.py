@@ -14,6 +14,7 @@ closest field ("did you mean ...").
 Adding a field is one line plus its docstring in the class below (and, where a wrong type would
 only fail later, a check in ``_check``); consumers read ``entry.spec.<field>``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -165,8 +166,9 @@ class LossSpec(Spec):
     """``conformance_factory(num_classes, embedding_size) -> loss``: a small ready-to-use instance for the
     kit and the distributed checks, for losses that need more than constructor arguments."""
 
-    ALIASES: ClassVar[Mapping[str, str]] = MappingProxyType({"m_per_class": "samples_per_class",
-                                                             "m": "samples_per_class"})
+    ALIASES: ClassVar[Mapping[str, str]] = MappingProxyType(
+        {"m_per_class": "samples_per_class", "m": "samples_per_class"}
+    )
     DEPRECATED_ALIASES: ClassVar[frozenset] = frozenset({"m_per_class", "m"})
 
     def _check(self) -> None:
@@ -238,8 +240,9 @@ KINDS = ("loss", "miner", "metric")
 SPEC_OF_KIND: Mapping[str, type] = MappingProxyType({"loss": LossSpec, "miner": MinerSpec, "metric": MetricSpec})
 
 
-def spec_from_metadata(kind: str, metadata: Mapping[str, Any], *, plugin: str = "?", name: str = "?",
-                       stacklevel: int = 2) -> Spec:
+def spec_from_metadata(
+    kind: str, metadata: Mapping[str, Any], *, plugin: str = "?", name: str = "?", stacklevel: int = 2
+) -> Spec:
     """Convert the keyword metadata of plugin API 1.0 to the spec of ``kind``.
 
     Fields are taken as they are; an old spelling in ``ALIASES`` is renamed (with a
@@ -255,15 +258,25 @@ def spec_from_metadata(kind: str, metadata: Mapping[str, Any], *, plugin: str = 
         if target is None:
             close = difflib.get_close_matches(key, fields, n=1, cutoff=0.5)
             hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(fields)}"
-            warnings.warn(f"pml-plugins: plugin {plugin!r} registered the {kind} {name!r} with the unknown "
-                          f"metadata key {key!r} ({hint}); the key is ignored", UserWarning, stacklevel=stacklevel)
+            warnings.warn(
+                f"pml-plugins: plugin {plugin!r} registered the {kind} {name!r} with the unknown "
+                f"metadata key {key!r} ({hint}); the key is ignored",
+                UserWarning,
+                stacklevel=stacklevel,
+            )
             continue
         if target in values and values[target] != value:
-            raise TypeError(f"the {kind} {name!r} of plugin {plugin!r} gives {target} twice with different values "
-                            f"({renamed.get(target, target)}={values[target]!r}, {key}={value!r})")
+            raise TypeError(
+                f"the {kind} {name!r} of plugin {plugin!r} gives {target} twice with different values "
+                f"({renamed.get(target, target)}={values[target]!r}, {key}={value!r})"
+            )
         if key in cls.DEPRECATED_ALIASES:
-            warnings.warn(f"pml-plugins: plugin {plugin!r} registered the {kind} {name!r} with {key}=...; "
-                          f"the field is {target} ({cls.__name__}.{target})", DeprecationWarning, stacklevel=stacklevel)
+            warnings.warn(
+                f"pml-plugins: plugin {plugin!r} registered the {kind} {name!r} with {key}=...; "
+                f"the field is {target} ({cls.__name__}.{target})",
+                DeprecationWarning,
+                stacklevel=stacklevel,
+            )
         values[target] = value
         renamed[target] = key
     return cls(**values)

@@ -16,6 +16,7 @@ A setup that keeps state across epochs (a database, counters) sets ``state_dict`
 (This module was called ``pml_plugins.training``; the old name still imports, with a
 ``DeprecationWarning``. The main job's training loop is :mod:`pml_plugins.pipeline`.)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -11,6 +11,7 @@ Two kinds of helpers, public API for plugins (a leaf module: it imports nothing 
   the wrong type (``True`` is not a number here) raises :class:`ArgumentTypeError`, one out of
   range ``ValueError``; both messages say ``"<name> must be <what>, got <value>"``.
 """
+
 from __future__ import annotations
 
 import math
@@ -57,8 +58,15 @@ def _fail(error: type, name: str, what: str, value: Any, allow_none: bool, note:
     return error(f"{name} must be {what}{' or None' if allow_none else ''}{extra}, got {value!r}")
 
 
-def check_int(name: str, value: Any, *, minimum: Optional[int] = None, maximum: Optional[int] = None,
-              allow_none: bool = False, note: Optional[str] = None) -> Optional[int]:
+def check_int(
+    name: str,
+    value: Any,
+    *,
+    minimum: Optional[int] = None,
+    maximum: Optional[int] = None,
+    allow_none: bool = False,
+    note: Optional[str] = None,
+) -> Optional[int]:
     """``value`` as an ``int`` in ``[minimum, maximum]`` (either bound optional); ``None`` passes with ``allow_none``.
 
     Args:
@@ -67,8 +75,9 @@ def check_int(name: str, value: Any, *, minimum: Optional[int] = None, maximum: 
     """
     if value is None and allow_none:
         return None
-    what = "a positive integer" if minimum == 1 and maximum is None else _what("an integer", minimum, maximum,
-                                                                                True, True)
+    what = (
+        "a positive integer" if minimum == 1 and maximum is None else _what("an integer", minimum, maximum, True, True)
+    )
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise _fail(ArgumentTypeError, name, what, value, allow_none, note)
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
@@ -81,15 +90,24 @@ def check_positive_int(name: str, value: Any, *, allow_none: bool = False, note:
     return check_int(name, value, minimum=1, allow_none=allow_none, note=note)
 
 
-def check_non_negative_int(name: str, value: Any, *, allow_none: bool = False,
-                           note: Optional[str] = None) -> Optional[int]:
+def check_non_negative_int(
+    name: str, value: Any, *, allow_none: bool = False, note: Optional[str] = None
+) -> Optional[int]:
     """``value`` as an ``int >= 0``."""
     return check_int(name, value, minimum=0, allow_none=allow_none, note=note)
 
 
-def check_float(name: str, value: Any, *, minimum: Optional[float] = None, maximum: Optional[float] = None,
-                min_inclusive: bool = True, max_inclusive: bool = True, allow_none: bool = False,
-                note: Optional[str] = None) -> Optional[float]:
+def check_float(
+    name: str,
+    value: Any,
+    *,
+    minimum: Optional[float] = None,
+    maximum: Optional[float] = None,
+    min_inclusive: bool = True,
+    max_inclusive: bool = True,
+    allow_none: bool = False,
+    note: Optional[str] = None,
+) -> Optional[float]:
     """``value`` as a finite ``float`` within the bounds given (``min_inclusive=False``: strictly above ``minimum``).
 
     Any real number is accepted (int, float, numpy scalars); NaN and infinities are refused.
@@ -100,32 +118,39 @@ def check_float(name: str, value: Any, *, minimum: Optional[float] = None, maxim
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise _fail(ArgumentTypeError, name, what, value, allow_none, note)
     x = float(value)
-    if (not math.isfinite(x) or (minimum is not None and (x < minimum if min_inclusive else x <= minimum))
-            or (maximum is not None and (x > maximum if max_inclusive else x >= maximum))):
+    if (
+        not math.isfinite(x)
+        or (minimum is not None and (x < minimum if min_inclusive else x <= minimum))
+        or (maximum is not None and (x > maximum if max_inclusive else x >= maximum))
+    ):
         raise _fail(ValueError, name, what, value, allow_none, note)
     return x
 
 
-def check_positive_float(name: str, value: Any, *, allow_none: bool = False,
-                         note: Optional[str] = None) -> Optional[float]:
+def check_positive_float(
+    name: str, value: Any, *, allow_none: bool = False, note: Optional[str] = None
+) -> Optional[float]:
     """``value`` as a finite ``float > 0``."""
     return check_float(name, value, minimum=0, min_inclusive=False, allow_none=allow_none, note=note)
 
 
-def check_non_negative_float(name: str, value: Any, *, allow_none: bool = False,
-                             note: Optional[str] = None) -> Optional[float]:
+def check_non_negative_float(
+    name: str, value: Any, *, allow_none: bool = False, note: Optional[str] = None
+) -> Optional[float]:
     """``value`` as a finite ``float >= 0`` (weights of loss terms)."""
     return check_float(name, value, minimum=0, allow_none=allow_none, note=note)
 
 
-def check_finite_float(name: str, value: Any, *, allow_none: bool = False,
-                       note: Optional[str] = None) -> Optional[float]:
+def check_finite_float(
+    name: str, value: Any, *, allow_none: bool = False, note: Optional[str] = None
+) -> Optional[float]:
     """``value`` as a finite ``float`` (any sign)."""
     return check_float(name, value, allow_none=allow_none, note=note)
 
 
-def check_probability(name: str, value: Any, *, allow_none: bool = False,
-                      note: Optional[str] = None) -> Optional[float]:
+def check_probability(
+    name: str, value: Any, *, allow_none: bool = False, note: Optional[str] = None
+) -> Optional[float]:
     """``value`` as a ``float`` in ``[0, 1]``."""
     return check_float(name, value, minimum=0, maximum=1, allow_none=allow_none, note=note)
 

@@ -1,4 +1,5 @@
 """The ``pml-plugins`` command line: one module per subcommand, each with ``add_parser``."""
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
 """``pml-plugins compare``: train several losses with the same budget and print one table."""
+
 from __future__ import annotations
 
 import argparse
@@ -23,15 +24,19 @@ examples:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("compare", help="train several losses on the same budget; table, CSV, Markdown, plot",
-                       description="Train each loss with the same data, backbone, budget and seeds, pick each "
-                                   "run's epoch on validation classes, test each selected model once; print one "
-                                   "table (Recall@k, MAP@R, nDCG@k as mean ± 95% interval over seeds, ties with "
-                                   "the best, time per epoch, peak memory) with the untrained model as the floor; "
-                                   "write results.csv, runs.csv, results.md, comparison.png, every run under "
-                                   "--out, and report.html (the comparison's offline HTML report, linking to each "
-                                   "run's own).",
-                       epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "compare",
+        help="train several losses on the same budget; table, CSV, Markdown, plot",
+        description="Train each loss with the same data, backbone, budget and seeds, pick each "
+        "run's epoch on validation classes, test each selected model once; print one "
+        "table (Recall@k, MAP@R, nDCG@k as mean ± 95% interval over seeds, ties with "
+        "the best, time per epoch, peak memory) with the untrained model as the floor; "
+        "write results.csv, runs.csv, results.md, comparison.png, every run under "
+        "--out, and report.html (the comparison's offline HTML report, linking to each "
+        "run's own).",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--losses", help="comma-separated loss names (default: every plugin loss + PML references)")
     add_protocol_arguments(p)
     add_common_arguments(p)
@@ -45,16 +50,31 @@ PROTOCOL_KEYS = ("seeds", "folds", "val_classes", "tune", "primary")
 def add_protocol_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("protocol (Musgrave et al. 2020; see docs/getting-started.md)")
     g.add_argument("--seeds", type=int, metavar="N", help="train every loss with seeds 0..N-1 (default 3)")
-    g.add_argument("--folds", type=int, metavar="K",
-                   help="K class-disjoint folds of the training classes; each run validates on one (default 1)")
-    g.add_argument("--val-classes", type=float, metavar="FRACTION",
-                   help="with --folds 1: fraction of the training classes held out to pick the epoch "
-                        "(default 0.2, at least 2 classes; 0: no validation, the last epoch is reported)")
-    g.add_argument("--tune", type=int, metavar="TRIALS",
-                   help="Optuna trials per loss over its declared search space (default 0: no tuning); "
-                        "the study is kept in OUT/optuna.db, so a killed run continues")
-    g.add_argument("--primary", metavar="METRIC",
-                   help="metric for epoch selection, tuning and ties (default map_at_r; e.g. recall_at_1)")
+    g.add_argument(
+        "--folds",
+        type=int,
+        metavar="K",
+        help="K class-disjoint folds of the training classes; each run validates on one (default 1)",
+    )
+    g.add_argument(
+        "--val-classes",
+        type=float,
+        metavar="FRACTION",
+        help="with --folds 1: fraction of the training classes held out to pick the epoch "
+        "(default 0.2, at least 2 classes; 0: no validation, the last epoch is reported)",
+    )
+    g.add_argument(
+        "--tune",
+        type=int,
+        metavar="TRIALS",
+        help="Optuna trials per loss over its declared search space (default 0: no tuning); "
+        "the study is kept in OUT/optuna.db, so a killed run continues",
+    )
+    g.add_argument(
+        "--primary",
+        metavar="METRIC",
+        help="metric for epoch selection, tuning and ties (default map_at_r; e.g. recall_at_1)",
+    )
 
 
 def protocol_from(args: argparse.Namespace, fvals: dict, base, *, distributed: bool = False):
@@ -65,8 +85,13 @@ def protocol_from(args: argparse.Namespace, fvals: dict, base, *, distributed: b
     values.update({k: getattr(args, k) for k in PROTOCOL_KEYS if getattr(args, k, None) is not None})
     if distributed and "val_classes" not in values and values.get("folds", 1) == 1:
         values["val_classes"] = 0.0  # DDP reports the last epoch (no per-epoch validation there)
-    known = {"map_at_r", "precision_at_1", "r_precision", *[f"recall_at_{k}" for k in base.ks],
-             *[f"ndcg_at_{k}" for k in base.ks]}
+    known = {
+        "map_at_r",
+        "precision_at_1",
+        "r_precision",
+        *[f"recall_at_{k}" for k in base.ks],
+        *[f"ndcg_at_{k}" for k in base.ks],
+    }
     primary = values.get("primary", "map_at_r")
     if primary not in known:
         raise ValueError(f"--primary must be one of {', '.join(sorted(known))}, got {primary!r}")
@@ -137,36 +162,59 @@ def run(args: argparse.Namespace) -> int:
     return _run_compare(args, base, losses, per_loss, protocol, start, lead=True)
 
 
-def _run_compare(args: argparse.Namespace, base, losses: list[str], per_loss: dict, protocol, start: float, *,
-                 lead: bool) -> int:
+def _run_compare(
+    args: argparse.Namespace, base, losses: list[str], per_loss: dict, protocol, start: float, *, lead: bool
+) -> int:
     """Every rank trains; only the lead (rank 0, or the single process) evaluates, prints and writes."""
     from ..pipeline import compare as cmp
 
     out = Path(base.out or "pml-plugins-compare")
     base.out = str(out)
     if not lead:
-        cmp.run_compare(base, losses, out, per_loss_args=per_loss, protocol=protocol, progress=False,
-                        log=lambda msg: None, lead=False)
+        cmp.run_compare(
+            base,
+            losses,
+            out,
+            per_loss_args=per_loss,
+            protocol=protocol,
+            progress=False,
+            log=lambda msg: None,
+            lead=False,
+        )
         return 0
     progress = show_progress(args.no_progress)
-    print(f"comparing {len(losses)} losses on {base.dataset} ({base.epochs} epochs, batch {base.batch_size}, "
-          f"embedding {base.embedding_size}, seeds 0-{protocol.seeds - 1}, folds {protocol.folds}, "
-          f"tune {protocol.tune}): {', '.join(losses)}", flush=True)
-    rows = cmp.run_compare(base, losses, out, per_loss_args=per_loss, protocol=protocol, progress=progress,
-                           log=lambda msg: print(msg, flush=True))
+    print(
+        f"comparing {len(losses)} losses on {base.dataset} ({base.epochs} epochs, batch {base.batch_size}, "
+        f"embedding {base.embedding_size}, seeds 0-{protocol.seeds - 1}, folds {protocol.folds}, "
+        f"tune {protocol.tune}): {', '.join(losses)}",
+        flush=True,
+    )
+    rows = cmp.run_compare(
+        base,
+        losses,
+        out,
+        per_loss_args=per_loss,
+        protocol=protocol,
+        progress=progress,
+        log=lambda msg: print(msg, flush=True),
+    )
     print()
     print(cmp.format_table(rows, base.ks, protocol, base))
     failed = [r.label for r in rows if r.status == "error"]
     partial = [r.label for r in rows if r.status == "partial"]
     trained = [r for r in rows if r.status in ("ok", "partial")]
     warned = [r.label for r in rows if r.warning]
-    print(f"\n{len(trained)} trained, {len(failed)} failed"
-          + (f" ({', '.join(failed)}; see {out}/runs/*/seed*/error.txt)" if failed else "")
-          + (f", {len(partial)} with failed seeds ({', '.join(partial)})" if partial else "")
-          + f"; {time.perf_counter() - start:.0f} s. Wrote {out}/results.csv, runs.csv, results.md, comparison.png")
+    print(
+        f"\n{len(trained)} trained, {len(failed)} failed"
+        + (f" ({', '.join(failed)}; see {out}/runs/*/seed*/error.txt)" if failed else "")
+        + (f", {len(partial)} with failed seeds ({', '.join(partial)})" if partial else "")
+        + f"; {time.perf_counter() - start:.0f} s. Wrote {out}/results.csv, runs.csv, results.md, comparison.png"
+    )
     if warned:
-        print(f"WARNING: {', '.join(warned)}: the loss was 0 for a whole epoch in some runs (nothing trained then); "
-              f"see the status column and runs.csv (zero_loss_epochs)")
+        print(
+            f"WARNING: {', '.join(warned)}: the loss was 0 for a whole epoch in some runs (nothing trained then); "
+            f"see the status column and runs.csv (zero_loss_epochs)"
+        )
     if not args.no_report:
         from .train_command import write_report_safely
 

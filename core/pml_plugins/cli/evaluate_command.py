@@ -1,5 +1,6 @@
 """``pml-plugins evaluate``: every retrieval metric from saved embeddings, no training needed,
 or (``evaluate RUN_DIR``) a training run's own evaluation from its folder."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,25 +18,38 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "evaluate",
         help="compute every retrieval metric (PML's, nDCG@k, Recall@k, plugin metrics) from saved embeddings",
         description="Compute retrieval metrics with pml_plugins.AccuracyCalculator from .npy (or .pt) files. "
-                    "Without --reference, each query is searched among all the others (leave-one-out). "
-                    "With a run folder (pml-plugins evaluate RUN_DIR), rebuild the trained model from its "
-                    "config.json and checkpoint.pt and evaluate its test split (or --data) with the run's distance: "
-                    "the run's metrics.json numbers, exactly.",
+        "Without --reference, each query is searched among all the others (leave-one-out). "
+        "With a run folder (pml-plugins evaluate RUN_DIR), rebuild the trained model from its "
+        "config.json and checkpoint.pt and evaluate its test split (or --data) with the run's distance: "
+        "the run's metrics.json numbers, exactly.",
     )
     p.add_argument("run_dir", nargs="?", type=Path, metavar="RUN_DIR", help="a train --out folder (or use --run)")
     p.add_argument("--run", type=Path, metavar="RUN_DIR", help="a train --out folder: evaluate its model")
-    p.add_argument("--data", metavar="DATASET", help="with a run: evaluate this dataset's test split (a --dataset "
-                                                     "spec of train) instead of the run's")
+    p.add_argument(
+        "--data",
+        metavar="DATASET",
+        help="with a run: evaluate this dataset's test split (a --dataset spec of train) instead of the run's",
+    )
     p.add_argument("--embeddings", type=Path, help="query embeddings, (N, D) .npy or .pt")
     p.add_argument("--labels", type=Path, help="query labels, (N,) or (N, C) .npy or .pt")
-    p.add_argument("--query", type=Path, help="query set as one .npz (embeddings or features, labels); with "
-                                              "--gallery instead of --embeddings/--labels/--reference")
-    p.add_argument("--gallery", type=Path, help="gallery set as one .npz; queries are searched in it with "
-                                                "ref_includes_query=False (In-Shop's protocol)")
+    p.add_argument(
+        "--query",
+        type=Path,
+        help="query set as one .npz (embeddings or features, labels); with "
+        "--gallery instead of --embeddings/--labels/--reference",
+    )
+    p.add_argument(
+        "--gallery",
+        type=Path,
+        help="gallery set as one .npz; queries are searched in it with ref_includes_query=False (In-Shop's protocol)",
+    )
     p.add_argument("--reference", type=Path, help="reference embeddings (default: the queries themselves)")
     p.add_argument("--reference-labels", type=Path, help="reference labels (required with --reference)")
-    p.add_argument("--ref-includes-query", action="store_true",
-                   help="the first N reference rows are the queries (their self-matches are skipped)")
+    p.add_argument(
+        "--ref-includes-query",
+        action="store_true",
+        help="the first N reference rows are the queries (their self-matches are skipped)",
+    )
     p.add_argument("--label-column", type=int, help="use this column of 2-D labels (default: compare whole rows)")
     p.add_argument(
         "--distance",
@@ -54,20 +68,37 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exclude", nargs="*", default=(), metavar="METRIC", help="skip these metrics (e.g. NMI AMI)")
     p.add_argument("--avg-of-avgs", action="store_true", help="average per class first")
     p.add_argument("--no-plugin-metrics", action="store_true", help="skip metrics registered by plugins")
-    p.add_argument("--knn-index", choices=INDEXES, default="flat",
-                   help="kNN index: flat (exact, default), or FAISS's approximate ivf / hnsw / pq "
-                        "(pq: 4-bit product-quantization fast scan of every reference, re-ranked exactly)")
-    p.add_argument("--knn-param", action="append", default=[], metavar="NAME=VALUE",
-                   help="approximate-index parameter, repeatable: ivf " + ", ".join(INDEX_PARAMS["ivf"])
-                        + "; hnsw " + ", ".join(INDEX_PARAMS["hnsw"]) + "; pq " + ", ".join(INDEX_PARAMS["pq"])
-                        + " (e.g. --knn-param nlist=4096 --knn-param nprobe=32)")
+    p.add_argument(
+        "--knn-index",
+        choices=INDEXES,
+        default="flat",
+        help="kNN index: flat (exact, default), or FAISS's approximate ivf / hnsw / pq "
+        "(pq: 4-bit product-quantization fast scan of every reference, re-ranked exactly)",
+    )
+    p.add_argument(
+        "--knn-param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="approximate-index parameter, repeatable: ivf "
+        + ", ".join(INDEX_PARAMS["ivf"])
+        + "; hnsw "
+        + ", ".join(INDEX_PARAMS["hnsw"])
+        + "; pq "
+        + ", ".join(INDEX_PARAMS["pq"])
+        + " (e.g. --knn-param nlist=4096 --knn-param nprobe=32)",
+    )
     p.add_argument(
         "--knn-device",
         default=None,
         help="where the kNN search runs (default: --device); cuda puts FAISS on the GPU(s) when it has GPU support",
     )
-    p.add_argument("--knn-shard", choices=("auto", "yes", "no"), default="auto",
-                   help="with several GPUs, split the FAISS index over them (auto: yes)")
+    p.add_argument(
+        "--knn-shard",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="with several GPUs, split the FAISS index over them (auto: yes)",
+    )
     p.add_argument("--device", default="cpu", help="torch device for the metrics (default: cpu)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
@@ -84,8 +115,10 @@ def _load(path: Path, what: str) -> Any:
 
         obj = safe_torch_load(path, f"{what} file {str(path)!r}")  # one-line errors, never unpickles
         if isinstance(obj, dict) and "trunk" in obj and "embedder" in obj:
-            raise ValueError(f"{what} file {str(path)!r} is a training checkpoint, not embeddings: use "
-                             f"pml-plugins evaluate {path.parent} (the run folder) or pml-plugins embed {path.parent}")
+            raise ValueError(
+                f"{what} file {str(path)!r} is a training checkpoint, not embeddings: use "
+                f"pml-plugins evaluate {path.parent} (the run folder) or pml-plugins embed {path.parent}"
+            )
         if not isinstance(obj, torch.Tensor):
             raise ValueError(f"{what} file {str(path)!r} must hold one tensor, got {type(obj).__name__}")
         return obj
@@ -114,12 +147,16 @@ def _load_pair(path: Path, what: str, column: int | None) -> tuple[Any, Any]:
     with npz:
         key = "embeddings" if "embeddings" in npz.files else ("features" if "features" in npz.files else None)
         if key is None or "labels" not in npz.files:
-            raise ValueError(f"{what} {str(path)!r}: expected arrays 'embeddings' (or 'features') and 'labels', "
-                             f"found {sorted(npz.files)}")
+            raise ValueError(
+                f"{what} {str(path)!r}: expected arrays 'embeddings' (or 'features') and 'labels', "
+                f"found {sorted(npz.files)}"
+            )
         emb, labels = torch.from_numpy(np.ascontiguousarray(npz[key])), torch.from_numpy(np.asarray(npz["labels"]))
     if emb.ndim != 2 or len(emb) != len(labels):
-        raise ValueError(f"{what} {str(path)!r}: embeddings must be (N, D) with N labels, got {tuple(emb.shape)} "
-                         f"and {tuple(labels.shape)}")
+        raise ValueError(
+            f"{what} {str(path)!r}: embeddings must be (N, D) with N labels, got {tuple(emb.shape)} "
+            f"and {tuple(labels.shape)}"
+        )
     return emb, _labels(labels, column, what)
 
 
@@ -172,8 +209,9 @@ def run(args: argparse.Namespace) -> int:
     if args.query is not None and any(v is not None for v in (args.embeddings, args.labels, args.reference)):
         raise ValueError("--query/--gallery replace --embeddings, --labels and --reference; give one or the other")
     if args.query is None and (args.embeddings is None or args.labels is None):
-        raise ValueError("give a run folder (evaluate RUN_DIR), both --embeddings and --labels, or --query and "
-                         "--gallery")
+        raise ValueError(
+            "give a run folder (evaluate RUN_DIR), both --embeddings and --labels, or --query and --gallery"
+        )
     args.distance = args.distance or "euclidean"
     if (args.reference is None) != (args.reference_labels is None):
         raise ValueError("--reference and --reference-labels go together")
@@ -193,14 +231,19 @@ def run(args: argparse.Namespace) -> int:
         query_labels = _labels(_load(args.labels, "--labels"), args.label_column, "--labels")
         if args.reference is not None:
             reference = _load(args.reference, "--reference")
-            reference_labels = _labels(_load(args.reference_labels, "--reference-labels"), args.label_column,
-                                       "--reference-labels")
+            reference_labels = _labels(
+                _load(args.reference_labels, "--reference-labels"), args.label_column, "--reference-labels"
+            )
             ref_includes_query = args.ref_includes_query
         else:
             reference, reference_labels, ref_includes_query = None, None, True
     calculator = AccuracyCalculator(
-        include=tuple(args.include), exclude=tuple(args.exclude), avg_of_avgs=args.avg_of_avgs, k=_parse_k(args.k),
-        device=torch.device(args.device), knn_func=knn_func,
+        include=tuple(args.include),
+        exclude=tuple(args.exclude),
+        avg_of_avgs=args.avg_of_avgs,
+        k=_parse_k(args.k),
+        device=torch.device(args.device),
+        knn_func=knn_func,
         ndcg_ks=DEFAULT_NDCG_KS if args.ndcg_ks is None else args.ndcg_ks,
         recall_ks=DEFAULT_RECALL_KS if args.recall_ks is None else args.recall_ks,
         plugin_metrics=not args.no_plugin_metrics,
@@ -211,16 +254,21 @@ def run(args: argparse.Namespace) -> int:
     num_reference = len(query) if reference is None else len(reference)
     knn = {"index": args.knn_index, **knn_func.index_params}
     if args.json:
-        print(json.dumps({
-            "metrics": {k: _jsonable(v) for k, v in results.items()},
-            "num_queries": len(query),
-            "num_references": num_reference,
-            "ref_includes_query": ref_includes_query,
-            "distance": args.distance,
-            "knn": knn,
-            "avg_of_avgs": args.avg_of_avgs,
-            "seconds": round(seconds, 3),
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "metrics": {k: _jsonable(v) for k, v in results.items()},
+                    "num_queries": len(query),
+                    "num_references": num_reference,
+                    "ref_includes_query": ref_includes_query,
+                    "distance": args.distance,
+                    "knn": knn,
+                    "avg_of_avgs": args.avg_of_avgs,
+                    "seconds": round(seconds, 3),
+                },
+                indent=2,
+            )
+        )
         return 0
     knn_text = " ".join(f"{k}={v}" for k, v in knn.items())
     print(

@@ -1,4 +1,5 @@
 """``pml-plugins info NAME``: class, signature with defaults, summary, paper, training needs."""
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,10 @@ def _print_loss_needs(spec: LossSpec) -> None:
         print(f"  loss lr    {spec.loss_lr_note}")
     print(f"  retrieval  {spec.retrieval_distance}")
     if spec.training_setup is not None:
-        print(f"  training   {getattr(spec.training_setup, '__module__', '?')}."
-              f"{getattr(spec.training_setup, '__qualname__', spec.training_setup)!s} sets up the trainer")
+        print(
+            f"  training   {getattr(spec.training_setup, '__module__', '?')}."
+            f"{getattr(spec.training_setup, '__qualname__', spec.training_setup)!s} sets up the trainer"
+        )
     if not spec.supports_ref_emb:
         print("  ref_emb    not supported (CrossBatchMemory / SelfSupervisedLoss refuse it)")
     if spec.pretrain_epochs:
@@ -96,8 +99,12 @@ def run(args: argparse.Namespace) -> int:
         if entry.aliases:
             print(f"  aliases    {', '.join(entry.aliases)}")
         spec = entry.spec
-        for key, value in (("summary", spec.summary), ("paper", spec.paper), ("tags", ", ".join(spec.tags)),
-                           ("origin", getattr(spec, "origin", None))):
+        for key, value in (
+            ("summary", spec.summary),
+            ("paper", spec.paper),
+            ("tags", ", ".join(spec.tags)),
+            ("origin", getattr(spec, "origin", None)),
+        ):
             if value:
                 print(f"  {key:10s} {value}")
         if isinstance(spec, LossSpec):

@@ -1,4 +1,5 @@
 """The ``--knn-param NAME=VALUE`` option of ``pml-plugins evaluate``."""
+
 from __future__ import annotations
 
 from typing import Any, Iterable

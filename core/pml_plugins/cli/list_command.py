@@ -1,4 +1,5 @@
 """``pml-plugins list``: plugins, versions, what each registered, load errors."""
+
 from __future__ import annotations
 
 import argparse

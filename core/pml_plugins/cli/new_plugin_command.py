@@ -5,6 +5,7 @@ that subclasses PML's ``BaseMetricLossFunction`` and already computes a correct 
 ``plugin.py`` with the hook implementation, tests that run the conformance kit, and a README.
 Its tests pass as generated; the guide ``docs/writing-a-plugin.md`` walks from there to your loss.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -86,8 +87,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Generate a complete, installable loss-plugin package in PATH/NAME.",
     )
     p.add_argument("name", metavar="NAME", help="plugin name, e.g. my_margin (-> pml-plugin-my-margin, MyMarginLoss)")
-    p.add_argument("--dir", default=".", metavar="PATH",
-                   help="parent folder of the new package (default: the current folder; in this repository: plugins)")
+    p.add_argument(
+        "--dir",
+        default=".",
+        metavar="PATH",
+        help="parent folder of the new package (default: the current folder; in this repository: plugins)",
+    )
     p.set_defaults(func=run)
 
 

@@ -1,4 +1,5 @@
 """The main job: data, models, training with PML trainers, evaluation, comparison."""
+
 from __future__ import annotations
 
 from .config import TrainConfig, build_config, load_config_file

@@ -4,6 +4,7 @@ PML objects given as text (``distance="CosineSimilarity()"``) become instances o
 then :meth:`pml_plugins.registry.Registry.build` -- the one place that checks arguments and builds
 from a name -- makes the object (unknown arguments are refused with the closest accepted name).
 """
+
 from __future__ import annotations
 
 import ast
@@ -18,8 +19,12 @@ from ..arguments import constructor_parameters
 __all__ = ["build_loss", "build_miner", "constructor_parameters"]
 
 
-_PML_OBJECT_ARGS = {"distance": "distances", "reducer": "reducers", "weight_regularizer": "regularizers",
-                    "embedding_regularizer": "regularizers"}
+_PML_OBJECT_ARGS = {
+    "distance": "distances",
+    "reducer": "reducers",
+    "weight_regularizer": "regularizers",
+    "embedding_regularizer": "regularizers",
+}
 
 
 def _resolve_pml_objects(args: dict) -> dict:
@@ -53,13 +58,22 @@ def _resolve_pml_objects(args: dict) -> dict:
 
 def _shown(raw: dict, arguments: dict) -> dict:
     """The arguments as ``config.json`` records them: PML objects as the text the user gave, else JSON-friendly."""
-    return {k: raw[k] if k in raw and isinstance(raw[k], str) else
-            (v if isinstance(v, (int, float, str, bool, list, tuple, dict, type(None))) else repr(v))
-            for k, v in arguments.items()}
+    return {
+        k: raw[k]
+        if k in raw and isinstance(raw[k], str)
+        else (v if isinstance(v, (int, float, str, bool, list, tuple, dict, type(None))) else repr(v))
+        for k, v in arguments.items()
+    }
 
 
-def build_loss(name: str, *, num_classes: int, embedding_size: int, loss_args: Optional[dict] = None,
-               loss_options: Optional[dict] = None) -> tuple[Any, reg.Entry, dict, dict]:
+def build_loss(
+    name: str,
+    *,
+    num_classes: int,
+    embedding_size: int,
+    loss_args: Optional[dict] = None,
+    loss_options: Optional[dict] = None,
+) -> tuple[Any, reg.Entry, dict, dict]:
     """Create the loss ``name``; returns ``(loss, entry, constructor_args, training_setup_options)``.
 
     ``num_classes`` / ``embedding_size`` are passed only when the constructor (or the PML base
@@ -70,8 +84,9 @@ def build_loss(name: str, *, num_classes: int, embedding_size: int, loss_args: O
     raw = dict(loss_args or {})
     offered = {"num_classes": int(num_classes), "embedding_size": int(embedding_size)}
     try:
-        built = reg.registry.build("loss", entry.qualified_name, _resolve_pml_objects(raw), offered=offered,
-                                   with_options=True)
+        built = reg.registry.build(
+            "loss", entry.qualified_name, _resolve_pml_objects(raw), offered=offered, with_options=True
+        )
     except (ValueError, AssertionError) as exc:
         accepted = constructor_parameters(entry.obj)[0]
         tried = {**{k: v for k, v in offered.items() if k in accepted}, **raw}

@@ -14,6 +14,7 @@ The core never imports the plugin: the callable is all it knows. The distances u
 to the run folder as ``class_distances.npy`` and ``class_distances.json`` (classes, texts, where
 they came from, the matrix).
 """
+
 from __future__ import annotations
 
 import csv
@@ -47,8 +48,10 @@ def read_class_texts(path: str) -> dict[str, str] | list[str]:
     """A class -> text mapping (dict) or a list (text i for training class i) from JSON or CSV."""
     file = Path(os.path.expanduser(path))
     if not file.is_file():
-        raise FileNotFoundError(f"class texts file {str(file)!r} does not exist (see --class-texts: a JSON object "
-                                f"class -> text, a JSON list, or a CSV of class,text rows)")
+        raise FileNotFoundError(
+            f"class texts file {str(file)!r} does not exist (see --class-texts: a JSON object "
+            f"class -> text, a JSON list, or a CSV of class,text rows)"
+        )
     if file.suffix.lower() == ".csv":
         with open(file, newline="", encoding="utf-8") as fh:
             rows = [r for r in csv.reader(fh) if r and any(c.strip() for c in r)]
@@ -77,28 +80,33 @@ def _text(value: Any, where: str) -> str:
     return value.strip()
 
 
-def class_texts_for(train_classes: Sequence[Any], *, dataset_kind: str, class_texts: Optional[str] = None
-                    ) -> tuple[list[str], str]:
+def class_texts_for(
+    train_classes: Sequence[Any], *, dataset_kind: str, class_texts: Optional[str] = None
+) -> tuple[list[str], str]:
     """One text per training class (in label order 0..C-1) and where the texts came from."""
     if class_texts is not None:
         data = read_class_texts(class_texts)
         where = f"--class-texts {class_texts}"
         if isinstance(data, list):
             if len(data) != len(train_classes):
-                raise ValueError(f"{where}: a list needs one text per training class ({len(train_classes)}), "
-                                 f"got {len(data)}")
+                raise ValueError(
+                    f"{where}: a list needs one text per training class ({len(train_classes)}), got {len(data)}"
+                )
             return [_text(t, where) for t in data], f"file {class_texts}"
         missing = [str(c) for c in train_classes if str(c) not in data]
         if missing:
-            raise ValueError(f"{where}: no text for {len(missing)} of the {len(train_classes)} training classes, "
-                             f"e.g. {missing[:5]}")
+            raise ValueError(
+                f"{where}: no text for {len(missing)} of the {len(train_classes)} training classes, e.g. {missing[:5]}"
+            )
         return [_text(data[str(c)], where) for c in train_classes], f"file {class_texts}"
     if dataset_kind == "digits":
         return [DIGIT_NAMES[int(c)] for c in train_classes], "the digit names"
     if dataset_kind == "imagefolder":
         return [str(c).replace("_", " ") for c in train_classes], "the ImageFolder class folder names"
-    raise ValueError(f"this loss takes class distances from class texts, and a {dataset_kind} dataset has no "
-                     f"class names to use: give --class-texts FILE (JSON class -> text, or CSV class,text)")
+    raise ValueError(
+        f"this loss takes class distances from class texts, and a {dataset_kind} dataset has no "
+        f"class names to use: give --class-texts FILE (JSON class -> text, or CSV class,text)"
+    )
 
 
 def describe_source(dataset_kind: str, class_texts: Optional[str] = None) -> str:
@@ -106,11 +114,19 @@ def describe_source(dataset_kind: str, class_texts: Optional[str] = None) -> str
     if class_texts is not None:
         return f"text of {os.path.basename(class_texts)}"
     return {"digits": "text of the digit names", "imagefolder": "text of the folder names"}.get(
-        dataset_kind, "class texts")
+        dataset_kind, "class texts"
+    )
 
 
-def class_distances_for_run(spec: Any, loss_args: dict, *, train_classes: Sequence[Any], dataset_kind: str,
-                            class_texts: Optional[str], out: Optional[str]) -> tuple[dict, Optional[dict]]:
+def class_distances_for_run(
+    spec: Any,
+    loss_args: dict,
+    *,
+    train_classes: Sequence[Any],
+    dataset_kind: str,
+    class_texts: Optional[str],
+    out: Optional[str],
+) -> tuple[dict, Optional[dict]]:
     """The loss arguments with ``class_distances`` added (when the loss takes them and the user gave
     none), and what was done for ``config.json`` (None when nothing was)."""
     if not needs_class_distances(spec):  # --class-texts is ignored (compare passes it to every loss)
@@ -120,14 +136,20 @@ def class_distances_for_run(spec: Any, loss_args: dict, *, train_classes: Sequen
         return loss_args, {"source": f"loss argument {given[0]}"}
     from_texts = spec_field(spec, FROM_TEXTS_KEY)
     if not callable(from_texts):
-        raise TypeError(f"the loss's spec says {NEEDS_KEY}=True but gives no callable {FROM_TEXTS_KEY}; pass "
-                        f"class_distances as a loss argument")
+        raise TypeError(
+            f"the loss's spec says {NEEDS_KEY}=True but gives no callable {FROM_TEXTS_KEY}; pass "
+            f"class_distances as a loss argument"
+        )
     texts, source = class_texts_for(train_classes, dataset_kind=dataset_kind, class_texts=class_texts)
     distances = np.asarray(_to_numpy(from_texts(texts)), dtype=np.float32)
     if distances.shape != (len(texts), len(texts)):
         raise ValueError(f"{FROM_TEXTS_KEY} returned shape {distances.shape}, expected {(len(texts), len(texts))}")
-    info = {"source": f"text embeddings of {source}", "texts_from": source,
-            "model": str(spec_field(spec, "class_text_model") or "the loss's text model"), "num_classes": len(texts)}
+    info = {
+        "source": f"text embeddings of {source}",
+        "texts_from": source,
+        "model": str(spec_field(spec, "class_text_model") or "the loss's text model"),
+        "num_classes": len(texts),
+    }
     value: Any = distances
     if out is not None:
         folder = Path(out)

@@ -7,10 +7,11 @@ bug in a plugin) gets an error row and the comparison goes on. Files are rewritt
 run, so an interrupted comparison keeps every completed run (``OUT/runs/<loss>/seed<k>/``) and
 the table of those runs. Running the same command
 again with the same ``--out`` keeps the runs that finished with the same settings (and the same
-validation classes) and continues an interrupted run without validation from its checkpoint
-(``checkpoint.pt`` after every epoch); a run with per-epoch validation starts again (its epoch
-selection is not in the checkpoint). ``--tune`` continues its Optuna studies (``OUT/optuna.db``).
+validation classes) and continues an interrupted run from its checkpoint (``checkpoint.pt`` after
+every epoch; with per-epoch validation it holds the best epoch so far, its metrics and weights).
+``--tune`` continues its Optuna studies (``OUT/optuna.db``).
 """
+
 from __future__ import annotations
 
 import csv
@@ -99,9 +100,17 @@ def _distances_note(name: str, base: TrainConfig, user_args: Optional[dict]) -> 
     return f" [d: {class_texts_mod.describe_source(kind, base.class_texts)}]"
 
 
-def run_compare(base: TrainConfig, losses: Sequence[str], out: Path, *, per_loss_args: Optional[dict] = None,
-                protocol: Optional[Protocol] = None, progress: bool = True, log: Callable[[str], None] = print,
-                lead: bool = True) -> list[LossSummary]:
+def run_compare(
+    base: TrainConfig,
+    losses: Sequence[str],
+    out: Path,
+    *,
+    per_loss_args: Optional[dict] = None,
+    protocol: Optional[Protocol] = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    lead: bool = True,
+) -> list[LossSummary]:
     """Train every loss in ``losses`` under ``protocol`` (default: 3 seeds, validation classes);
     write ``OUT/results.{csv,md,json}``, ``OUT/runs.csv``, ``OUT/comparison.png`` and
     ``OUT/runs/<loss>/seed<k>/``; return the rows (the floor first).
@@ -112,8 +121,10 @@ def run_compare(base: TrainConfig, losses: Sequence[str], out: Path, *, per_loss
     losses = resolve_losses(losses)
     protocol = protocol or Protocol()
     if base.distributed and protocol.validates:
-        raise ValueError("compare --distributed reports the last epoch: use --val-classes 0 and --folds 1 "
-                         "(per-epoch validation and --tune run in one process)")
+        raise ValueError(
+            "compare --distributed reports the last epoch: use --val-classes 0 and --folds 1 "
+            "(per-epoch validation and --tune run in one process)"
+        )
     per_loss_args = per_loss_args or {}
     unknown = [k for k in per_loss_args if k not in losses]
     if unknown:
@@ -123,18 +134,29 @@ def run_compare(base: TrainConfig, losses: Sequence[str], out: Path, *, per_loss
     say = (lambda msg: None) if not lead else (lambda msg: tqdm.tqdm.write(msg)) if progress else log
     # The floor in every geometry the compared losses are evaluated in (L2 losses such as CAM
     # are compared against an L2 floor); a --retrieval-distance flag applies to all.
-    distances = [base.retrieval_distance] if base.retrieval_distance else sorted(
-        {reg.get_entry("loss", n).spec.retrieval_distance for n in losses} | {"cosine"})
+    distances = (
+        [base.retrieval_distance]
+        if base.retrieval_distance
+        else sorted({reg.get_entry("loss", n).spec.retrieval_distance for n in losses} | {"cosine"})
+    )
     floors = [(FLOOR if d == "cosine" else f"{FLOOR[:-1]}, {d})", d) for d in distances]
     demo_args = demo_loss_args(base.dataset, losses, per_loss_args)
     demo_pretrain = {n: demo_pretrain_epochs(base.dataset, n, base) for n in losses}
     plan = []
     for name in losses:
-        shown = {**(demo_args.get(name) or {}),
-                 **({"pretrain_epochs": demo_pretrain[name]} if demo_pretrain[name] is not None else {})}
+        shown = {
+            **(demo_args.get(name) or {}),
+            **({"pretrain_epochs": demo_pretrain[name]} if demo_pretrain[name] is not None else {}),
+        }
         overrides = {"pretrain_epochs": demo_pretrain[name]} if demo_pretrain[name] is not None else {}
-        plan.append((_label(name, shown) + _distances_note(name, base, per_loss_args.get(name)), name,
-                     dict(per_loss_args.get(name, demo_args.get(name, {}))), overrides))
+        plan.append(
+            (
+                _label(name, shown) + _distances_note(name, base, per_loss_args.get(name)),
+                name,
+                dict(per_loss_args.get(name, demo_args.get(name, {}))),
+                overrides,
+            )
+        )
     latest: list = []
 
     def write(rows: list) -> None:
@@ -190,23 +212,37 @@ def _test_classes(rows: Sequence[LossSummary]) -> str:
 def caption(base: TrainConfig, protocol: Protocol, rows: Sequence[LossSummary] = ()) -> str:
     """The protocol in one line: seeds, validation and selection, tuning, test classes, the test."""
     primary = metric_label(protocol.primary)
-    seeds = f"{protocol.seeds} seed{'s' if protocol.seeds > 1 else ''} (0-{protocol.seeds - 1})" \
-        if protocol.seeds > 1 else "1 seed (0): no interval (n/a)"
+    seeds = (
+        f"{protocol.seeds} seed{'s' if protocol.seeds > 1 else ''} (0-{protocol.seeds - 1})"
+        if protocol.seeds > 1
+        else "1 seed (0): no interval (n/a)"
+    )
     if protocol.folds > 1:
-        val = (f"{protocol.folds} class-disjoint folds of the training classes (train on {protocol.folds - 1}, "
-               f"validate on 1)")
+        val = (
+            f"{protocol.folds} class-disjoint folds of the training classes (train on {protocol.folds - 1}, "
+            f"validate on 1)"
+        )
     elif protocol.val_classes > 0:
         val = f"{protocol.val_classes:g} of the training classes held out"
     else:
         val = None
-    selection = f"validation: {val}, best epoch by validation {primary}" if val else \
-        "no validation: last epoch reported"
-    tune = (f"{protocol.tune} Optuna TPE trials per loss (median pruning) on validation {primary}, best setting "
-            f"retrained per seed") if protocol.tune else "no tuning (registered defaults)"
+    selection = (
+        f"validation: {val}, best epoch by validation {primary}" if val else "no validation: last epoch reported"
+    )
+    tune = (
+        (
+            f"{protocol.tune} Optuna TPE trials per loss (median pruning) on validation {primary}, best setting "
+            f"retrained per seed"
+        )
+        if protocol.tune
+        else "no tuning (registered defaults)"
+    )
     fold_test = f", the mean of its {protocol.folds} fold models per seed" if protocol.folds > 1 else ""
-    return (f"Protocol: {base.dataset}, {seeds}, mean ± 95% t-interval; {selection}; {tune}; test: "
-            f"{_test_classes(rows)}, each selected model tested once{fold_test}; tied = p >= {protocol.alpha:g} in a "
-            f"{stats.TEST_NAME} against the best {primary}.")
+    return (
+        f"Protocol: {base.dataset}, {seeds}, mean ± 95% t-interval; {selection}; {tune}; test: "
+        f"{_test_classes(rows)}, each selected model tested once{fold_test}; tied = p >= {protocol.alpha:g} in a "
+        f"{stats.TEST_NAME} against the best {primary}."
+    )
 
 
 def _tied_cell(row: LossSummary) -> str:
@@ -235,8 +271,7 @@ def _mean_attr(row: LossSummary, attr: str, agg=None) -> Optional[float]:
     return float(agg(values)) if agg else float(sum(values) / len(values))
 
 
-def table_rows(rows: Sequence[LossSummary], ks: Iterable[int],
-               protocol: Protocol) -> tuple[list[str], list[list[str]]]:
+def table_rows(rows: Sequence[LossSummary], ks: Iterable[int], protocol: Protocol) -> tuple[list[str], list[list[str]]]:
     cols = columns(ks)
     if any("bits_recall_at_1" in row.means for row in rows):  # --eval-binarize
         cols += [("bits_recall_at_1", "bits R@1"), ("bits_map_at_r", "bits MAP@R")]
@@ -263,8 +298,13 @@ def table_rows(rows: Sequence[LossSummary], ks: Iterable[int],
     return header, body
 
 
-def format_table(rows: Sequence[LossSummary], ks: Iterable[int], protocol: Optional[Protocol] = None,
-                 base: Optional[TrainConfig] = None, max_status: int = 80) -> str:
+def format_table(
+    rows: Sequence[LossSummary],
+    ks: Iterable[int],
+    protocol: Optional[Protocol] = None,
+    base: Optional[TrainConfig] = None,
+    max_status: int = 80,
+) -> str:
     """The terminal table, the protocol caption on top."""
     protocol = protocol or Protocol()
     header, body = table_rows(rows, ks, protocol)
@@ -289,14 +329,21 @@ def format_markdown(rows: Sequence[LossSummary], ks: Iterable[int], base: TrainC
         "|" + "|".join([" --- "] + [" ---: "] * (len(header) - 2) + [" --- "]) + "|",
     ]
     lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in body]
-    setting = (f"dataset `{base.dataset}`, backbone `{base.backbone}`, embedding size {base.embedding_size}, "
-               f"{base.epochs} epochs, batch {base.batch_size}, {base.optimizer} lr {base.lr:g}")
-    tuned = [f"- `{row.label}`: " + ", ".join(f"{k}={_fmt(v)}" for k, v in row.params.items())
-             for row in rows if row.tuning and row.params]
+    setting = (
+        f"dataset `{base.dataset}`, backbone `{base.backbone}`, embedding size {base.embedding_size}, "
+        f"{base.epochs} epochs, batch {base.batch_size}, {base.optimizer} lr {base.lr:g}"
+    )
+    tuned = [
+        f"- `{row.label}`: " + ", ".join(f"{k}={_fmt(v)}" for k, v in row.params.items())
+        for row in rows
+        if row.tuning and row.params
+    ]
     notes = ("\n\nTuned settings (retrained with every seed):\n\n" + "\n".join(tuned)) if tuned else ""
-    return ("# Loss comparison\n\n" + caption(base, protocol, rows) + "\n\n" + setting + ". Metrics in % on the test "
-            "split (unseen classes), queried against itself, mean ± half-width of the 95% t-interval over seeds; "
-            "the floor is the same model untrained.\n\n" + "\n".join(lines) + notes + "\n")
+    return (
+        "# Loss comparison\n\n" + caption(base, protocol, rows) + "\n\n" + setting + ". Metrics in % on the test "
+        "split (unseen classes), queried against itself, mean ± half-width of the 95% t-interval over seeds; "
+        "the floor is the same model untrained.\n\n" + "\n".join(lines) + notes + "\n"
+    )
 
 
 def _fmt(v) -> str:
@@ -319,33 +366,85 @@ def write_results(rows: Sequence[LossSummary], out: Path, base: TrainConfig, pro
     keys, vkeys = metric_keys(rows), val_keys(rows)
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["loss", "status", *[c for k in keys for c in (k, f"{k}_ci95")], "seeds", "folds",
-                     *[c for k in vkeys for c in (k, f"{k}_ci95")], "tied_with_best", "p_value_vs_best", "best_epoch",
-                     "seconds_per_epoch", "train_seconds", "peak_memory_mb", "memory_kind", "params", "tuning_trials",
-                     "warning", "error"])
+    writer.writerow(
+        [
+            "loss",
+            "status",
+            *[c for k in keys for c in (k, f"{k}_ci95")],
+            "seeds",
+            "folds",
+            *[c for k in vkeys for c in (k, f"{k}_ci95")],
+            "tied_with_best",
+            "p_value_vs_best",
+            "best_epoch",
+            "seconds_per_epoch",
+            "train_seconds",
+            "peak_memory_mb",
+            "memory_kind",
+            "params",
+            "tuning_trials",
+            "warning",
+            "error",
+        ]
+    )
     for row in rows:
         epochs = [r.result.extra["best_epoch"] for r in row.runs if r.ok and r.result.extra.get("best_epoch")]
         kinds = {r.result.memory_kind for r in row.runs if r.ok}
-        writer.writerow([row.label, row.status,
-                         *[c for k in keys for c in (_num(row.means.get(k)), _num(row.ci95.get(k)))],
-                         row.n_seeds, "" if row.is_floor else protocol.folds,  # the floor is not trained
-                         *[c for k in vkeys for c in (_num(row.means.get(k)), _num(row.ci95.get(k)))],
-                         _tied_csv(row), _num(row.p_value),
-                         _num(float(sum(epochs) / len(epochs)), 2) if epochs else "",
-                         _num(_mean_attr(row, "seconds_per_epoch"), 4), _num(_mean_attr(row, "train_seconds"), 3),
-                         _num(_mean_attr(row, "peak_memory_mb", max), 1), ",".join(sorted(kinds)),
-                         json.dumps(row.params, sort_keys=True) if row.params else "",
-                         row.tuning["trials"] if row.tuning else "", row.warning, _row_error(row) or ""])
+        writer.writerow(
+            [
+                row.label,
+                row.status,
+                *[c for k in keys for c in (_num(row.means.get(k)), _num(row.ci95.get(k)))],
+                row.n_seeds,
+                "" if row.is_floor else protocol.folds,  # the floor is not trained
+                *[c for k in vkeys for c in (_num(row.means.get(k)), _num(row.ci95.get(k)))],
+                _tied_csv(row),
+                _num(row.p_value),
+                _num(float(sum(epochs) / len(epochs)), 2) if epochs else "",
+                _num(_mean_attr(row, "seconds_per_epoch"), 4),
+                _num(_mean_attr(row, "train_seconds"), 3),
+                _num(_mean_attr(row, "peak_memory_mb", max), 1),
+                ",".join(sorted(kinds)),
+                json.dumps(row.params, sort_keys=True) if row.params else "",
+                row.tuning["trials"] if row.tuning else "",
+                row.warning,
+                _row_error(row) or "",
+            ]
+        )
     _atomic_write(out / "results.csv", buf.getvalue())
     _atomic_write(out / "runs.csv", runs_csv(rows, keys, vkeys))
     _atomic_write(out / "results.md", format_markdown(rows, base.ks, base, protocol))
-    runs = [{**metrics_record(r.result), "seed": r.seed, "fold": r.fold, "loss": row.loss, "error": r.result.error}
-            for row in rows for r in row.runs]
-    summary = [{"name": row.label, "loss": row.loss, "status": row.status, "means": row.means, "ci95": row.ci95,
-                "per_seed": row.per_seed, "tied_with_best": row.tied_with_best, "params": row.params,
-                "tuning": row.tuning, "warning": row.warning, "error": _row_error(row)} for row in rows]
-    write_json(out / "results.json", {"setting": base.to_dict(), "protocol": vars(protocol),
-                                      "caption": caption(base, protocol, rows), "rows": summary, "runs": runs})
+    runs = [
+        {**metrics_record(r.result), "seed": r.seed, "fold": r.fold, "loss": row.loss, "error": r.result.error}
+        for row in rows
+        for r in row.runs
+    ]
+    summary = [
+        {
+            "name": row.label,
+            "loss": row.loss,
+            "status": row.status,
+            "means": row.means,
+            "ci95": row.ci95,
+            "per_seed": row.per_seed,
+            "tied_with_best": row.tied_with_best,
+            "params": row.params,
+            "tuning": row.tuning,
+            "warning": row.warning,
+            "error": _row_error(row),
+        }
+        for row in rows
+    ]
+    write_json(
+        out / "results.json",
+        {
+            "setting": base.to_dict(),
+            "protocol": vars(protocol),
+            "caption": caption(base, protocol, rows),
+            "rows": summary,
+            "runs": runs,
+        },
+    )
     plot_comparison(rows, out / "comparison.png", base.ks, protocol)
 
 
@@ -353,18 +452,47 @@ def runs_csv(rows: Sequence[LossSummary], keys: Sequence[str], vkeys: Sequence[s
     """One row per (loss, seed[, fold]) with every test metric and the selected epoch's validation metrics."""
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["loss", "seed", "fold", "status", *keys, *vkeys, "best_epoch", "zero_loss_epochs",
-                     "final_epoch_loss", "seconds_per_epoch", "train_seconds", "peak_memory_mb", "out", "error"])
+    writer.writerow(
+        [
+            "loss",
+            "seed",
+            "fold",
+            "status",
+            *keys,
+            *vkeys,
+            "best_epoch",
+            "zero_loss_epochs",
+            "final_epoch_loss",
+            "seconds_per_epoch",
+            "train_seconds",
+            "peak_memory_mb",
+            "out",
+            "error",
+        ]
+    )
     for row in rows:
         for r in row.runs:
             res, extra = r.result, r.result.extra
             val = extra.get("val_metrics", {})
             status = "error" if not r.ok else ("floor" if row.is_floor else "ok")
-            writer.writerow([row.label, r.seed, "" if r.fold is None else r.fold, status,
-                             *[_num(res.metrics.get(k)) for k in keys], *[_num(val.get(k)) for k in vkeys],
-                             extra.get("best_epoch") or "", " ".join(str(e) for e in extra.get("zero_loss_epochs", [])),
-                             _num(extra.get("final_epoch_loss")), _num(res.seconds_per_epoch, 4),
-                             _num(res.train_seconds, 3), _num(res.peak_memory_mb, 1), res.out or "", res.error or ""])
+            writer.writerow(
+                [
+                    row.label,
+                    r.seed,
+                    "" if r.fold is None else r.fold,
+                    status,
+                    *[_num(res.metrics.get(k)) for k in keys],
+                    *[_num(val.get(k)) for k in vkeys],
+                    extra.get("best_epoch") or "",
+                    " ".join(str(e) for e in extra.get("zero_loss_epochs", [])),
+                    _num(extra.get("final_epoch_loss")),
+                    _num(res.seconds_per_epoch, 4),
+                    _num(res.train_seconds, 3),
+                    _num(res.peak_memory_mb, 1),
+                    res.out or "",
+                    res.error or "",
+                ]
+            )
     return buf.getvalue()
 
 
@@ -391,8 +519,11 @@ def plot_comparison(rows: Sequence[LossSummary], path: Path, ks: Iterable[int], 
         for r in ok:
             ys = [100 * r.means.get(f"{prefix}{k}", float("nan")) for k in ks]
             err = [zero(r.ci95.get(f"{prefix}{k}")) for k in ks]
-            style = dict(color="black", linestyle="--" if r.label == FLOOR else ":", marker="x") if r.is_floor \
+            style = (
+                dict(color="black", linestyle="--" if r.label == FLOOR else ":", marker="x")
+                if r.is_floor
                 else dict(marker="o")
+            )
             line = ax.errorbar(ks, ys, yerr=err, label=r.label, capsize=3, **style)
             colors[r.label] = line[0].get_color()
         ax.set_xscale("log", base=2)
@@ -405,9 +536,13 @@ def plot_comparison(rows: Sequence[LossSummary], path: Path, ks: Iterable[int], 
     ax = axes[2]
     key = protocol.primary
     shown = [r for r in ok if key in r.means][::-1]
-    ax.barh([r.label + (" *" if r.is_best or r.tied_with_best else "") for r in shown],
-            [100 * r.means[key] for r in shown], xerr=[zero(r.ci95.get(key)) for r in shown], capsize=3,
-            color=[colors.get(r.label, "grey") for r in shown])
+    ax.barh(
+        [r.label + (" *" if r.is_best or r.tied_with_best else "") for r in shown],
+        [100 * r.means[key] for r in shown],
+        xerr=[zero(r.ci95.get(key)) for r in shown],
+        capsize=3,
+        color=[colors.get(r.label, "grey") for r in shown],
+    )
     ax.set_xlabel("%")
     ax.set_title(f"{metric_label(key)} (mean ± 95% CI; * best or tied)")
     ax.tick_params(axis="y", labelsize=8)

@@ -1,4 +1,5 @@
 """Run configuration: defaults < ``--config FILE`` (TOML / YAML / JSON) < command-line flags."""
+
 from __future__ import annotations
 
 import ast

@@ -29,6 +29,7 @@ Dataset specs (``--dataset``):
 
 Labels are remapped to ``0..C-1`` within each split, as classification-style losses expect.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,8 +44,14 @@ from torch.utils.data import Dataset
 
 DATASET_KINDS = ("digits", "glyphs", "imagefolder", "cub", "cars", "sop", "embeddings")
 _IMAGE_KINDS = ("imagefolder", "cub", "cars", "sop")
-_ALIASES = {"cub200": "cub", "cub_200_2011": "cub", "cars196": "cars", "stanford_online_products": "sop",
-            "npz": "embeddings", "folder": "imagefolder"}
+_ALIASES = {
+    "cub200": "cub",
+    "cub_200_2011": "cub",
+    "cars196": "cars",
+    "stanford_online_products": "sop",
+    "npz": "embeddings",
+    "folder": "imagefolder",
+}
 
 
 @dataclass
@@ -81,6 +88,7 @@ class DataSplits:
     def train_without_augmentation(self) -> Dataset:
         """The training items as the evaluation sees them (for databases, references, pre-computed rows)."""
         return self.train_eval if self.train_eval is not None else self.train
+
     #: validation classes held out of the training classes (:func:`hold_out_classes`); None: no validation
     val: Optional[Dataset] = None
     val_labels: Optional[np.ndarray] = None
@@ -94,12 +102,17 @@ class DataSplits:
         return int(len(np.unique(self.test_labels)))
 
     def describe(self) -> str:
-        val = "" if self.val_labels is None else \
-            f"validation {len(self.val_labels)} samples / {len(np.unique(self.val_labels))} classes, "
+        val = (
+            ""
+            if self.val_labels is None
+            else f"validation {len(self.val_labels)} samples / {len(np.unique(self.val_labels))} classes, "
+        )
         train = f"{self.spec}: train {len(self.train_labels)} samples / {self.num_train_classes} classes, {val}"
         if self.gallery is not None:
-            return (train + f"query {len(self.test_labels)} samples / {self.num_test_classes} classes, gallery "
-                    f"{len(self.gallery_labels)} samples / {len(np.unique(self.gallery_labels))} classes")
+            return (
+                train + f"query {len(self.test_labels)} samples / {self.num_test_classes} classes, gallery "
+                f"{len(self.gallery_labels)} samples / {len(np.unique(self.gallery_labels))} classes"
+            )
         return train + f"test {len(self.test_labels)} samples / {self.num_test_classes} classes (disjoint)"
 
 
@@ -148,8 +161,10 @@ def parse_dataset_spec(spec: str) -> tuple[str, Optional[str]]:
     if kind not in DATASET_KINDS:
         close = difflib.get_close_matches(kind, DATASET_KINDS, n=2, cutoff=0.4)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise ValueError(f"unknown dataset {spec!r}.{hint} Known: digits, glyphs, imagefolder:PATH, cub:PATH, "
-                         f"cars:PATH, sop:PATH, embeddings:PATH.npz")
+        raise ValueError(
+            f"unknown dataset {spec!r}.{hint} Known: digits, glyphs, imagefolder:PATH, cub:PATH, "
+            f"cars:PATH, sop:PATH, embeddings:PATH.npz"
+        )
     if kind == "digits":
         if path not in ("", "raw", "shifted"):
             raise ValueError(
@@ -209,8 +224,10 @@ def load_data(spec: str, transforms: Optional[ImageTransforms] = None) -> DataSp
     for name, labels in (("train", splits.train_labels), ("test", splits.test_labels)):
         n = len(np.unique(labels))
         if n < 2:
-            raise ValueError(f"dataset {spec!r}: the {name} split has {n} class(es); metric learning "
-                             f"needs at least 2 classes per split (the splits are class-disjoint)")
+            raise ValueError(
+                f"dataset {spec!r}: the {name} split has {n} class(es); metric learning "
+                f"needs at least 2 classes per split (the splits are class-disjoint)"
+            )
     return splits
 
 
@@ -247,14 +264,21 @@ def _digits(spec: str, shifted: bool = True) -> DataSplits:
         canvas = torch.zeros(len(x), 1, DIGITS_CANVAS, DIGITS_CANVAS)
         for dy, dx in {tuple(o) for o in offsets.tolist()}:
             rows = torch.as_tensor(np.flatnonzero((offsets[:, 0] == dy) & (offsets[:, 1] == dx)))
-            canvas[rows, :, dy:dy + 8, dx:dx + 8] = x[rows]
+            canvas[rows, :, dy : dy + 8, dx : dx + 8] = x[rows]
         x = canvas
     train_mask = y < 5
     test_y, _ = _remap(y[~train_mask].tolist())
-    return DataSplits(spec=spec, kind="digits",
-                      train=TensorPairs(x[train_mask], y[train_mask]), test=TensorPairs(x[~train_mask], test_y),
-                      train_labels=y[train_mask], test_labels=test_y, input_shape=tuple(x.shape[1:]),
-                      train_classes=list(range(5)), test_classes=list(range(5, 10)))
+    return DataSplits(
+        spec=spec,
+        kind="digits",
+        train=TensorPairs(x[train_mask], y[train_mask]),
+        test=TensorPairs(x[~train_mask], test_y),
+        train_labels=y[train_mask],
+        test_labels=test_y,
+        input_shape=tuple(x.shape[1:]),
+        train_classes=list(range(5)),
+        test_classes=list(range(5, 10)),
+    )
 
 
 def _glyphs(spec: str, options: Optional[str]) -> DataSplits:
@@ -267,10 +291,17 @@ def _glyphs(spec: str, options: Optional[str]) -> DataSplits:
     train_mask = np.isin(y, data["train_classes"])
     train_y, train_classes = _remap(y[train_mask].tolist())
     test_y, test_classes = _remap(y[~train_mask].tolist())
-    return DataSplits(spec=spec, kind="glyphs", train=TensorPairs(x[train_mask], train_y),
-                      test=TensorPairs(x[~train_mask], test_y), train_labels=train_y, test_labels=test_y,
-                      input_shape=tuple(x.shape[1:]), train_classes=[chars[c] for c in train_classes],
-                      test_classes=[chars[c] for c in test_classes])
+    return DataSplits(
+        spec=spec,
+        kind="glyphs",
+        train=TensorPairs(x[train_mask], train_y),
+        test=TensorPairs(x[~train_mask], test_y),
+        train_labels=train_y,
+        test_labels=test_y,
+        input_shape=tuple(x.shape[1:]),
+        train_classes=[chars[c] for c in train_classes],
+        test_classes=[chars[c] for c in test_classes],
+    )
 
 
 def _load_npz(path: str) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
@@ -282,8 +313,10 @@ def _load_npz(path: str) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray], 
             return npz["train_features"], npz["train_labels"], npz["test_features"], npz["test_labels"]
         feat_key = "features" if "features" in keys else ("embeddings" if "embeddings" in keys else None)
         if feat_key is None or "labels" not in keys:
-            raise ValueError(f"{path}: expected arrays 'features' (or 'embeddings') and 'labels', or "
-                             f"'train_features', 'train_labels', 'test_features', 'test_labels'; found {sorted(keys)}")
+            raise ValueError(
+                f"{path}: expected arrays 'features' (or 'embeddings') and 'labels', or "
+                f"'train_features', 'train_labels', 'test_features', 'test_labels'; found {sorted(keys)}"
+            )
         return npz[feat_key], npz["labels"], None, None
 
 
@@ -316,17 +349,25 @@ def _embeddings(spec: str, path: str) -> DataSplits:
     if gallery is not None:  # query / gallery share one label space: remap them together
         xg, yg = gallery
         if xg.ndim != 2 or xg.shape[1] != x.shape[1] or len(xg) != len(yg):
-            raise ValueError(f"{path}: gallery_features must be (N, {x.shape[1]}) with N gallery_labels, "
-                             f"got {xg.shape} and {yg.shape}")
+            raise ValueError(
+                f"{path}: gallery_features must be (N, {x.shape[1]}) with N gallery_labels, "
+                f"got {xg.shape} and {yg.shape}"
+            )
         both, test_classes = _remap(np.concatenate([np.asarray(yt).reshape(-1), yg]).tolist())
-        yt_r, yg_r = both[:len(yt)], both[len(yt):]
+        yt_r, yg_r = both[: len(yt)], both[len(yt) :]
     else:
         yt_r, test_classes = _remap(np.asarray(yt).reshape(-1).tolist())
-    splits = DataSplits(spec=spec, kind="embeddings",
-                        train=TensorPairs(torch.as_tensor(np.asarray(x, dtype=np.float32)), y_r),
-                        test=TensorPairs(torch.as_tensor(np.asarray(xt, dtype=np.float32)), yt_r),
-                        train_labels=y_r, test_labels=yt_r, input_shape=(int(x.shape[1]),),
-                        train_classes=train_classes, test_classes=test_classes)
+    splits = DataSplits(
+        spec=spec,
+        kind="embeddings",
+        train=TensorPairs(torch.as_tensor(np.asarray(x, dtype=np.float32)), y_r),
+        test=TensorPairs(torch.as_tensor(np.asarray(xt, dtype=np.float32)), yt_r),
+        train_labels=y_r,
+        test_labels=yt_r,
+        input_shape=(int(x.shape[1]),),
+        train_classes=train_classes,
+        test_classes=test_classes,
+    )
     if gallery is not None:
         splits.gallery = TensorPairs(torch.as_tensor(np.asarray(xg, dtype=np.float32)), yg_r)
         splits.gallery_labels = yg_r
@@ -350,10 +391,19 @@ def _imagefolder(spec: str, path: str, transforms: ImageTransforms) -> DataSplit
         train_paths, train_names = _scan_folder(train_dir)
         y, train_classes = _remap(train_names)
         query, gallery = load_image_query_gallery(query_dir, gallery_dir, transforms.test)
-        return DataSplits(spec=spec, kind="imagefolder", train=RelabeledImages(train_paths, y, transforms.train),
-                          test=query, train_labels=y, test_labels=query.labels, train_classes=train_classes,
-                          test_classes=query.classes, train_eval=RelabeledImages(train_paths, y, transforms.test),
-                          gallery=gallery, gallery_labels=gallery.labels)
+        return DataSplits(
+            spec=spec,
+            kind="imagefolder",
+            train=RelabeledImages(train_paths, y, transforms.train),
+            test=query,
+            train_labels=y,
+            test_labels=query.labels,
+            train_classes=train_classes,
+            test_classes=query.classes,
+            train_eval=RelabeledImages(train_paths, y, transforms.test),
+            gallery=gallery,
+            gallery_labels=gallery.labels,
+        )
     if os.path.isdir(train_dir) and os.path.isdir(test_dir):
         train_paths, train_names = _scan_folder(train_dir)
         test_paths, test_names = _scan_folder(test_dir)
@@ -367,15 +417,22 @@ def _imagefolder(spec: str, path: str, transforms: ImageTransforms) -> DataSplit
         test_names = [n for n in names if n not in train_set]
     y, train_classes = _remap(train_names)
     yt, test_classes = _remap(test_names)
-    return DataSplits(spec=spec, kind="imagefolder",
-                      train=RelabeledImages(train_paths, y, transforms.train),
-                      test=RelabeledImages(test_paths, yt, transforms.test),
-                      train_labels=y, test_labels=yt, train_classes=train_classes, test_classes=test_classes,
-                      train_eval=RelabeledImages(train_paths, y, transforms.test))
+    return DataSplits(
+        spec=spec,
+        kind="imagefolder",
+        train=RelabeledImages(train_paths, y, transforms.train),
+        test=RelabeledImages(test_paths, yt, transforms.test),
+        train_labels=y,
+        test_labels=yt,
+        train_classes=train_classes,
+        test_classes=test_classes,
+        train_eval=RelabeledImages(train_paths, y, transforms.test),
+    )
 
 
-def load_image_query_gallery(query_dir: str, gallery_dir: str,
-                             transform: Optional[Callable] = None) -> tuple[RelabeledImages, RelabeledImages]:
+def load_image_query_gallery(
+    query_dir: str, gallery_dir: str, transform: Optional[Callable] = None
+) -> tuple[RelabeledImages, RelabeledImages]:
     """Two ImageFolder trees whose class folders name the same classes (In-Shop's item ids), as
     datasets with one shared label space (``.classes`` lists it)."""
     query_paths, query_names = _scan_folder(query_dir)
@@ -383,10 +440,12 @@ def load_image_query_gallery(query_dir: str, gallery_dir: str,
     labels, classes = _remap(query_names + gallery_names)
     missing = sorted(set(query_names) - set(gallery_names))
     if len(missing) == len(set(query_names)):
-        raise ValueError(f"{query_dir} and {gallery_dir} share no class folder: a query can never find its "
-                         f"class in the gallery (first query classes: {missing[:5]})")
-    query = RelabeledImages(query_paths, labels[:len(query_paths)], transform)
-    gallery = RelabeledImages(gallery_paths, labels[len(query_paths):], transform)
+        raise ValueError(
+            f"{query_dir} and {gallery_dir} share no class folder: a query can never find its "
+            f"class in the gallery (first query classes: {missing[:5]})"
+        )
+    query = RelabeledImages(query_paths, labels[: len(query_paths)], transform)
+    gallery = RelabeledImages(gallery_paths, labels[len(query_paths) :], transform)
     query.classes = gallery.classes = classes
     return query, gallery
 
@@ -400,18 +459,27 @@ def _pml_dataset(spec: str, kind: str, path: str, transforms: ImageTransforms) -
         "sop": (pml_datasets.StanfordOnlineProducts, os.path.join("Stanford_Online_Products", "Ebay_train.txt")),
     }[kind]
     if not os.path.exists(os.path.join(path, expected)):
-        raise FileNotFoundError(f"{kind}:{path}: {os.path.join(path, expected)} not found; point to the folder that "
-                                f"holds the extracted dataset as PML's {cls.__name__} expects (nothing is downloaded)")
+        raise FileNotFoundError(
+            f"{kind}:{path}: {os.path.join(path, expected)} not found; point to the folder that "
+            f"holds the extracted dataset as PML's {cls.__name__} expects (nothing is downloaded)"
+        )
     parts = {}
     for split in ("train", "test"):
         ds = cls(root=path, split=split, download=False)
         labels, classes = _remap(list(ds.labels))
         parts[split] = (RelabeledImages(ds.paths, labels, getattr(transforms, split)), labels, classes)
     train = parts["train"][0]
-    return DataSplits(spec=spec, kind=kind, train=train, test=parts["test"][0],
-                      train_labels=parts["train"][1], test_labels=parts["test"][1],
-                      train_classes=parts["train"][2], test_classes=parts["test"][2],
-                      train_eval=RelabeledImages(train.paths, train.labels, transforms.test))
+    return DataSplits(
+        spec=spec,
+        kind=kind,
+        train=train,
+        test=parts["test"][0],
+        train_labels=parts["train"][1],
+        test_labels=parts["test"][1],
+        train_classes=parts["train"][2],
+        test_classes=parts["test"][2],
+        train_eval=RelabeledImages(train.paths, train.labels, transforms.test),
+    )
 
 
 class RelabeledSubset(Dataset):
@@ -442,8 +510,10 @@ def class_folds(classes: Sequence[Any], k: int, seed: int) -> list[np.ndarray]:
     if len(np.unique(classes)) != len(classes):
         raise ValueError("classes must be distinct")
     if len(classes) < 2 * k or (k > 1 and len(classes) - (len(classes) + k - 1) // k < 2):
-        raise ValueError(f"folds={k}: {len(classes)} training classes cannot make {k} folds of >= 2 classes each "
-                         f"(at most {max(len(classes) // 2, 1)} folds here)")
+        raise ValueError(
+            f"folds={k}: {len(classes)} training classes cannot make {k} folds of >= 2 classes each "
+            f"(at most {max(len(classes) // 2, 1)} folds here)"
+        )
     order = np.random.RandomState(seed % 2**32).permutation(len(classes))
     return [np.sort(classes[part]) for part in np.array_split(order, k)]
 
@@ -458,8 +528,10 @@ def validation_classes(classes: Sequence[Any], fraction: float, seed: int) -> np
         return classes[:0]
     n = max(2, int(round(fraction * len(classes))))
     if len(classes) - n < 2:
-        raise ValueError(f"val-classes {fraction:g}: {len(classes)} training classes leave fewer than 2 to train on "
-                         f"after holding out {n} for validation (validation needs >= 2 classes)")
+        raise ValueError(
+            f"val-classes {fraction:g}: {len(classes)} training classes leave fewer than 2 to train on "
+            f"after holding out {n} for validation (validation needs >= 2 classes)"
+        )
     order = np.random.RandomState(seed % 2**32).permutation(len(classes))
     return np.sort(classes[order[:n]])
 
@@ -480,9 +552,14 @@ def hold_out_classes(splits: DataSplits, held_out: Sequence[int]) -> DataSplits:
     # validation is evaluation: its items come without the training augmentation
     train_eval = None if splits.train_eval is None else RelabeledSubset(splits.train_eval, train_idx, train_y)
     return dataclasses.replace(
-        splits, train=RelabeledSubset(splits.train, train_idx, train_y), train_labels=train_y,
-        train_classes=[names[c] for c in train_ids], train_eval=train_eval,
-        val=RelabeledSubset(splits.train_without_augmentation, val_idx, val_y), val_labels=val_y)
+        splits,
+        train=RelabeledSubset(splits.train, train_idx, train_y),
+        train_labels=train_y,
+        train_classes=[names[c] for c in train_ids],
+        train_eval=train_eval,
+        val=RelabeledSubset(splits.train_without_augmentation, val_idx, val_y),
+        val_labels=val_y,
+    )
 
 
 def dataset_labels(dataset: Dataset) -> np.ndarray:

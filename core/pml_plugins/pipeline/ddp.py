@@ -6,6 +6,7 @@ each epoch, and rank r takes the r-th of W equal, disjoint, contiguous slices of
 global batch (so an m-per-class batch keeps each class's m samples together whenever the
 local batch is a multiple of m). The loss wrapper gathers the slices back in rank order.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,8 +52,10 @@ class RankSliceSampler(Sampler[int]):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in a world of size {world_size}")
         if global_batch_size % world_size:
-            raise ValueError(f"the batch size {global_batch_size} (global, over all ranks) must be divisible by the "
-                             f"number of processes {world_size}")
+            raise ValueError(
+                f"the batch size {global_batch_size} (global, over all ranks) must be divisible by the "
+                f"number of processes {world_size}"
+            )
         self.base, self.global_batch_size, self.rank, self.world_size = base, global_batch_size, rank, world_size
         self.local_batch_size = global_batch_size // world_size
 
@@ -64,7 +67,7 @@ class RankSliceSampler(Sampler[int]):
             indices = box[0]
         lo = self.rank * self.local_batch_size
         for start in range(0, len(indices) - self.global_batch_size + 1, self.global_batch_size):
-            yield from indices[start + lo:start + lo + self.local_batch_size]
+            yield from indices[start + lo : start + lo + self.local_batch_size]
 
     def __len__(self) -> int:
         return (len(self.base) // self.global_batch_size) * self.local_batch_size
@@ -83,8 +86,10 @@ def process_group(env: DistributedEnv, device: torch.device) -> Iterator[str]:
         raise ValueError("this torch build has no torch.distributed; --distributed is unavailable")
     if dist.is_initialized():
         if dist.get_world_size() != env.world_size or dist.get_rank() != env.rank:
-            raise ValueError(f"the initialised process group (rank {dist.get_rank()} of {dist.get_world_size()}) "
-                             f"does not match torchrun's RANK={env.rank}, WORLD_SIZE={env.world_size}")
+            raise ValueError(
+                f"the initialised process group (rank {dist.get_rank()} of {dist.get_world_size()}) "
+                f"does not match torchrun's RANK={env.rank}, WORLD_SIZE={env.world_size}"
+            )
         yield str(dist.get_backend())
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -105,8 +110,10 @@ def local_device(device: torch.device, env: DistributedEnv) -> torch.device:
     if device.type != "cuda":
         return device
     if env.local_rank >= torch.cuda.device_count():
-        raise ValueError(f"LOCAL_RANK={env.local_rank} but torch sees {torch.cuda.device_count()} CUDA devices: "
-                         f"use --nproc-per-node <= the number of GPUs")
+        raise ValueError(
+            f"LOCAL_RANK={env.local_rank} but torch sees {torch.cuda.device_count()} CUDA devices: "
+            f"use --nproc-per-node <= the number of GPUs"
+        )
     return torch.device("cuda", env.local_rank)
 
 

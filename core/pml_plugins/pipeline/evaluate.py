@@ -9,6 +9,7 @@ CAM reports) and ``NMI`` (k-means clustering, the Group Loss's metric), under PM
 L2-normalises the embeddings before the kNN; ``"euclidean"`` (losses such as Class Anchor Margin
 that shape an unnormalised space) searches with L2 distance on the raw embeddings.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional, Sequence
@@ -21,13 +22,21 @@ DEFAULT_KS = (1, 2, 4, 8)
 RETRIEVAL_DISTANCES = ("cosine", "euclidean")
 
 
-def make_accuracy_calculator(ks: Sequence[int] = DEFAULT_KS, retrieval_distance: str = "cosine",
-                             device: torch.device | None = None) -> Any:
+def make_accuracy_calculator(
+    ks: Sequence[int] = DEFAULT_KS, retrieval_distance: str = "cosine", device: torch.device | None = None
+) -> Any:
     """The one place that chooses the accuracy calculator (Recall@k, nDCG@k, MAP@R, mAP, NMI, P@1)."""
     if retrieval_distance not in RETRIEVAL_DISTANCES:
         raise ValueError(f"retrieval_distance must be one of {RETRIEVAL_DISTANCES}, got {retrieval_distance!r}")
-    include = ("precision_at_1", "mean_average_precision_at_r", "mean_average_precision", "r_precision", "NMI",
-               *[f"recall_at_{k}" for k in ks], *[f"ndcg_at_{k}" for k in ks])
+    include = (
+        "precision_at_1",
+        "mean_average_precision_at_r",
+        "mean_average_precision",
+        "r_precision",
+        "NMI",
+        *[f"recall_at_{k}" for k in ks],
+        *[f"ndcg_at_{k}" for k in ks],
+    )
     from ..knn import KNN
     from ..metrics import AccuracyCalculator
 
@@ -47,8 +56,14 @@ def make_accuracy_calculator(ks: Sequence[int] = DEFAULT_KS, retrieval_distance:
 class _QuietTester(GlobalEmbeddingSpaceTester):
     """PML's tester with a tqdm bar that can be hidden and does not stay on screen."""
 
-    def __init__(self, *args: Any, progress: bool = True, desc: str = "embedding test split", binarize: bool = False,
-                 **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        progress: bool = True,
+        desc: str = "embedding test split",
+        binarize: bool = False,
+        **kwargs: Any,
+    ):
         self._progress, self._desc, self._binarize = progress, desc, binarize
         super().__init__(*args, **kwargs)
 
@@ -81,11 +96,22 @@ def standard_metric_name(name: str) -> str:
     return _NAMES.get(name, name)
 
 
-def evaluate(trunk: torch.nn.Module, embedder: torch.nn.Module, dataset: torch.utils.data.Dataset, *,
-             device: torch.device, retrieval_distance: str = "cosine", ks: Sequence[int] = DEFAULT_KS,
-             batch_size: int = 256, progress: bool = True, dtype: torch.dtype | None = None,
-             binarize: bool = False, with_bits: bool = False, keep: Optional[dict] = None,
-             gallery: torch.utils.data.Dataset | None = None) -> dict[str, float]:
+def evaluate(
+    trunk: torch.nn.Module,
+    embedder: torch.nn.Module,
+    dataset: torch.utils.data.Dataset,
+    *,
+    device: torch.device,
+    retrieval_distance: str = "cosine",
+    ks: Sequence[int] = DEFAULT_KS,
+    batch_size: int = 256,
+    progress: bool = True,
+    dtype: torch.dtype | None = None,
+    binarize: bool = False,
+    with_bits: bool = False,
+    keep: Optional[dict] = None,
+    gallery: torch.utils.data.Dataset | None = None,
+) -> dict[str, float]:
     """Embed ``dataset`` and return retrieval metrics, test split queried against itself, or,
     with ``gallery``, ``dataset`` as the query set searched in ``gallery`` (``ref_includes_query``
     False: a query's own row is never excluded, the gallery holds other images). NMI then
@@ -100,8 +126,10 @@ def evaluate(trunk: torch.nn.Module, embedder: torch.nn.Module, dataset: torch.u
     if retrieval_distance not in RETRIEVAL_DISTANCES:
         raise ValueError(f"retrieval_distance must be one of {RETRIEVAL_DISTANCES}, got {retrieval_distance!r}")
     if binarize and retrieval_distance != "cosine":
-        raise ValueError(f"binarize=True ranks codes by Hamming distance: retrieval_distance must be 'cosine', "
-                         f"got {retrieval_distance!r}")
+        raise ValueError(
+            f"binarize=True ranks codes by Hamming distance: retrieval_distance must be 'cosine', "
+            f"got {retrieval_distance!r}"
+        )
     calculator = make_accuracy_calculator(ks, retrieval_distance, device=device)
     kept: dict = {}  # the embeddings of the pass, for with_bits (PML's tester deletes them after its hook)
     tester = _QuietTester(
@@ -122,8 +150,9 @@ def evaluate(trunk: torch.nn.Module, embedder: torch.nn.Module, dataset: torch.u
         accuracies = tester.test({"test": dataset}, 0, trunk, embedder, splits_to_eval=[("test", ["test"])])
         query_key = "test"
     else:  # PML: a query split absent from the reference list -> ref_includes_query=False
-        accuracies = tester.test({"query": dataset, "gallery": gallery}, 0, trunk, embedder,
-                                 splits_to_eval=[("query", ["gallery"])])
+        accuracies = tester.test(
+            {"query": dataset, "gallery": gallery}, 0, trunk, embedder, splits_to_eval=[("query", ["gallery"])]
+        )
         query_key = "query"
     out = {standard_metric_name(key): float(value) for key, value in accuracies[query_key].items() if key != "epoch"}
     if keep is not None and gallery is None:  # the report's gallery and map re-rank the test split itself
@@ -135,15 +164,20 @@ def evaluate(trunk: torch.nn.Module, embedder: torch.nn.Module, dataset: torch.u
         # L2-normalised for cosine, which leaves the codes unchanged (the sign of x - mean(x) is
         # scale-invariant)
         embeddings, labels = kept[query_key]
-        flat = (lambda y: y[:, 0] if y.ndim == 2 else y)
+        flat = lambda y: y[:, 0] if y.ndim == 2 else y
         if gallery is None:
             bits = make_accuracy_calculator(ks, "cosine", device=device).get_accuracy(
-                binarize_embeddings(embeddings), flat(labels))
+                binarize_embeddings(embeddings), flat(labels)
+            )
         else:
             ref, ref_labels = kept["gallery"]
             bits = make_accuracy_calculator(ks, "cosine", device=device).get_accuracy(
-                binarize_embeddings(embeddings), flat(labels), binarize_embeddings(ref), flat(ref_labels),
-                ref_includes_query=False)
+                binarize_embeddings(embeddings),
+                flat(labels),
+                binarize_embeddings(ref),
+                flat(ref_labels),
+                ref_includes_query=False,
+            )
         out.update({f"bits_{standard_metric_name(key)}": float(value) for key, value in bits.items()})
     return out
 

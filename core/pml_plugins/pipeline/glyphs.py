@@ -22,6 +22,7 @@ The images are generated once (a few seconds to a minute) and cached as a ``.npz
 ``$PML_PLUGINS_CACHE`` (default ``~/.cache/pml-plugins``), keyed by the options and the
 matplotlib version (the fonts come from it).
 """
+
 from __future__ import annotations
 
 import functools
@@ -40,10 +41,22 @@ import torch
 GLYPHS_VERSION = 1
 #: (file prefix, family) of the 16 variants: 4 DejaVu families x 4 styles; "Display" fonts excluded
 FONT_FILES = (
-    "DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSans-BoldOblique.ttf",
-    "DejaVuSansMono.ttf", "DejaVuSansMono-Bold.ttf", "DejaVuSansMono-Oblique.ttf", "DejaVuSansMono-BoldOblique.ttf",
-    "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSerif-Italic.ttf", "DejaVuSerif-BoldItalic.ttf",
-    "STIXGeneral.ttf", "STIXGeneralBol.ttf", "STIXGeneralItalic.ttf", "STIXGeneralBolIta.ttf",
+    "DejaVuSans.ttf",
+    "DejaVuSans-Bold.ttf",
+    "DejaVuSans-Oblique.ttf",
+    "DejaVuSans-BoldOblique.ttf",
+    "DejaVuSansMono.ttf",
+    "DejaVuSansMono-Bold.ttf",
+    "DejaVuSansMono-Oblique.ttf",
+    "DejaVuSansMono-BoldOblique.ttf",
+    "DejaVuSerif.ttf",
+    "DejaVuSerif-Bold.ttf",
+    "DejaVuSerif-Italic.ttf",
+    "DejaVuSerif-BoldItalic.ttf",
+    "STIXGeneral.ttf",
+    "STIXGeneralBol.ttf",
+    "STIXGeneralItalic.ttf",
+    "STIXGeneralBolIta.ttf",
 )
 #: two classes whose clean renderings differ by less than this RMS (pixels in [0, 1], over all
 #: fonts) count as the same picture; hinting noise between identical outlines is far below it
@@ -63,8 +76,9 @@ class GlyphsOptions:
     def key(self) -> str:
         import matplotlib
 
-        payload = json.dumps({**asdict(self), "version": GLYPHS_VERSION, "matplotlib": matplotlib.__version__},
-                             sort_keys=True)
+        payload = json.dumps(
+            {**asdict(self), "version": GLYPHS_VERSION, "matplotlib": matplotlib.__version__}, sort_keys=True
+        )
         return hashlib.sha1(payload.encode()).hexdigest()[:16]
 
 
@@ -77,8 +91,10 @@ def parse_glyphs_options(text: Optional[str]) -> GlyphsOptions:
         key, sep, value = item.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or key not in ("classes", "size", "per_font", "seed"):
-            raise ValueError(f"glyphs options are key=value among classes, size, per_font, seed "
-                             f"(e.g. 'glyphs:classes=200,size=32'), got {item.strip()!r}")
+            raise ValueError(
+                f"glyphs options are key=value among classes, size, per_font, seed "
+                f"(e.g. 'glyphs:classes=200,size=32'), got {item.strip()!r}"
+            )
         try:
             values[key] = int(value)
         except ValueError:
@@ -173,10 +189,12 @@ def distort(clean: np.ndarray, per_font: int, size: int, rng: np.random.RandomSt
     out = torch.empty(n, 1, size, size)
     for start in range(0, n, 4096):  # bounded memory
         sl = slice(start, start + 4096)
-        grid = torch.nn.functional.affine_grid(torch.as_tensor(theta[sl], dtype=torch.float32),
-                                               [len(src[sl]), 1, side, side], align_corners=False)
-        warped = torch.nn.functional.grid_sample(src[sl], grid, mode="bilinear", padding_mode="zeros",
-                                                 align_corners=False)
+        grid = torch.nn.functional.affine_grid(
+            torch.as_tensor(theta[sl], dtype=torch.float32), [len(src[sl]), 1, side, side], align_corners=False
+        )
+        warped = torch.nn.functional.grid_sample(
+            src[sl], grid, mode="bilinear", padding_mode="zeros", align_corners=False
+        )
         out[sl] = torch.nn.functional.adaptive_avg_pool2d(warped, size)
     return (out.clamp(0, 1) * 255).round().to(torch.uint8).reshape(c, f * per_font, size, size).numpy()
 
@@ -201,14 +219,18 @@ def generate(opts: GlyphsOptions) -> dict:
         if opts.classes > len(chars):
             raise ValueError(f"glyphs classes={opts.classes}: only {len(chars)} distinct characters are available")
         order = order[: opts.classes]
-    order = np.sort(order[: (len(order) + 1) // 2]).tolist() + np.sort(order[(len(order) + 1) // 2:]).tolist()
+    order = np.sort(order[: (len(order) + 1) // 2]).tolist() + np.sort(order[(len(order) + 1) // 2 :]).tolist()
     n_train = (len(order) + 1) // 2
     chars = [chars[i] for i in order]
     images = distort(render_clean(chars, font_paths(), side), opts.per_font, opts.size, rng)
     c, per_class = images.shape[:2]
-    return {"images": images.reshape(c * per_class, opts.size, opts.size),
-            "labels": np.repeat(np.arange(c), per_class).astype(np.int64),
-            "chars": np.array(chars), "train_classes": np.arange(n_train), "test_classes": np.arange(n_train, c)}
+    return {
+        "images": images.reshape(c * per_class, opts.size, opts.size),
+        "labels": np.repeat(np.arange(c), per_class).astype(np.int64),
+        "chars": np.array(chars),
+        "train_classes": np.arange(n_train),
+        "test_classes": np.arange(n_train, c),
+    }
 
 
 def load_glyphs(opts: GlyphsOptions) -> dict:

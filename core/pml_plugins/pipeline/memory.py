@@ -2,6 +2,7 @@
 
 Used by the main job to report each run's training memory next to its metrics.
 """
+
 from __future__ import annotations
 
 import os
@@ -68,8 +69,21 @@ def _load_mallinfo2():
         return None
 
     class _MallInfo2(ctypes.Structure):
-        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                   "fsmblks", "uordblks", "fordblks", "keepcost")]
+        _fields_ = [
+            (n, ctypes.c_size_t)
+            for n in (
+                "arena",
+                "ordblks",
+                "smblks",
+                "hblks",
+                "hblkhd",
+                "usmblks",
+                "fsmblks",
+                "uordblks",
+                "fordblks",
+                "keepcost",
+            )
+        ]
 
     fn.restype = _MallInfo2
     return fn
@@ -96,4 +110,3 @@ def _rss_bytes() -> Optional[int]:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError, AttributeError):
         return None
-

@@ -18,6 +18,7 @@ as the MPA paper uses), a linear layer (``head="linear"``) or none (``head="none
 pooled features are the embedding, e.g. a ViT's CLS token as DMCAC uses), then optional
 LayerNorm (non-parametric, as in the adaptive-margin paper) and/or L2 normalisation.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -53,14 +54,24 @@ class GeM(nn.Module):
 class EmbeddingHead(nn.Module):
     """[pool] -> linear (or nothing, ``head="none"``) -> [LayerNorm without affine] -> [L2 normalise]."""
 
-    def __init__(self, in_features: int, embedding_size: int, *, pooling: str = "avg", norm: str = "none",
-                 gem_p: float = 3.0, head: str = "linear"):
+    def __init__(
+        self,
+        in_features: int,
+        embedding_size: int,
+        *,
+        pooling: str = "avg",
+        norm: str = "none",
+        gem_p: float = 3.0,
+        head: str = "linear",
+    ):
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         if head == "none" and int(embedding_size) != int(in_features):
-            raise ValueError(f"head='none' uses the trunk's {in_features}-d features as the embedding: set "
-                             f"embedding_size={in_features} (got {embedding_size}), or use head='linear'")
+            raise ValueError(
+                f"head='none' uses the trunk's {in_features}-d features as the embedding: set "
+                f"embedding_size={in_features} (got {embedding_size}), or use head='linear'"
+            )
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         if norm not in HEAD_NORMS:
@@ -90,8 +101,15 @@ class MLPTrunk(nn.Module):
     def __init__(self, in_features: int, hidden: int = 128):
         super().__init__()
         self.out_features = hidden
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
-                                 nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU())
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(in_features, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -107,8 +125,9 @@ class SmallCNN(nn.Module):
         def block(cin: int, cout: int) -> list:
             return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
 
-        self.net = nn.Sequential(*block(in_channels, width), *block(width, 2 * width), nn.MaxPool2d(2),
-                                 *block(2 * width, 4 * width))
+        self.net = nn.Sequential(
+            *block(in_channels, width), *block(width, 2 * width), nn.MaxPool2d(2), *block(2 * width, 4 * width)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -142,17 +161,27 @@ def parse_backbone(spec: str) -> tuple[str, Optional[str]]:
     raise ValueError(f"unknown backbone {spec!r}.{hint} Use mlp, cnn, identity or timm:NAME")
 
 
-def build_model(backbone: str, *, embedding_size: int, input_shape: Optional[tuple], image_size: Optional[int] = None,
-                pooling: str = "avg", head_norm: str = "none", pretrained: Optional[str] = None,
-                gem_p: float = 3.0, head: str = "linear") -> Model:
+def build_model(
+    backbone: str,
+    *,
+    embedding_size: int,
+    input_shape: Optional[tuple],
+    image_size: Optional[int] = None,
+    pooling: str = "avg",
+    head_norm: str = "none",
+    pretrained: Optional[str] = None,
+    gem_p: float = 3.0,
+    head: str = "linear",
+) -> Model:
     """Build trunk + embedder. ``input_shape`` is fixed by non-image data, None for image folders."""
     if int(embedding_size) < 1:
         raise ValueError(f"embedding size must be >= 1, got {embedding_size}")
     kind, name = parse_backbone(backbone)
     transforms = None
     if kind == "timm":
-        trunk, features, transforms, desc = _timm_trunk(name, input_shape=input_shape, image_size=image_size,
-                                                        pooling=pooling, pretrained=pretrained)
+        trunk, features, transforms, desc = _timm_trunk(
+            name, input_shape=input_shape, image_size=image_size, pooling=pooling, pretrained=pretrained
+        )
     else:
         if pretrained:
             raise ValueError(f"--pretrained applies to timm backbones only, not {backbone!r}")
@@ -165,8 +194,10 @@ def build_model(backbone: str, *, embedding_size: int, input_shape: Optional[tup
             features, desc = trunk.out_features, f"MLP({math.prod(input_shape)}->128->128)"
         elif kind == "cnn":
             if len(input_shape) != 3:
-                raise ValueError(f"the cnn backbone needs image inputs (C, H, W), the data gives shape {input_shape}; "
-                                 f"use --backbone mlp or identity")
+                raise ValueError(
+                    f"the cnn backbone needs image inputs (C, H, W), the data gives shape {input_shape}; "
+                    f"use --backbone mlp or identity"
+                )
             trunk = SmallCNN(input_shape[0])
             features, desc = trunk.out_features, f"SmallCNN({input_shape[0]}->16->32->64)"
         else:
@@ -176,8 +207,13 @@ def build_model(backbone: str, *, embedding_size: int, input_shape: Optional[tup
             features, desc = math.prod(input_shape), "identity"
     embedder = EmbeddingHead(features, int(embedding_size), pooling=pooling, norm=head_norm, gem_p=gem_p, head=head)
     layer = f"{features}->{embedding_size}" if head == "linear" else f"none: the trunk's {features}-d features"
-    return Model(trunk=trunk, embedder=embedder, feature_size=features, transforms=transforms,
-                 description=f"{desc} + head({layer}, pool={pooling}, norm={head_norm})")
+    return Model(
+        trunk=trunk,
+        embedder=embedder,
+        feature_size=features,
+        transforms=transforms,
+        description=f"{desc} + head({layer}, pool={pooling}, norm={head_norm})",
+    )
 
 
 def _timm_trunk(name: str, *, input_shape, image_size, pooling, pretrained):
@@ -209,14 +245,17 @@ def _timm_trunk(name: str, *, input_shape, image_size, pooling, pretrained):
             out = model(torch.zeros(1, kwargs.get("in_chans", 3), probe_size, probe_size))
             model.train(was)
         if out.dim() != 4:
-            raise ValueError(f"GeM pooling needs a CNN feature map; timm:{name} gives shape {tuple(out.shape)} "
-                             f"without pooling. Use --pooling avg")
+            raise ValueError(
+                f"GeM pooling needs a CNN feature map; timm:{name} gives shape {tuple(out.shape)} "
+                f"without pooling. Use --pooling avg"
+            )
     transforms = None
     if input_shape is None:
         overrides = {"input_size": (3, int(image_size), int(image_size))} if image_size else {}
         config = resolve_data_config(overrides, model=model)
-        transforms = ImageTransforms(train=create_transform(**config, is_training=True),
-                                     test=create_transform(**config, is_training=False))
+        transforms = ImageTransforms(
+            train=create_transform(**config, is_training=True), test=create_transform(**config, is_training=False)
+        )
     weights = "random init" if not pretrained else f"pretrained ({pretrained})"
     return model, model.num_features, transforms, f"timm:{name} [{weights}]"
 
@@ -247,7 +286,8 @@ def _create_timm(timm, name: str, kwargs: dict, pretrained: Optional[str]):
         raise FileNotFoundError(
             f"no local pretrained weights for timm:{name} (nothing is downloaded at run time): {type(exc).__name__}. "
             f"Download them once (e.g. timm.create_model({name!r}, pretrained=True) on a connected machine) "
-            f"or pass --pretrained PATH to a .pth/.safetensors file") from None
+            f"or pass --pretrained PATH to a .pth/.safetensors file"
+        ) from None
     finally:
         for k, v in old.items():
             if v is None:

@@ -3,6 +3,7 @@
 Every file is written atomically (temporary file + ``os.replace``), so an interrupted run never
 leaves a half-written one; ``metrics.json`` is written last and marks a finished run.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,7 +35,6 @@ class RunResult:
     extra: dict = field(default_factory=dict)
 
 
-
 def write_json(path: Path, obj: Any) -> None:
     """Write atomically, so an interrupted run never leaves a half-written file."""
     tmp = path.with_name(path.name + ".tmp")
@@ -50,11 +50,16 @@ def _json_default(obj: Any) -> Any:
     return repr(obj)
 
 
-
 def metrics_record(result: RunResult) -> dict:
-    return {"name": result.name, "metrics": result.metrics, "seconds_per_epoch": result.seconds_per_epoch,
-            "train_seconds": result.train_seconds, "peak_memory_mb": result.peak_memory_mb,
-            "memory_kind": result.memory_kind, **result.extra}
+    return {
+        "name": result.name,
+        "metrics": result.metrics,
+        "seconds_per_epoch": result.seconds_per_epoch,
+        "train_seconds": result.train_seconds,
+        "peak_memory_mb": result.peak_memory_mb,
+        "memory_kind": result.memory_kind,
+        **result.extra,
+    }
 
 
 def write_outputs(out: Path, result: RunResult, trunk, embedder, trainer, write_checkpoint: bool) -> None:
@@ -63,8 +68,11 @@ def write_outputs(out: Path, result: RunResult, trunk, embedder, trainer, write_
         loss = trainer.loss_funcs["metric_loss"] if trainer is not None else None
         if isinstance(loss, distributed_losses.DistributedLossWrapper):
             loss = loss.loss
-        state = {"trunk": trunk.state_dict(), "embedder": embedder.state_dict(),
-                 "loss": loss.state_dict() if loss is not None else None}
+        state = {
+            "trunk": trunk.state_dict(),
+            "embedder": embedder.state_dict(),
+            "loss": loss.state_dict() if loss is not None else None,
+        }
         tmp = out / "checkpoint.pt.tmp"
         torch.save(state, tmp)
         os.replace(tmp, out / "checkpoint.pt")
@@ -82,8 +90,11 @@ def plot_metrics(metrics: dict, path: Path, title: str = "") -> None:
 
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
     for prefix, label in (("recall_at_", "Recall@k"), ("ndcg_at_", "nDCG@k")):
-        pts = sorted((int(k[len(prefix):]), v) for k, v in metrics.items()
-                     if k.startswith(prefix) and k[len(prefix):].isdigit())
+        pts = sorted(
+            (int(k[len(prefix) :]), v)
+            for k, v in metrics.items()
+            if k.startswith(prefix) and k[len(prefix) :].isdigit()
+        )
         if pts:
             ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=label)
     ax.set_xscale("log", base=2)

@@ -5,6 +5,7 @@ classification task for 10 epochs" first, section 4.1). The classifier is droppe
 A loss asks for it with ``pretrain_epochs=N`` in its registration; ``--pretrain-epochs N``
 overrides it (0 turns it off) and gives any loss the stage.
 """
+
 from __future__ import annotations
 
 import time
@@ -30,20 +31,46 @@ def pretrain_epochs_for(cfg_value: Optional[int], spec: Any) -> int:
     return declared
 
 
-def pretrain_classifier(trunk: torch.nn.Module, embedder: torch.nn.Module, dataset: Dataset, *, num_classes: int,
-                        embedding_size: int, epochs: int, batch_size: int, optimizer: str, lr: float,
-                        weight_decay: float, device: torch.device, seed: int, num_workers: int = 0,
-                        amp_dtype: Optional[torch.dtype] = None, progress: bool = True) -> dict:
+def pretrain_classifier(
+    trunk: torch.nn.Module,
+    embedder: torch.nn.Module,
+    dataset: Dataset,
+    *,
+    num_classes: int,
+    embedding_size: int,
+    epochs: int,
+    batch_size: int,
+    optimizer: str,
+    lr: float,
+    weight_decay: float,
+    device: torch.device,
+    seed: int,
+    num_workers: int = 0,
+    amp_dtype: Optional[torch.dtype] = None,
+    progress: bool = True,
+) -> dict:
     """Train trunk + embedder + a new ``Linear(embedding_size, num_classes)`` with cross-entropy for
     ``epochs`` epochs (shuffled, seeded); returns what happened (for ``config.json``)."""
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     classifier = torch.nn.Linear(embedding_size, num_classes).to(device)
-    optimizers = build_optimizers({"trunk": trunk, "embedder": embedder}, classifier, optimizer=optimizer, lr=lr,
-                                  weight_decay=weight_decay, loss_lr=lr)
+    optimizers = build_optimizers(
+        {"trunk": trunk, "embedder": embedder},
+        classifier,
+        optimizer=optimizer,
+        lr=lr,
+        weight_decay=weight_decay,
+        loss_lr=lr,
+    )
     generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, num_workers=num_workers,
-                        drop_last=len(dataset) > batch_size)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        generator=generator,
+        num_workers=num_workers,
+        drop_last=len(dataset) > batch_size,
+    )
     modes = trunk.training, embedder.training
     trunk.train(), embedder.train()
     start, losses, correct, seen = time.perf_counter(), [], 0, 0
@@ -51,8 +78,13 @@ def pretrain_classifier(trunk: torch.nn.Module, embedder: torch.nn.Module, datas
         for epoch in range(1, epochs + 1):
             total, batches = 0.0, 0
             correct, seen = 0, 0
-            for x, y in tqdm.tqdm(loader, desc=f"classification pre-training {epoch}/{epochs}", leave=False,
-                                  disable=not progress, dynamic_ncols=True):
+            for x, y in tqdm.tqdm(
+                loader,
+                desc=f"classification pre-training {epoch}/{epochs}",
+                leave=False,
+                disable=not progress,
+                dynamic_ncols=True,
+            ):
                 x, y = x.to(device), torch.as_tensor(y).long().to(device)
                 for o in optimizers.values():
                     o.zero_grad(set_to_none=True)
@@ -61,8 +93,10 @@ def pretrain_classifier(trunk: torch.nn.Module, embedder: torch.nn.Module, datas
                 logits = classifier(emb.float())
                 loss = torch.nn.functional.cross_entropy(logits, y)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"classification pre-training: the loss became {float(loss)} at "
-                                             f"epoch {epoch} (try a lower --lr)")
+                    raise FloatingPointError(
+                        f"classification pre-training: the loss became {float(loss)} at "
+                        f"epoch {epoch} (try a lower --lr)"
+                    )
                 loss.backward()
                 for o in optimizers.values():
                     o.step()
@@ -73,5 +107,10 @@ def pretrain_classifier(trunk: torch.nn.Module, embedder: torch.nn.Module, datas
             losses.append(total / max(batches, 1))
     finally:
         trunk.train(modes[0]), embedder.train(modes[1])
-    return {"epochs": epochs, "epoch_losses": losses, "last_epoch_train_accuracy": correct / max(seen, 1),
-            "seconds": time.perf_counter() - start, "classifier": f"Linear({embedding_size}->{num_classes}), dropped"}
+    return {
+        "epochs": epochs,
+        "epoch_losses": losses,
+        "last_epoch_train_accuracy": correct / max(seen, 1),
+        "seconds": time.perf_counter() - start,
+        "classifier": f"Linear({embedding_size}->{num_classes}), dropped",
+    }

@@ -17,6 +17,7 @@ After Musgrave, Belongie & Lim, "A Metric Learning Reality Check" (ECCV 2020):
 Runs live in ``OUT/runs/<loss>/seed<k>/`` (``.../seed<k>/fold<j>/`` with folds; the floor is the
 loss ``untrained``). :func:`run_protocol` returns one :class:`LossSummary` per row.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,8 +59,11 @@ class Protocol:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if isinstance(self.val_classes, bool) or not isinstance(self.val_classes, (int, float)) \
-                or not 0 <= self.val_classes < 1:
+        if (
+            isinstance(self.val_classes, bool)
+            or not isinstance(self.val_classes, (int, float))
+            or not 0 <= self.val_classes < 1
+        ):
             raise ValueError(f"val-classes must be a fraction in [0, 1), got {self.val_classes!r}")
         if self.tune and not self.validates:
             raise ValueError("--tune selects settings on validation classes: use --folds >= 2 or --val-classes > 0")
@@ -152,14 +156,24 @@ def run_dir(out: Path, loss_dir: str, seed: int, fold: Optional[int]) -> Path:
     return path / f"fold{fold}" if fold is not None else path
 
 
-def execute(cfg: TrainConfig, label: str, *, loss: Optional[str], seed: int, fold: Optional[int],
-            held_out: Optional[np.ndarray], progress: bool, write_files: bool = True,
-            report: Optional[Callable[[int, float], None]] = None, primary: str = "map_at_r") -> RunRecord:
+def execute(
+    cfg: TrainConfig,
+    label: str,
+    *,
+    loss: Optional[str],
+    seed: int,
+    fold: Optional[int],
+    held_out: Optional[np.ndarray],
+    progress: bool,
+    write_files: bool = True,
+    report: Optional[Callable[[int, float], None]] = None,
+    primary: str = "map_at_r",
+) -> RunRecord:
     """One run; an exception (other than Ctrl-C and Optuna's pruning) becomes an error record.
 
     A run that finished before in ``cfg.out`` with the same settings and validation classes is
-    kept (``record.reused``); an interrupted one continues from its checkpoint when it has no
-    per-epoch validation, else starts again."""
+    kept (``record.reused``); an interrupted one continues from its checkpoint (which holds the
+    epoch selection so far when the run validates)."""
     start = time.perf_counter()
     validates = held_out is not None and loss is not None
     selection = EpochSelection(held_out=held_out.tolist(), metric=primary, report=report) if validates else None
@@ -169,9 +183,15 @@ def execute(cfg: TrainConfig, label: str, *, loss: Optional[str], seed: int, fol
         if finished is not None and finished.extra.get("val_classes") == wanted:
             return RunRecord(label=label, loss=loss, seed=seed, fold=fold, result=finished, reused=True)
     try:
-        result = run_training(cfg, progress=progress, name=label, write_checkpoint=loss is not None and write_files,
-                              selection=selection, resume="auto" if selection is None and write_files else False,
-                              resume_hint="the same pml-plugins compare command")
+        result = run_training(
+            cfg,
+            progress=progress,
+            name=label,
+            write_checkpoint=loss is not None and write_files,
+            selection=selection,
+            resume="auto" if write_files else False,
+            resume_hint="the same pml-plugins compare command",
+        )
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # one failing loss must not end the comparison
@@ -199,11 +219,17 @@ def finished_run(cfg: TrainConfig, label: str) -> Optional[RunResult]:
     if not isinstance(record, dict) or not isinstance(config, dict) or differences(config, cfg.to_dict()):
         return None
     known = {"name", "metrics", "seconds_per_epoch", "train_seconds", "peak_memory_mb", "memory_kind"}
-    return RunResult(name=label, metrics=record.get("metrics") or {}, config=config, out=cfg.out,
-                     seconds_per_epoch=record.get("seconds_per_epoch"),
-                     train_seconds=record.get("train_seconds") or 0.0, peak_memory_mb=record.get("peak_memory_mb"),
-                     memory_kind=record.get("memory_kind") or "",
-                     extra={k: v for k, v in record.items() if k not in known})
+    return RunResult(
+        name=label,
+        metrics=record.get("metrics") or {},
+        config=config,
+        out=cfg.out,
+        seconds_per_epoch=record.get("seconds_per_epoch"),
+        train_seconds=record.get("train_seconds") or 0.0,
+        peak_memory_mb=record.get("peak_memory_mb"),
+        memory_kind=record.get("memory_kind") or "",
+        extra={k: v for k, v in record.items() if k not in known},
+    )
 
 
 def split_loss_args(args: dict) -> tuple[dict, Optional[float]]:
@@ -212,8 +238,18 @@ def split_loss_args(args: dict) -> tuple[dict, Optional[float]]:
     return args, args.pop(space_mod.LOSS_LR, None)
 
 
-def tune_loss(base: TrainConfig, name: str, label: str, fixed_args: dict, protocol: Protocol, out: Path,
-              num_train_classes: int, *, progress: bool, log: Callable[[str], None]) -> dict:
+def tune_loss(
+    base: TrainConfig,
+    name: str,
+    label: str,
+    fixed_args: dict,
+    protocol: Protocol,
+    out: Path,
+    num_train_classes: int,
+    *,
+    progress: bool,
+    log: Callable[[str], None],
+) -> dict:
     """Optuna over the loss's declared space with the first seed on every fold; returns
     ``{"params": best setting, "value": best validation value, "trials": n, "space": text}``."""
     from . import tuning
@@ -231,6 +267,7 @@ def tune_loss(base: TrainConfig, name: str, label: str, fixed_args: dict, protoc
         loss_args, loss_lr = split_loss_args({**fixed_args, **setting})
         values = []
         for j, held in enumerate(plans):
+
             def report(epoch: int, value: float, j: int = j) -> None:
                 trial.report(value, step=j * epochs + epoch)
                 if trial.should_prune():
@@ -238,10 +275,26 @@ def tune_loss(base: TrainConfig, name: str, label: str, fixed_args: dict, protoc
 
                     raise optuna.TrialPruned()
 
-            cfg = dataclasses.replace(base, loss=name, loss_args=loss_args, seed=seed, out=None,
-                                      loss_lr=loss_lr if loss_lr is not None else base.loss_lr)
-            record = execute(cfg, label, loss=name, seed=seed, fold=j if protocol.folds > 1 else None, held_out=held,
-                             progress=progress, write_files=False, report=report, primary=protocol.primary)
+            cfg = dataclasses.replace(
+                base,
+                loss=name,
+                loss_args=loss_args,
+                seed=seed,
+                out=None,
+                loss_lr=loss_lr if loss_lr is not None else base.loss_lr,
+            )
+            record = execute(
+                cfg,
+                label,
+                loss=name,
+                seed=seed,
+                fold=j if protocol.folds > 1 else None,
+                held_out=held,
+                progress=progress,
+                write_files=False,
+                report=report,
+                primary=protocol.primary,
+            )
             if not record.ok:
                 raise RuntimeError(record.result.error)
             values.append(record.result.extra["val_metrics"][f"val_{protocol.primary}"])
@@ -249,23 +302,34 @@ def tune_loss(base: TrainConfig, name: str, label: str, fixed_args: dict, protoc
 
     # what the trials depend on (not the trial budget or the number of final seeds: a larger
     # --tune continues the same study)
-    setting = {"loss": reg.get_entry("loss", name).qualified_name, "fixed": fixed_args,
-               "space": space_mod.describe_space(space),
-               "protocol": {k: v for k, v in dataclasses.asdict(protocol).items()
-                            if k not in ("tune", "seeds", "alpha")},
-               "base": {k: v for k, v in base.to_dict().items() if k not in ("out", "seed")}}
+    setting = {
+        "loss": reg.get_entry("loss", name).qualified_name,
+        "fixed": fixed_args,
+        "space": space_mod.describe_space(space),
+        "protocol": {k: v for k, v in dataclasses.asdict(protocol).items() if k not in ("tune", "seeds", "alpha")},
+        "base": {k: v for k, v in base.to_dict().items() if k not in ("out", "seed")},
+    }
     params, value, done = tuning.tune(label, protocol.tune, out, setting, objective, log=log)
     if params is None:
         raise RuntimeError(f"tuning {label}: none of the {len(done)} trials completed (all failed or were pruned)")
-    log(f"[tune {label}] best of {len(done)} trials: validation {100 * value:.1f} with "
-        + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()))
+    log(
+        f"[tune {label}] best of {len(done)} trials: validation {100 * value:.1f} with "
+        + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+    )
     return {"params": params, "value": value, "trials": len(done), "space": space_mod.describe_space(space)}
 
 
-def run_protocol(base: TrainConfig, losses: Sequence[tuple[str, str, dict]], out: Path, protocol: Protocol, *,
-                 floors: Sequence[tuple[str, str]] = (), progress: bool = True,
-                 say: Callable[[str], None] = print,
-                 on_update: Optional[Callable[[list], None]] = None) -> list[LossSummary]:
+def run_protocol(
+    base: TrainConfig,
+    losses: Sequence[tuple[str, str, dict]],
+    out: Path,
+    protocol: Protocol,
+    *,
+    floors: Sequence[tuple[str, str]] = (),
+    progress: bool = True,
+    say: Callable[[str], None] = print,
+    on_update: Optional[Callable[[list], None]] = None,
+) -> list[LossSummary]:
     """Run the protocol. ``losses``: ``(label, loss name, fixed constructor args[, config overrides])``;
     ``floors``: ``(label, retrieval distance)`` of the untrained rows. ``on_update(summaries)`` is called
     after every run (to rewrite the result files), also with the partial rows on Ctrl-C."""
@@ -273,8 +337,9 @@ def run_protocol(base: TrainConfig, losses: Sequence[tuple[str, str, dict]], out
     splits = data_mod.load_data(base.dataset) if protocol.validates else None
     num_train = splits.num_train_classes if splits is not None else 0
     # every seed's validation classes, planned (and checked: enough classes for the folds) before any run
-    plans = {seed: protocol.held_out(num_train, seed) if protocol.validates else [None]
-             for seed in range(protocol.seeds)}
+    plans = {
+        seed: protocol.held_out(num_train, seed) if protocol.validates else [None] for seed in range(protocol.seeds)
+    }
     summaries: list[LossSummary] = []
     total = len(floors) * protocol.seeds + len(losses) * protocol.seeds * protocol.folds
     done = 0
@@ -289,8 +354,16 @@ def run_protocol(base: TrainConfig, losses: Sequence[tuple[str, str, dict]], out
         summaries.append(row)
         for seed in range(protocol.seeds):
             dirname = "untrained" if distance == "cosine" else f"untrained_{distance}"
-            cfg = dataclasses.replace(base, loss=None, loss_args={}, epochs=0, miner=None, seed=seed,
-                                      retrieval_distance=distance, out=str(run_dir(out, dirname, seed, None)))
+            cfg = dataclasses.replace(
+                base,
+                loss=None,
+                loss_args={},
+                epochs=0,
+                miner=None,
+                seed=seed,
+                retrieval_distance=distance,
+                out=str(run_dir(out, dirname, seed, None)),
+            )
             record = execute(cfg, label, loss=None, seed=seed, fold=None, held_out=None, progress=progress)
             row.runs.append(record)
             done += 1
@@ -322,18 +395,33 @@ def run_protocol(base: TrainConfig, losses: Sequence[tuple[str, str, dict]], out
         for seed in range(protocol.seeds):
             for j, held in enumerate(plans[seed]):
                 fold = j if protocol.folds > 1 else None
-                cfg = dataclasses.replace(loss_base, loss=name, loss_args=loss_args, seed=seed,
-                                          loss_lr=loss_lr if loss_lr is not None else base.loss_lr,
-                                          out=str(run_dir(out, _safe(name), seed, fold)))
-                record = execute(cfg, label, loss=name, seed=seed, fold=fold, held_out=held, progress=progress,
-                                 primary=protocol.primary)
+                cfg = dataclasses.replace(
+                    loss_base,
+                    loss=name,
+                    loss_args=loss_args,
+                    seed=seed,
+                    loss_lr=loss_lr if loss_lr is not None else base.loss_lr,
+                    out=str(run_dir(out, _safe(name), seed, fold)),
+                )
+                record = execute(
+                    cfg,
+                    label,
+                    loss=name,
+                    seed=seed,
+                    fold=fold,
+                    held_out=held,
+                    progress=progress,
+                    primary=protocol.primary,
+                )
                 row.runs.append(record)
                 done += 1
                 _say_run(say, done, total, record)
                 if record.zero_loss_epochs:
-                    say(f"warning: {label} seed {seed}{'' if fold is None else f' fold {fold}'}: the loss was 0 for "
+                    say(
+                        f"warning: {label} seed {seed}{'' if fold is None else f' fold {fold}'}: the loss was 0 for "
                         f"every iteration of epoch(s) {_ranges(record.zero_loss_epochs)}: those epochs trained "
-                        f"nothing (marked in the table)")
+                        f"nothing (marked in the table)"
+                    )
                 update()
     return summaries
 
@@ -348,16 +436,24 @@ def _say_run(say: Callable[[str], None], i: int, total: int, record: RunRecord) 
         return
     m = record.result.metrics
     val = record.result.extra.get("val_metrics", {})
-    val_text = f"  val MAP@R {100 * val['val_map_at_r']:.1f} (epoch {record.result.extra.get('best_epoch')})" \
-        if "val_map_at_r" in val else ""
-    say(f"[{i}/{total}] {record.label} {where}: R@1 {100 * m.get('recall_at_1', math.nan):.1f}  "
-        f"MAP@R {100 * m.get('map_at_r', math.nan):.1f}{val_text}  ({record.seconds:.1f} s)")
+    val_text = (
+        f"  val MAP@R {100 * val['val_map_at_r']:.1f} (epoch {record.result.extra.get('best_epoch')})"
+        if "val_map_at_r" in val
+        else ""
+    )
+    say(
+        f"[{i}/{total}] {record.label} {where}: R@1 {100 * m.get('recall_at_1', math.nan):.1f}  "
+        f"MAP@R {100 * m.get('map_at_r', math.nan):.1f}{val_text}  ({record.seconds:.1f} s)"
+    )
 
 
 def _ranges(epochs: Sequence[int]) -> str:
     epochs = sorted(epochs)
-    return f"{epochs[0]}-{epochs[-1]}" if len(epochs) > 2 and epochs[-1] - epochs[0] == len(epochs) - 1 else \
-        ", ".join(str(e) for e in epochs)
+    return (
+        f"{epochs[0]}-{epochs[-1]}"
+        if len(epochs) > 2 and epochs[-1] - epochs[0] == len(epochs) - 1
+        else ", ".join(str(e) for e in epochs)
+    )
 
 
 def _safe(name: str) -> str:
@@ -401,12 +497,18 @@ def summarize(rows: Sequence[LossSummary], protocol: Protocol) -> None:
                 row.ci95[key] = stats.ci95(list(values.values()))
     # ties: losses with every seed (a partial row cannot be paired), the floor excluded
     seeds = list(range(protocol.seeds))
-    candidates = {row.label: [row.per_seed.get(protocol.primary, {}).get(s, math.nan) for s in seeds]
-                  for row in rows if not row.is_floor and row.status == "ok"}
+    candidates = {
+        row.label: [row.per_seed.get(protocol.primary, {}).get(s, math.nan) for s in seeds]
+        for row in rows
+        if not row.is_floor and row.status == "ok"
+    }
     tied = stats.tied_with_best(candidates, alpha=protocol.alpha) if candidates else {}
     best = stats.best_of(candidates)
     for row in rows:
         row.tied_with_best = tied.get(row.label)
         row.is_best = row.label == best
-        row.p_value = stats.paired_pvalue(candidates[row.label], candidates[best]) \
-            if best is not None and row.label in candidates and row.label != best else math.nan
+        row.p_value = (
+            stats.paired_pvalue(candidates[row.label], candidates[best])
+            if best is not None and row.label in candidates and row.label != best
+            else math.nan
+        )

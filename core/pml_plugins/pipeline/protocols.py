@@ -6,6 +6,7 @@
 * ``--samples-per-class N``: the training split cut to N samples of each class, drawn with the
   run's seed (CAM's few-shot protocol); a class with fewer samples keeps all of them.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,16 +24,19 @@ def _npz_pair(path: str) -> tuple[np.ndarray, np.ndarray]:
         keys = set(npz.files)
         feat = "features" if "features" in keys else ("embeddings" if "embeddings" in keys else None)
         if feat is None or "labels" not in keys:
-            raise ValueError(f"{path}: a query / gallery .npz needs arrays 'features' (or 'embeddings') and "
-                             f"'labels'; found {sorted(keys)}")
+            raise ValueError(
+                f"{path}: a query / gallery .npz needs arrays 'features' (or 'embeddings') and "
+                f"'labels'; found {sorted(keys)}"
+            )
         x, y = np.asarray(npz[feat], dtype=np.float32), np.asarray(npz["labels"]).reshape(-1)
     if x.ndim != 2 or len(x) != len(y):
         raise ValueError(f"{path}: features must be (N, D) with N labels, got {x.shape} and {y.shape}")
     return x, y
 
 
-def load_query_gallery(query: str, gallery: str, transforms: Optional[data_mod.ImageTransforms] = None,
-                       feature_size: Optional[int] = None) -> tuple[Dataset, np.ndarray, Dataset, np.ndarray]:
+def load_query_gallery(
+    query: str, gallery: str, transforms: Optional[data_mod.ImageTransforms] = None, feature_size: Optional[int] = None
+) -> tuple[Dataset, np.ndarray, Dataset, np.ndarray]:
     """``(query, query_labels, gallery, gallery_labels)`` from two folders or two .npz files."""
     for name, path in (("query", query), ("gallery", gallery)):
         if not os.path.exists(os.path.expanduser(path)):
@@ -45,14 +49,21 @@ def load_query_gallery(query: str, gallery: str, transforms: Optional[data_mod.I
     if query.endswith(".npz") and gallery.endswith(".npz"):
         (xq, yq), (xg, yg) = _npz_pair(query), _npz_pair(gallery)
         if xq.shape[1] != xg.shape[1] or (feature_size is not None and xq.shape[1] != feature_size):
-            raise ValueError(f"--query and --gallery features must have the training data's width "
-                             f"{feature_size}, got {xq.shape[1]} and {xg.shape[1]}")
+            raise ValueError(
+                f"--query and --gallery features must have the training data's width "
+                f"{feature_size}, got {xq.shape[1]} and {xg.shape[1]}"
+            )
         labels, _ = data_mod.remap_labels(np.concatenate([yq, yg]).tolist())
-        yq_r, yg_r = labels[:len(yq)], labels[len(yq):]
-        return (data_mod.TensorPairs(torch.as_tensor(xq), yq_r), yq_r,
-                data_mod.TensorPairs(torch.as_tensor(xg), yg_r), yg_r)
-    raise ValueError(f"--query and --gallery must both be ImageFolder folders or both .npz files, got "
-                     f"{query!r} and {gallery!r}")
+        yq_r, yg_r = labels[: len(yq)], labels[len(yq) :]
+        return (
+            data_mod.TensorPairs(torch.as_tensor(xq), yq_r),
+            yq_r,
+            data_mod.TensorPairs(torch.as_tensor(xg), yg_r),
+            yg_r,
+        )
+    raise ValueError(
+        f"--query and --gallery must both be ImageFolder folders or both .npz files, got {query!r} and {gallery!r}"
+    )
 
 
 def few_shot_indices(labels: np.ndarray, samples_per_class: int, seed: int) -> np.ndarray:
@@ -77,9 +88,15 @@ def _take(dataset: Dataset, idx: np.ndarray) -> Dataset:
     return torch.utils.data.Subset(dataset, idx.tolist())
 
 
-def apply_protocols(splits: data_mod.DataSplits, *, query: Optional[str] = None, gallery: Optional[str] = None,
-                    samples_per_class: Optional[int] = None, seed: int = 0,
-                    transforms: Optional[data_mod.ImageTransforms] = None) -> tuple[data_mod.DataSplits, dict]:
+def apply_protocols(
+    splits: data_mod.DataSplits,
+    *,
+    query: Optional[str] = None,
+    gallery: Optional[str] = None,
+    samples_per_class: Optional[int] = None,
+    seed: int = 0,
+    transforms: Optional[data_mod.ImageTransforms] = None,
+) -> tuple[data_mod.DataSplits, dict]:
     """The splits with ``--query/--gallery`` and ``--samples-per-class`` applied, and what was done
     (for ``config.json``)."""
     done: dict = {}
@@ -91,9 +108,13 @@ def apply_protocols(splits: data_mod.DataSplits, *, query: Optional[str] = None,
         splits.test, splits.test_labels, splits.gallery, splits.gallery_labels = q, yq, g, yg
         splits.test_classes = list(getattr(q, "classes", np.unique(yq).tolist()))
     if splits.gallery is not None:
-        done["evaluation"] = {"protocol": "query vs gallery (ref_includes_query=False)",
-                              "query": query or "from the dataset", "gallery": gallery or "from the dataset",
-                              "num_query": len(splits.test_labels), "num_gallery": len(splits.gallery_labels)}
+        done["evaluation"] = {
+            "protocol": "query vs gallery (ref_includes_query=False)",
+            "query": query or "from the dataset",
+            "gallery": gallery or "from the dataset",
+            "num_query": len(splits.test_labels),
+            "num_gallery": len(splits.gallery_labels),
+        }
     if samples_per_class is not None:
         idx = few_shot_indices(splits.train_labels, samples_per_class, seed)
         before = len(splits.train_labels)
@@ -102,7 +123,11 @@ def apply_protocols(splits: data_mod.DataSplits, *, query: Optional[str] = None,
             splits.train_eval = _take(splits.train_eval, idx)
         splits.train_labels = np.asarray(splits.train_labels)[idx]
         counts = np.bincount(splits.train_labels)
-        done["few_shot"] = {"samples_per_class": samples_per_class, "seed": seed, "train_samples": int(len(idx)),
-                            "train_samples_before": int(before),
-                            "classes_with_fewer": int((counts[counts > 0] < samples_per_class).sum())}
+        done["few_shot"] = {
+            "samples_per_class": samples_per_class,
+            "seed": seed,
+            "train_samples": int(len(idx)),
+            "train_samples_before": int(before),
+            "classes_with_fewer": int((counts[counts > 0] < samples_per_class).sum()),
+        }
     return splits, done

@@ -193,8 +193,10 @@ def training_state(
     iteration: int,
     total: float,
     rng: Any,
+    selection: Any = None,
 ) -> dict:
-    """The checkpoint dict (tensors and plain types only; checked)."""
+    """The checkpoint dict (tensors and plain types only; checked). ``best`` holds the per-epoch
+    model selection (:class:`~.selection.EpochSelection`) of a run that validates, else None."""
     schedulers = trainer.lr_schedulers or {}
     plugin = setup.state_dict() if getattr(setup, "state_dict", None) is not None else None
     state = {
@@ -215,7 +217,8 @@ def training_state(
             "partial_loss_sum": float(total),
             "iterations_per_epoch": int(trainer.iterations_per_epoch),
         },
-        "best": None,  # the pipeline evaluates once, after training: no validation metric per epoch
+        # the best validation epoch so far, its metrics and weights (runs with per-epoch validation)
+        "best": selection.state_dict() if selection is not None else None,
         "config": plain_config(config),
         "resolved": plain_config(resolved),
     }
@@ -264,6 +267,7 @@ def restore_training(
     loss: torch.nn.Module,
     setup: Any,
     source: str,
+    selection: Any = None,
 ) -> None:
     """Load a checkpoint's weights and states into the built run (one-line errors on mismatch)."""
     load_module_state(trunk, state["trunk"], "trunk", source)
@@ -290,6 +294,10 @@ def restore_training(
                 f"load_state_dict (another loss or plugin version?)"
             )
         setup.load_state_dict(state["plugin"])
+    if selection is not None:
+        if state.get("best") is None:
+            raise ValueError(f"{source} was saved without per-epoch validation: it cannot continue one that validates")
+        selection.load_state_dict(state["best"])
     info = state.get("trainer") or {}
     trainer.epoch_seconds = list(info.get("epoch_seconds", []))
     trainer.last_loss = float(info.get("last_loss", float("nan")))

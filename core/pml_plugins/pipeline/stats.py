@@ -4,6 +4,7 @@ With one seed there is no spread to estimate: intervals and p-values are NaN and
 never as a zero-width interval. Everything here is plain numbers in, numbers out; the protocol
 (:mod:`pml_plugins.pipeline.protocol`) decides what a "unit" is (a seed, or a seed's fold average).
 """
+
 from __future__ import annotations
 
 import math
@@ -62,8 +63,9 @@ def paired_pvalue(a: Sequence[float], b: Sequence[float]) -> float:
     return float(stats.ttest_rel(x, y).pvalue)
 
 
-def tied_with_best(per_loss: Mapping[str, Sequence[float]], alpha: float = 0.05,
-                   higher_is_better: bool = True) -> dict[str, Optional[bool]]:
+def tied_with_best(
+    per_loss: Mapping[str, Sequence[float]], alpha: float = 0.05, higher_is_better: bool = True
+) -> dict[str, Optional[bool]]:
     """For each loss, whether its values are statistically indistinguishable from the best loss's.
 
     The best is the highest mean (lowest with ``higher_is_better=False``); it is tied with itself.
@@ -91,8 +93,11 @@ def tied_with_best(per_loss: Mapping[str, Sequence[float]], alpha: float = 0.05,
 
 def best_of(per_loss: Mapping[str, Sequence[float]], higher_is_better: bool = True) -> Optional[str]:
     """The loss with the highest (lowest) mean among those without NaN; None when none."""
-    valid = {k: float(np.mean(_values(v, k))) for k, v in per_loss.items()
-             if len(v) and not np.isnan(np.asarray(v, dtype=float)).any()}
+    valid = {
+        k: float(np.mean(_values(v, k)))
+        for k, v in per_loss.items()
+        if len(v) and not np.isnan(np.asarray(v, dtype=float)).any()
+    }
     if not valid:
         return None
     return max(valid, key=lambda k: valid[k] if higher_is_better else -valid[k])

@@ -11,6 +11,7 @@ one job each: :mod:`.builders` (loss and miner from a name), :mod:`.sampling` (b
 :mod:`.trainer` (the loop, optimizers, schedulers), :mod:`.memory` (peak memory), :mod:`.outputs`
 (the run folder).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -45,8 +46,20 @@ from .sampling import choose_m, m_per_class_sampler, preferred_m
 from .selection import EpochSelection
 from .trainer import EmbeddingTrainer, build_optimizers, build_schedulers, chain_hooks, quiet_pml_logger
 
-__all__ = ["RunResult", "run_training", "build_loss", "build_miner", "constructor_parameters", "choose_m",
-           "metrics_record", "plot_metrics", "write_json", "set_seed", "resolve_device", "PeakMemory"]
+__all__ = [
+    "RunResult",
+    "run_training",
+    "build_loss",
+    "build_miner",
+    "constructor_parameters",
+    "choose_m",
+    "metrics_record",
+    "plot_metrics",
+    "write_json",
+    "set_seed",
+    "resolve_device",
+    "PeakMemory",
+]
 
 
 # -- small utilities ---------------------------------------------------------------------------
@@ -64,7 +77,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-
 def _default_backbone(kind: str) -> str:
     return {"embeddings": "identity"}.get(kind, "cnn")
 
@@ -74,9 +86,12 @@ def _versions() -> dict:
 
     from .. import __version__
 
-    return {"pml_plugins": __version__, "pytorch_metric_learning": pytorch_metric_learning.__version__,
-            "torch": torch.__version__, "python": platform.python_version()}
-
+    return {
+        "pml_plugins": __version__,
+        "pytorch_metric_learning": pytorch_metric_learning.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _machine(device: torch.device) -> dict:
@@ -88,10 +103,18 @@ def _machine(device: torch.device) -> dict:
 
 
 # -- the run -----------------------------------------------------------------------------------
-def run_training(cfg: TrainConfig, *, progress: bool = True, log: Optional[Callable[[str], None]] = None,
-                 name: Optional[str] = None, write_checkpoint: bool = True, resume: Any = False,
-                 force: bool = False, resume_hint: Optional[str] = None,
-                 selection: Optional[EpochSelection] = None) -> RunResult:
+def run_training(
+    cfg: TrainConfig,
+    *,
+    progress: bool = True,
+    log: Optional[Callable[[str], None]] = None,
+    name: Optional[str] = None,
+    write_checkpoint: bool = True,
+    resume: Any = False,
+    force: bool = False,
+    resume_hint: Optional[str] = None,
+    selection: Optional[EpochSelection] = None,
+) -> RunResult:
     """Train ``cfg.loss`` (or, with ``cfg.loss=None`` / ``epochs=0``, only evaluate the untrained
     model), evaluate on the test split and write ``metrics.json``, ``config.json``,
     ``checkpoint.pt`` and ``metrics.png`` under ``cfg.out`` (when set).
@@ -116,17 +139,34 @@ def run_training(cfg: TrainConfig, *, progress: bool = True, log: Optional[Calla
         torch.set_num_threads(int(threads))
     try:
         if not cfg.distributed:
-            return _run(cfg, name, progress=progress, log=log, write_checkpoint=write_checkpoint,
-                        resume=(resume, force, resume_hint), selection=selection)
+            return _run(
+                cfg,
+                name,
+                progress=progress,
+                log=log,
+                write_checkpoint=write_checkpoint,
+                resume=(resume, force, resume_hint),
+                selection=selection,
+            )
         if selection is not None:
-            raise ValueError("per-epoch validation (val-classes / folds) is not supported with --distributed; "
-                             "use --val-classes 0 (the last epoch is reported)")
+            raise ValueError(
+                "per-epoch validation (val-classes / folds) is not supported with --distributed; "
+                "use --val-classes 0 (the last epoch is reported)"
+            )
         env = distributed_losses.env_from_torchrun()
         device = ddp.local_device(resolve_device(cfg.device), env)
         with ddp.process_group(env, device):
             lead = env.rank == 0  # only rank 0 logs, evaluates and writes
-            return _run(cfg, name, progress=progress and lead, log=log if lead else None,
-                        write_checkpoint=write_checkpoint, env=env, device=device, resume=(resume, force, resume_hint))
+            return _run(
+                cfg,
+                name,
+                progress=progress and lead,
+                log=log if lead else None,
+                write_checkpoint=write_checkpoint,
+                env=env,
+                device=device,
+                resume=(resume, force, resume_hint),
+            )
     finally:
         torch.set_num_threads(previous)
 
@@ -157,16 +197,36 @@ class _Run:
         return self.env is None or self.env.rank == 0
 
 
-def _run(cfg: TrainConfig, name: str, *, progress: bool, log: Optional[Callable[[str], None]],
-         write_checkpoint: bool, env: Optional[distributed_losses.DistributedEnv] = None,
-         device: Optional[torch.device] = None, resume: tuple = (False, False, None),
-         selection: Optional[EpochSelection] = None) -> RunResult:
-    run = _Run(cfg=cfg, name=name, device=device if device is not None else resolve_device(cfg.device),
-               progress=progress, log=log, env=env, selection=selection)
+def _run(
+    cfg: TrainConfig,
+    name: str,
+    *,
+    progress: bool,
+    log: Optional[Callable[[str], None]],
+    write_checkpoint: bool,
+    env: Optional[distributed_losses.DistributedEnv] = None,
+    device: Optional[torch.device] = None,
+    resume: tuple = (False, False, None),
+    selection: Optional[EpochSelection] = None,
+) -> RunResult:
+    run = _Run(
+        cfg=cfg,
+        name=name,
+        device=device if device is not None else resolve_device(cfg.device),
+        progress=progress,
+        log=log,
+        env=env,
+        selection=selection,
+    )
     run.amp_dtype = _amp_dtype(run.device, cfg.amp)
     _check_names(run)  # fail fast on names before touching data
     train = cfg.loss is not None and cfg.epochs > 0
     state = resume_mod.find_resumable(cfg.to_dict(), cfg.out, resume[0], resume[1]) if train else None
+    if state is not None and selection is not None and not selection.same_classes(state.get("best") or {}):
+        # the checkpoint validated on other classes (or not at all): another run
+        if resume[0] != "auto":
+            raise ValueError(f"--resume {cfg.out}: the checkpoint's per-epoch validation differs from this run's")
+        state = None
     _build_model_and_data(run)
     retrieval = cfg.retrieval_distance or "cosine"
     trainer, mem = None, PeakMemory(run.device)
@@ -192,10 +252,19 @@ def _run(cfg: TrainConfig, name: str, *, progress: bool, log: Optional[Callable[
         run.resolved["retrieval_distance"] = retrieval
         metrics, kept = {}, {}
         if run.lead:
-            metrics = evaluate(run.trunk, run.embedder, run.splits.test, device=run.device,
-                               retrieval_distance=retrieval, ks=cfg.ks, batch_size=cfg.eval_batch_size,
-                               progress=progress, with_bits=cfg.eval_binarize, keep=kept if cfg.out else None,
-                               gallery=run.splits.gallery)
+            metrics = evaluate(
+                run.trunk,
+                run.embedder,
+                run.splits.test,
+                device=run.device,
+                retrieval_distance=retrieval,
+                ks=cfg.ks,
+                batch_size=cfg.eval_batch_size,
+                progress=progress,
+                with_bits=cfg.eval_binarize,
+                keep=kept if cfg.out else None,
+                gallery=run.splits.gallery,
+            )
         result = _result(run, metrics, trainer, mem if train else None)
         if cfg.out and run.lead:
             _save_test_embeddings(run, kept, retrieval, tb, metrics, step=int(result.extra.get("epochs_run", 0)))
@@ -206,44 +275,84 @@ def _run(cfg: TrainConfig, name: str, *, progress: bool, log: Optional[Callable[
     return result
 
 
-def _prepare_resumable(run: _Run, trainer: EmbeddingTrainer, setup: TrainingSetup, state: Optional[dict],
-                       stop: resume_mod.StopSignal, save: bool, hint: Optional[str]) -> dict:
+def _prepare_resumable(
+    run: _Run,
+    trainer: EmbeddingTrainer,
+    setup: TrainingSetup,
+    state: Optional[dict],
+    stop: resume_mod.StopSignal,
+    save: bool,
+    hint: Optional[str],
+) -> dict:
     """Per-epoch seeding, checkpoints and signal handling for the trainer; where training starts."""
     cfg, env = run.cfg, run.env
     rank = env.rank if env is not None else 0
     loss = resume_mod.unwrap(trainer.loss_funcs["metric_loss"])
     saver = None
     if save:
-        saver = resume_mod.make_saver(lambda: trainer, out=Path(cfg.out), keep_last=cfg.keep_last, env=env,
-                                      log=run.log, trunk=run.trunk, embedder=run.embedder, loss=loss, setup=setup,
-                                      config=cfg.to_dict(), resolved=run.resolved)
+        saver = resume_mod.make_saver(
+            lambda: trainer,
+            out=Path(cfg.out),
+            keep_last=cfg.keep_last,
+            env=env,
+            log=run.log,
+            trunk=run.trunk,
+            embedder=run.embedder,
+            loss=loss,
+            setup=setup,
+            config=cfg.to_dict(),
+            resolved=run.resolved,
+            selection=run.selection,
+        )
 
     def stop_error(epoch: int, iteration: int) -> BaseException:
         text = resume_mod.interrupted_message(cfg.out if save else None, epoch, iteration, hint) if run.lead else ""
         return resume_mod.TrainingInterrupted(text, epoch, iteration)
 
-    trainer.configure_checkpoints(begin_epoch=resume_mod.begin_epoch_fn(cfg.seed, lambda: trainer, rank), save=saver,
-                                  should_stop=stop, stop_error=stop_error, before_step=resume_mod.test_signal_hook())
+    trainer.configure_checkpoints(
+        begin_epoch=resume_mod.begin_epoch_fn(cfg.seed, lambda: trainer, rank),
+        save=saver,
+        should_stop=stop,
+        stop_error=stop_error,
+        before_step=resume_mod.test_signal_hook(),
+    )
     if state is None:
         return {}
-    return {"start_epoch": int(state["epoch"]) + 1, "resume_iteration": int(state.get("iteration", 0)),
-            "resume_total": float((state.get("trainer") or {}).get("partial_loss_sum", 0.0)),
-            "resume_rng": resume_mod.rank_rng(state, rank)}
+    return {
+        "start_epoch": int(state["epoch"]) + 1,
+        "resume_iteration": int(state.get("iteration", 0)),
+        "resume_total": float((state.get("trainer") or {}).get("partial_loss_sum", 0.0)),
+        "resume_rng": resume_mod.rank_rng(state, rank),
+    }
 
 
 def _restore(run: _Run, trainer: EmbeddingTrainer, setup: TrainingSetup, state: dict) -> None:
     source = f"checkpoint {str(Path(run.cfg.out) / 'checkpoint.pt')!r}"
-    resume_mod.restore_training(state, trainer, trunk=run.trunk, embedder=run.embedder,
-                                loss=resume_mod.unwrap(trainer.loss_funcs["metric_loss"]), setup=setup, source=source)
+    resume_mod.restore_training(
+        state,
+        trainer,
+        trunk=run.trunk,
+        embedder=run.embedder,
+        loss=resume_mod.unwrap(trainer.loss_funcs["metric_loss"]),
+        setup=setup,
+        source=source,
+        selection=run.selection,
+    )
     forced = state.get("forced_differences") or []
-    run.resolved["resumed_from"] = {"epoch": int(state["epoch"]), "iteration": int(state.get("iteration", 0)),
-                                    "forced_differences": forced}
+    run.resolved["resumed_from"] = {
+        "epoch": int(state["epoch"]),
+        "iteration": int(state.get("iteration", 0)),
+        "forced_differences": forced,
+    }
     if run.lead:
         resume_mod.record_resume(Path(run.cfg.out), state, forced)
     if run.log is not None:
         steps = int(state.get("iteration", 0))
-        run.log(f"resuming {run.name} after epoch {state['epoch']}" + (f" + {steps} steps" if steps else "")
-                + (f" (forced despite: {'; '.join(forced)})" if forced else ""))
+        run.log(
+            f"resuming {run.name} after epoch {state['epoch']}"
+            + (f" + {steps} steps" if steps else "")
+            + (f" (forced despite: {'; '.join(forced)})" if forced else "")
+        )
 
 
 def _start_logs(run: _Run, resumed_epoch: int = 0) -> Optional[Any]:
@@ -289,8 +398,12 @@ def _epoch_log(run: _Run, tb: Optional[Any]) -> Optional[Callable[[Any], None]]:
     out = Path(run.cfg.out)
 
     def hook(trainer: Any) -> None:
-        record = {"epoch": int(trainer.epoch), "loss": float(trainer.last_loss), "lr": dict(trainer.epoch_lr),
-                  "seconds": float(trainer.epoch_seconds[-1])}
+        record = {
+            "epoch": int(trainer.epoch),
+            "loss": float(trainer.last_loss),
+            "lr": dict(trainer.epoch_lr),
+            "seconds": float(trainer.epoch_seconds[-1]),
+        }
         # the validation hook runs before this one: its metrics of this epoch, named val_<metric>
         if run.selection is not None and run.selection.last is not None and run.selection.last[0] == record["epoch"]:
             record.update({f"val_{k}": float(v) for k, v in run.selection.last[1].items()})
@@ -301,8 +414,7 @@ def _epoch_log(run: _Run, tb: Optional[Any]) -> Optional[Callable[[Any], None]]:
     return hook
 
 
-def _save_test_embeddings(run: _Run, kept: dict, retrieval: str, tb: Optional[Any], metrics: dict,
-                          step: int) -> None:
+def _save_test_embeddings(run: _Run, kept: dict, retrieval: str, tb: Optional[Any], metrics: dict, step: int) -> None:
     """``OUT/test_embeddings.npz`` for the report (thumbnails for image data), and TensorBoard's
     test metrics and projector."""
     from ..report.artifacts import make_thumbnails, save_test_artifacts, thumbnail_sample
@@ -313,13 +425,26 @@ def _save_test_embeddings(run: _Run, kept: dict, retrieval: str, tb: Optional[An
     rows = thumbnail_sample(len(labels), seed=run.cfg.seed)
     thumbs = make_thumbnails(run.splits.test, rows)
     names = run.splits.test_classes if len(run.splits.test_classes) == int(labels.max()) + 1 else None
-    save_test_artifacts(run.cfg.out, kept["embeddings"].float(), labels, thumbs,
-                        thumbnail_index=rows if thumbs is not None else None, class_names=names,
-                        retrieval_distance=retrieval)
+    save_test_artifacts(
+        run.cfg.out,
+        kept["embeddings"].float(),
+        labels,
+        thumbs,
+        thumbnail_index=rows if thumbs is not None else None,
+        class_names=names,
+        retrieval_distance=retrieval,
+    )
     if tb is not None:
         tb.log_metrics(metrics, step)
-        tb.log_embeddings(kept["embeddings"].float().cpu().numpy(), labels, names, thumbs,
-                          rows if thumbs is not None else None, step=step, seed=run.cfg.seed)
+        tb.log_embeddings(
+            kept["embeddings"].float().cpu().numpy(),
+            labels,
+            names,
+            thumbs,
+            rows if thumbs is not None else None,
+            step=step,
+            seed=run.cfg.seed,
+        )
 
 
 def _amp_dtype(device: torch.device, amp: str) -> Optional[torch.dtype]:
@@ -348,44 +473,76 @@ def _check_names(run: _Run) -> None:
 def _build_model_and_data(run: _Run) -> None:
     cfg = run.cfg
     set_seed(cfg.seed)
-    run.model = models_mod.build_model(run.backbone, embedding_size=cfg.embedding_size,
-                                       input_shape=data_mod.feature_shape(cfg.dataset), image_size=cfg.image_size,
-                                       pooling=cfg.pooling, head_norm=cfg.head_norm, pretrained=cfg.pretrained,
-                                       head=cfg.head)
+    run.model = models_mod.build_model(
+        run.backbone,
+        embedding_size=cfg.embedding_size,
+        input_shape=data_mod.feature_shape(cfg.dataset),
+        image_size=cfg.image_size,
+        pooling=cfg.pooling,
+        head_norm=cfg.head_norm,
+        pretrained=cfg.pretrained,
+        head=cfg.head,
+    )
     run.splits = data_mod.load_data(cfg.dataset, run.model.transforms)
     if run.selection is not None and cfg.loss is not None and cfg.epochs > 0:
         run.splits = data_mod.hold_out_classes(run.splits, run.selection.held_out)
     # the papers' protocols: --query/--gallery, --samples-per-class (few-shot training)
-    run.splits, protocol = protocols.apply_protocols(run.splits, query=cfg.query, gallery=cfg.gallery,
-                                                     samples_per_class=cfg.samples_per_class, seed=cfg.seed,
-                                                     transforms=run.model.transforms)
+    run.splits, protocol = protocols.apply_protocols(
+        run.splits,
+        query=cfg.query,
+        gallery=cfg.gallery,
+        samples_per_class=cfg.samples_per_class,
+        seed=cfg.seed,
+        transforms=run.model.transforms,
+    )
     run.trunk, run.embedder = run.model.trunk.to(run.device), run.model.embedder.to(run.device)
-    run.resolved = {"name": run.name, "device": str(run.device),
-                    "amp": str(run.amp_dtype) if run.amp_dtype else "off", "backbone": run.backbone,
-                    "model": run.model.description, "data": run.splits.describe(),
-                    "num_train_classes": run.splits.num_train_classes, "threads": torch.get_num_threads(),
-                    "versions": _versions(), "command": sys.argv, "machine": _machine(run.device),
-                    "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                    **protocol}
+    run.resolved = {
+        "name": run.name,
+        "device": str(run.device),
+        "amp": str(run.amp_dtype) if run.amp_dtype else "off",
+        "backbone": run.backbone,
+        "model": run.model.description,
+        "data": run.splits.describe(),
+        "num_train_classes": run.splits.num_train_classes,
+        "threads": torch.get_num_threads(),
+        "versions": _versions(),
+        "command": sys.argv,
+        "machine": _machine(run.device),
+        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        **protocol,
+    }
     if run.env is not None:
-        run.resolved["distributed"] = {"world_size": run.env.world_size, "rank": run.env.rank,
-                                       "backend": torch.distributed.get_backend()}
+        run.resolved["distributed"] = {
+            "world_size": run.env.world_size,
+            "rank": run.env.rank,
+            "backend": torch.distributed.get_backend(),
+        }
 
 
-def _build_trainer(run: _Run, epoch_log: Optional[Callable[[Any], None]] = None
-                   ) -> tuple[EmbeddingTrainer, TrainingSetup, str]:
+def _build_trainer(
+    run: _Run, epoch_log: Optional[Callable[[Any], None]] = None
+) -> tuple[EmbeddingTrainer, TrainingSetup, str]:
     """Loss, miner, the loss's training setup, sampler, optimizers and DDP wrapping -> PML trainer."""
     cfg, env, resolved = run.cfg, run.env, run.resolved
     # a loss that takes class distances gets them from class texts (written to the run folder)
     kind, _ = data_mod.parse_dataset_spec(cfg.dataset)
-    loss_args, distances = class_distances_for_run(run.entry.spec, dict(cfg.loss_args),
-                                                   train_classes=run.splits.train_classes, dataset_kind=kind,
-                                                   class_texts=cfg.class_texts, out=cfg.out if run.lead else None)
+    loss_args, distances = class_distances_for_run(
+        run.entry.spec,
+        dict(cfg.loss_args),
+        train_classes=run.splits.train_classes,
+        dataset_kind=kind,
+        class_texts=cfg.class_texts,
+        out=cfg.out if run.lead else None,
+    )
     if distances is not None:
         resolved["class_distances"] = distances
-    loss, entry, loss_args, options = build_loss(run.entry.qualified_name, num_classes=run.splits.num_train_classes,
-                                                 embedding_size=cfg.embedding_size, loss_args=loss_args,
-                                                 loss_options=cfg.loss_options)
+    loss, entry, loss_args, options = build_loss(
+        run.entry.qualified_name,
+        num_classes=run.splits.num_train_classes,
+        embedding_size=cfg.embedding_size,
+        loss_args=loss_args,
+        loss_options=cfg.loss_options,
+    )
     loss = loss.to(run.device)
     semantics = None
     if env is not None:  # refuse a loss that cannot run distributed before touching the data
@@ -394,9 +551,13 @@ def _build_trainer(run: _Run, epoch_log: Optional[Callable[[Any], None]] = None
     spec = entry.spec
     retrieval = cfg.retrieval_distance or spec.retrieval_distance
     miner = build_miner(cfg.miner, cfg.miner_args)[0] if cfg.miner else None
-    resolved.update(loss=entry.qualified_name, loss_class=f"{type(loss).__module__}.{type(loss).__qualname__}",
-                    loss_plugin=f"{entry.distribution or entry.plugin} {entry.version or ''}".strip(),
-                    loss_args=loss_args, loss_needs=entry.needs())
+    resolved.update(
+        loss=entry.qualified_name,
+        loss_class=f"{type(loss).__module__}.{type(loss).__qualname__}",
+        loss_plugin=f"{entry.distribution or entry.plugin} {entry.version or ''}".strip(),
+        loss_args=loss_args,
+        loss_needs=entry.needs(),
+    )
 
     setup = _training_setup(run, loss, entry, options)
     # Every loss run with the same seed draws the same batches (when it uses the same sampler):
@@ -409,25 +570,33 @@ def _build_trainer(run: _Run, epoch_log: Optional[Callable[[Any], None]] = None
         base = sampler if sampler is not None else ddp.GlobalRandomSampler(len(train_dataset), cfg.seed)
         sampler = ddp.RankSliceSampler(base, cfg.batch_size, env.rank, env.world_size)
         local_batch = sampler.local_batch_size
-        divisor = env.world_size if cfg.distributed_efficient else env.world_size ** 2
-        resolved["distributed"].update({
-            "global_batch_size": cfg.batch_size, "local_batch_size": local_batch,
-            "efficient": cfg.distributed_efficient, "loss_semantics": semantics or "not declared",
-            "loss_parameter_gradients": f"all-reduced sum / {divisor}"})
+        divisor = env.world_size if cfg.distributed_efficient else env.world_size**2
+        resolved["distributed"].update(
+            {
+                "global_batch_size": cfg.batch_size,
+                "local_batch_size": local_batch,
+                "efficient": cfg.distributed_efficient,
+                "loss_semantics": semantics or "not declared",
+                "loss_parameter_gradients": f"all-reduced sum / {divisor}",
+            }
+        )
 
     models = {"trunk": run.trunk, "embedder": run.embedder}
     has_loss_params = any(p.requires_grad for p in loss.parameters())
     loss_lr = float(cfg.loss_lr if cfg.loss_lr is not None else (spec.loss_lr or cfg.lr)) if has_loss_params else None
-    optimizers = build_optimizers(models, loss, optimizer=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  loss_lr=loss_lr)
+    optimizers = build_optimizers(
+        models, loss, optimizer=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, loss_lr=loss_lr
+    )
     resolved["loss_lr"] = loss_lr
     if run.log is not None:
         lr_text = f", loss parameters lr {loss_lr:g}" if loss_lr is not None else ""
         sampler_text = f"m-per-class (m={m})" if m else resolved["sampler"]
         views = f", {setup.views_per_sample} views/sample" if setup.views_per_sample != 1 else ""
-        run.log(f"{run.name}: {type(loss).__name__} [{resolved['loss_plugin']}] on {run.splits.describe()}; "
-                f"{run.model.description}; {cfg.epochs} epochs x batch {cfg.batch_size}, sampler {sampler_text}"
-                f"{views}, {cfg.optimizer} lr {cfg.lr:g}{lr_text}; {run.device}; retrieval {retrieval}")
+        run.log(
+            f"{run.name}: {type(loss).__name__} [{resolved['loss_plugin']}] on {run.splits.describe()}; "
+            f"{run.model.description}; {cfg.epochs} epochs x batch {cfg.batch_size}, sampler {sampler_text}"
+            f"{views}, {cfg.optimizer} lr {cfg.lr:g}{lr_text}; {run.device}; retrieval {retrieval}"
+        )
     schedulers = build_schedulers(optimizers, cfg.lr_step, cfg.lr_gamma)
     metric_loss, after_backward, loss_scale = loss, None, 1.0
     if env is not None:
@@ -435,26 +604,40 @@ def _build_trainer(run: _Run, epoch_log: Optional[Callable[[Any], None]] = None
         metric_loss = distributed_losses.wrap_loss(loss, entry, efficient=cfg.distributed_efficient)
         miner = distributed_losses.wrap_miner(miner, efficient=cfg.distributed_efficient) if miner is not None else None
         if has_loss_params:
+
             def after_backward() -> None:
                 distributed_losses.average_loss_gradients(loss, efficient=cfg.distributed_efficient)
+
         loss_scale = 1.0 / env.world_size
         if run.log is not None:
-            run.log(f"distributed: {env.world_size} processes ({resolved['distributed']['backend']}), global batch "
-                    f"{cfg.batch_size} = {env.world_size} x {local_batch}; {run.name} semantics: "
-                    f"{semantics or 'not declared'}")
+            run.log(
+                f"distributed: {env.world_size} processes ({resolved['distributed']['backend']}), global batch "
+                f"{cfg.batch_size} = {env.world_size} x {local_batch}; {run.name} semantics: "
+                f"{semantics or 'not declared'}"
+            )
         torch.manual_seed(cfg.seed + env.rank)  # distinct augmentation streams; samplers are shared
     with quiet_pml_logger():
-        trainer = EmbeddingTrainer(models=models, optimizers=optimizers, batch_size=local_batch,
-                                   loss_funcs={"metric_loss": metric_loss}, dataset=train_dataset,
-                                   mining_funcs={"tuple_miner": miner} if miner is not None else {},
-                                   iterations_per_epoch=cfg.iterations_per_epoch, data_device=run.device,
-                                   sampler=sampler, collate_fn=setup.collate_fn, lr_schedulers=schedulers,
-                                   dataloader_num_workers=cfg.num_workers,
-                                   end_of_iteration_hook=chain_hooks(setup.end_of_iteration_hook),
-                                   end_of_epoch_hook=chain_hooks(setup.end_of_epoch_hook,
-                                                                 _selection_hook(run, loss, retrieval), epoch_log),
-                                   progress=run.progress, desc=run.name, amp_dtype=run.amp_dtype,
-                                   after_backward=after_backward, loss_scale=loss_scale)
+        trainer = EmbeddingTrainer(
+            models=models,
+            optimizers=optimizers,
+            batch_size=local_batch,
+            loss_funcs={"metric_loss": metric_loss},
+            dataset=train_dataset,
+            mining_funcs={"tuple_miner": miner} if miner is not None else {},
+            iterations_per_epoch=cfg.iterations_per_epoch,
+            data_device=run.device,
+            sampler=sampler,
+            collate_fn=setup.collate_fn,
+            lr_schedulers=schedulers,
+            dataloader_num_workers=cfg.num_workers,
+            end_of_iteration_hook=chain_hooks(setup.end_of_iteration_hook),
+            end_of_epoch_hook=chain_hooks(setup.end_of_epoch_hook, _selection_hook(run, loss, retrieval), epoch_log),
+            progress=run.progress,
+            desc=run.name,
+            amp_dtype=run.amp_dtype,
+            after_backward=after_backward,
+            loss_scale=loss_scale,
+        )
     return trainer, setup, retrieval
 
 
@@ -467,8 +650,14 @@ def _selection_hook(run: _Run, loss: torch.nn.Module, retrieval: str) -> Optiona
     if run.selection is None:
         return None
     modules = {"trunk": run.trunk, "embedder": run.embedder, "loss": loss}
-    return run.selection.make_hook(modules, run.splits.val, device=run.device, retrieval_distance=retrieval,
-                                   ks=run.cfg.ks, batch_size=run.cfg.eval_batch_size)
+    return run.selection.make_hook(
+        modules,
+        run.splits.val,
+        device=run.device,
+        retrieval_distance=retrieval,
+        ks=run.cfg.ks,
+        batch_size=run.cfg.eval_batch_size,
+    )
 
 
 def _training_setup(run: _Run, loss: torch.nn.Module, entry: reg.Entry, options: dict) -> TrainingSetup:
@@ -489,19 +678,33 @@ def _training_setup(run: _Run, loss: torch.nn.Module, entry: reg.Entry, options:
         finally:
             trunk.train(modes[0]), embedder.train(modes[1])
 
-    context = TrainingContext(trunk=trunk, embedder=embedder, train_dataset=run.splits.train,
-                              batch_size=cfg.batch_size, epochs=cfg.epochs, device=device, seed=cfg.seed,
-                              num_workers=cfg.num_workers, embed=embed, options=dict(options),
-                              progress=run.progress, rank=env.rank if env is not None else 0,
-                              world_size=env.world_size if env is not None else 1,
-                              train_eval_dataset=run.splits.train_eval)
+    context = TrainingContext(
+        trunk=trunk,
+        embedder=embedder,
+        train_dataset=run.splits.train,
+        batch_size=cfg.batch_size,
+        epochs=cfg.epochs,
+        device=device,
+        seed=cfg.seed,
+        num_workers=cfg.num_workers,
+        embed=embed,
+        options=dict(options),
+        progress=run.progress,
+        rank=env.rank if env is not None else 0,
+        world_size=env.world_size if env is not None else 1,
+        train_eval_dataset=run.splits.train_eval,
+    )
     setup = training_setup(loss, context) or TrainingSetup()
     if not isinstance(setup, TrainingSetup):
-        raise TypeError(f"{entry.name}'s training_setup returned {type(setup).__name__}, "
-                        f"expected pml_plugins.TrainingSetup")
-    run.resolved["training_setup"] = {"options": options, "views_per_sample": setup.views_per_sample,
-                                      "replaces_dataset": setup.train_dataset is not None,
-                                      "sampler": type(setup.sampler).__name__ if setup.sampler else None}
+        raise TypeError(
+            f"{entry.name}'s training_setup returned {type(setup).__name__}, expected pml_plugins.TrainingSetup"
+        )
+    run.resolved["training_setup"] = {
+        "options": options,
+        "views_per_sample": setup.views_per_sample,
+        "replaces_dataset": setup.train_dataset is not None,
+        "sampler": type(setup.sampler).__name__ if setup.sampler else None,
+    }
     return setup
 
 
@@ -512,19 +715,32 @@ def _pretrain(run: _Run) -> None:
     if epochs == 0:
         return
     if run.env is not None:
-        raise ValueError("classification pre-training (pretrain_epochs) runs in one process only; pre-train "
-                         "without --distributed, or set --pretrain-epochs 0")
+        raise ValueError(
+            "classification pre-training (pretrain_epochs) runs in one process only; pre-train "
+            "without --distributed, or set --pretrain-epochs 0"
+        )
     if run.log is not None:
         run.log(f"{run.name}: {epochs} epochs of classification pre-training (linear classifier + cross-entropy)")
     run.resolved["pretraining"] = pretrain_classifier(
-        run.trunk, run.embedder, run.splits.train, num_classes=run.splits.num_train_classes,
-        embedding_size=cfg.embedding_size, epochs=epochs, batch_size=cfg.batch_size, optimizer=cfg.optimizer,
-        lr=cfg.lr, weight_decay=cfg.weight_decay, device=run.device, seed=cfg.seed, num_workers=cfg.num_workers,
-        amp_dtype=run.amp_dtype, progress=run.progress)
+        run.trunk,
+        run.embedder,
+        run.splits.train,
+        num_classes=run.splits.num_train_classes,
+        embedding_size=cfg.embedding_size,
+        epochs=epochs,
+        batch_size=cfg.batch_size,
+        optimizer=cfg.optimizer,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        device=run.device,
+        seed=cfg.seed,
+        num_workers=cfg.num_workers,
+        amp_dtype=run.amp_dtype,
+        progress=run.progress,
+    )
 
 
-def _sampler(run: _Run, spec: LossSpec, setup: TrainingSetup,
-             train_dataset: Any) -> tuple[Any, Optional[int]]:
+def _sampler(run: _Run, spec: LossSpec, setup: TrainingSetup, train_dataset: Any) -> tuple[Any, Optional[int]]:
     """The setup's own sampler, else m-per-class when asked (``--sampler`` or the loss's spec), else random."""
     cfg = run.cfg
     sampler_name = cfg.sampler
@@ -535,25 +751,36 @@ def _sampler(run: _Run, spec: LossSpec, setup: TrainingSetup,
         labels = run.splits.train_labels if setup.train_dataset is None else data_mod.dataset_labels(train_dataset)
         sampler, m = m_per_class_sampler(labels, cfg.batch_size, cfg.m, preferred_m(spec))
     if sampler is None and cfg.batch_size > len(train_dataset):
-        raise ValueError(f"batch size {cfg.batch_size} is larger than the training split "
-                         f"({len(train_dataset)} samples)")
-    run.resolved["sampler"] = (type(setup.sampler).__name__ if setup.sampler is not None
-                               else ("MPerClassSampler" if m else "random"))
+        raise ValueError(
+            f"batch size {cfg.batch_size} is larger than the training split ({len(train_dataset)} samples)"
+        )
+    run.resolved["sampler"] = (
+        type(setup.sampler).__name__ if setup.sampler is not None else ("MPerClassSampler" if m else "random")
+    )
     run.resolved["m"] = m
     return sampler, m
 
 
 def _result(run: _Run, metrics: dict, trainer: Optional[EmbeddingTrainer], mem: Optional[PeakMemory]) -> RunResult:
     epoch_seconds = trainer.epoch_seconds if trainer is not None else []
-    result = RunResult(name=run.name, metrics=metrics, out=run.cfg.out,
-                       seconds_per_epoch=(sum(epoch_seconds) / len(epoch_seconds)) if epoch_seconds else None,
-                       train_seconds=sum(epoch_seconds), peak_memory_mb=mem.peak_mb if mem is not None else None,
-                       memory_kind=mem.kind if mem is not None else PeakMemory(run.device).kind)
+    result = RunResult(
+        name=run.name,
+        metrics=metrics,
+        out=run.cfg.out,
+        seconds_per_epoch=(sum(epoch_seconds) / len(epoch_seconds)) if epoch_seconds else None,
+        train_seconds=sum(epoch_seconds),
+        peak_memory_mb=mem.peak_mb if mem is not None else None,
+        memory_kind=mem.kind if mem is not None else PeakMemory(run.device).kind,
+    )
     result.config = {**run.cfg.to_dict(), "resolved": run.resolved}
     if trainer is not None:
-        result.extra = {"final_epoch_loss": trainer.last_loss, "epochs_run": len(epoch_seconds),
-                        "iterations_per_epoch": trainer.iterations_per_epoch,
-                        "epoch_losses": list(trainer.epoch_losses), "zero_loss_epochs": list(trainer.zero_loss_epochs)}
+        result.extra = {
+            "final_epoch_loss": trainer.last_loss,
+            "epochs_run": len(epoch_seconds),
+            "iterations_per_epoch": trainer.iterations_per_epoch,
+            "epoch_losses": list(trainer.epoch_losses),
+            "zero_loss_epochs": list(trainer.zero_loss_epochs),
+        }
         if run.selection is not None:
             result.extra.update(run.selection.record())
     return result

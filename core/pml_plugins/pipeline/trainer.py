@@ -1,4 +1,5 @@
 """The training loop: PML's ``MetricLossOnly`` with progress, a NaN guard, timing and mixed precision."""
+
 from __future__ import annotations
 
 import contextlib
@@ -25,7 +26,6 @@ def quiet_pml_logger():
         logger.setLevel(level)
 
 
-
 class EmbeddingTrainer(MetricLossOnly):
     """PML's ``MetricLossOnly`` with a labelled, transient tqdm bar, a NaN guard, per-epoch
     timing, mixed precision for the trunk on CUDA, and what checkpoints need:
@@ -40,13 +40,21 @@ class EmbeddingTrainer(MetricLossOnly):
       start epoch's data stream without training on them, then restores the saved random states.
     """
 
-    def __init__(self, *args: Any, progress: bool = True, desc: str = "", amp_dtype: Optional[torch.dtype] = None,
-                 after_backward: Optional[Callable[[], None]] = None, loss_scale: float = 1.0,
-                 begin_epoch: Optional[Callable[[int], None]] = None,
-                 save: Optional[Callable[[int, int, float], None]] = None,
-                 should_stop: Optional[Callable[[], bool]] = None,
-                 stop_error: Optional[Callable[[int, int], BaseException]] = None,
-                 before_step: Optional[Callable[[int, int], None]] = None, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        progress: bool = True,
+        desc: str = "",
+        amp_dtype: Optional[torch.dtype] = None,
+        after_backward: Optional[Callable[[], None]] = None,
+        loss_scale: float = 1.0,
+        begin_epoch: Optional[Callable[[int], None]] = None,
+        save: Optional[Callable[[int, int, float], None]] = None,
+        should_stop: Optional[Callable[[], bool]] = None,
+        stop_error: Optional[Callable[[int, int], BaseException]] = None,
+        before_step: Optional[Callable[[int, int], None]] = None,
+        **kwargs: Any,
+    ):
         self._progress, self._desc, self._amp_dtype = progress, desc, amp_dtype
         #: distributed: fixes the loss parameters' gradients; PML's wrapper returns W x the loss
         self._after_backward, self._loss_scale = after_backward, loss_scale
@@ -65,11 +73,15 @@ class EmbeddingTrainer(MetricLossOnly):
         self.epoch_lr: dict[str, float] = {}
         super().__init__(*args, **kwargs)
 
-    def configure_checkpoints(self, *, begin_epoch: Optional[Callable[[int], None]] = None,
-                              save: Optional[Callable[[int, int, float], None]] = None,
-                              should_stop: Optional[Callable[[], bool]] = None,
-                              stop_error: Optional[Callable[[int, int], BaseException]] = None,
-                              before_step: Optional[Callable[[int, int], None]] = None) -> None:
+    def configure_checkpoints(
+        self,
+        *,
+        begin_epoch: Optional[Callable[[int], None]] = None,
+        save: Optional[Callable[[int, int, float], None]] = None,
+        should_stop: Optional[Callable[[], bool]] = None,
+        stop_error: Optional[Callable[[int, int], BaseException]] = None,
+        before_step: Optional[Callable[[int, int], None]] = None,
+    ) -> None:
         """Set the callbacks of the class docstring after construction."""
         self._begin_epoch, self._save, self._should_stop = begin_epoch, save, should_stop
         self._stop_error, self._before_step = stop_error, before_step
@@ -79,13 +91,22 @@ class EmbeddingTrainer(MetricLossOnly):
         """The AMP grad scaler (float16 on CUDA), else None."""
         return self._scaler
 
-    def train(self, start_epoch: int = 1, num_epochs: int = 1, *, resume_iteration: int = 0,
-              resume_total: float = 0.0, resume_rng: Optional[dict] = None) -> None:
+    def train(
+        self,
+        start_epoch: int = 1,
+        num_epochs: int = 1,
+        *,
+        resume_iteration: int = 0,
+        resume_total: float = 0.0,
+        resume_rng: Optional[dict] = None,
+    ) -> None:
         self.initialize_dataloader()
         for self.epoch in range(start_epoch, num_epochs + 1):
             start = time.perf_counter()
-            self.epoch_lr = {k[: -len("_optimizer")] if k.endswith("_optimizer") else k: float(o.param_groups[0]["lr"])
-                             for k, o in self.optimizers.items()}
+            self.epoch_lr = {
+                k[: -len("_optimizer")] if k.endswith("_optimizer") else k: float(o.param_groups[0]["lr"])
+                for k, o in self.optimizers.items()
+            }
             self.set_to_train()
             if self._begin_epoch is not None:
                 self._begin_epoch(self.epoch)
@@ -93,9 +114,15 @@ class EmbeddingTrainer(MetricLossOnly):
             first, total = 0, 0.0
             if self.epoch == start_epoch and resume_iteration:
                 first, total = self._replay(resume_iteration, resume_total, resume_rng)
-            pbar = tqdm.tqdm(range(first, self.iterations_per_epoch), initial=first, total=self.iterations_per_epoch,
-                             desc=f"{self._desc} epoch {self.epoch}/{num_epochs}",
-                             leave=False, disable=not self._progress, dynamic_ncols=True)
+            pbar = tqdm.tqdm(
+                range(first, self.iterations_per_epoch),
+                initial=first,
+                total=self.iterations_per_epoch,
+                desc=f"{self._desc} epoch {self.epoch}/{num_epochs}",
+                leave=False,
+                disable=not self._progress,
+                dynamic_ncols=True,
+            )
             all_zero = total == 0.0  # a resumed epoch: the iterations before the resume count too
             for self.iteration in pbar:
                 if self._before_step is not None:
@@ -103,13 +130,17 @@ class EmbeddingTrainer(MetricLossOnly):
                 self.forward_and_backward()
                 loss = float(torch.as_tensor(self.losses["total_loss"]).detach()) * self._loss_scale
                 if not math.isfinite(loss):
-                    raise FloatingPointError(f"the loss became {loss} at epoch {self.epoch}, iteration "
-                                             f"{self.iteration + 1} (try a lower --lr / --loss-lr)")
+                    raise FloatingPointError(
+                        f"the loss became {loss} at epoch {self.epoch}, iteration "
+                        f"{self.iteration + 1} (try a lower --lr / --loss-lr)"
+                    )
                 total += loss
                 all_zero = all_zero and loss == 0.0
                 self.end_of_iteration_hook(self)
-                pbar.set_postfix(loss=f"{loss:.4f}", **({"saved": f"epoch {self.saved_epoch}"}
-                                                        if self.saved_epoch is not None else {}))
+                pbar.set_postfix(
+                    loss=f"{loss:.4f}",
+                    **({"saved": f"epoch {self.saved_epoch}"} if self.saved_epoch is not None else {}),
+                )
                 self.step_lr_schedulers(end_of_epoch=False)
                 done = self.iteration + 1
                 if done < self.iterations_per_epoch and self._stop_requested():
@@ -137,12 +168,19 @@ class EmbeddingTrainer(MetricLossOnly):
         if self.sampler is None:
             self.data_generator = torch.Generator()
             self.dataloader = torch.utils.data.DataLoader(
-                self.dataset, batch_size=int(self.batch_size), shuffle=True, drop_last=True,
-                num_workers=self.dataloader_num_workers, collate_fn=self.collate_fn, pin_memory=False,
-                generator=self.data_generator)
+                self.dataset,
+                batch_size=int(self.batch_size),
+                shuffle=True,
+                drop_last=True,
+                num_workers=self.dataloader_num_workers,
+                collate_fn=self.collate_fn,
+                pin_memory=False,
+                generator=self.data_generator,
+            )
         else:
-            self.dataloader = c_f.get_train_dataloader(self.dataset, self.batch_size, self.sampler,
-                                                       self.dataloader_num_workers, self.collate_fn)
+            self.dataloader = c_f.get_train_dataloader(
+                self.dataset, self.batch_size, self.sampler, self.dataloader_num_workers, self.collate_fn
+            )
         if not self.iterations_per_epoch:
             self.iterations_per_epoch = len(self.dataloader)
         self.dataloader_iter = None  # train() starts a fresh iterator every epoch
@@ -220,9 +258,15 @@ def chain_hooks(*hooks: Optional[Callable]) -> Callable:
     return hook
 
 
-
-def build_optimizers(models: dict[str, torch.nn.Module], loss: torch.nn.Module, *, optimizer: str, lr: float,
-                     weight_decay: float, loss_lr: Optional[float]) -> dict[str, torch.optim.Optimizer]:
+def build_optimizers(
+    models: dict[str, torch.nn.Module],
+    loss: torch.nn.Module,
+    *,
+    optimizer: str,
+    lr: float,
+    weight_decay: float,
+    loss_lr: Optional[float],
+) -> dict[str, torch.optim.Optimizer]:
     """One optimizer per model with trainable parameters (``<key>_optimizer``, as PML's trainers name
     them) and ``metric_loss_optimizer`` for the loss's own parameters at ``loss_lr``."""
     optimizers = {}
@@ -236,11 +280,11 @@ def build_optimizers(models: dict[str, torch.nn.Module], loss: torch.nn.Module, 
     return optimizers
 
 
-def build_schedulers(optimizers: dict[str, torch.optim.Optimizer], step: Optional[int],
-                     gamma: float) -> Optional[dict]:
+def build_schedulers(optimizers: dict[str, torch.optim.Optimizer], step: Optional[int], gamma: float) -> Optional[dict]:
     """Step decay by epoch for every optimizer (PML's ``<name>_scheduler_by_epoch`` keys), or None."""
     if not step:
         return None
-    return {k.replace("_optimizer", "_scheduler_by_epoch"): torch.optim.lr_scheduler.StepLR(o, step_size=step,
-                                                                                           gamma=gamma)
-            for k, o in optimizers.items()}
+    return {
+        k.replace("_optimizer", "_scheduler_by_epoch"): torch.optim.lr_scheduler.StepLR(o, step_size=step, gamma=gamma)
+        for k, o in optimizers.items()
+    }

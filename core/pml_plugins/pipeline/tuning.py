@@ -10,6 +10,7 @@ pruned or failed) trials are kept and only the missing ones run. The sampler is 
 the number of finished trials before each trial, so a resumed study proposes what an
 uninterrupted one would have.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,8 +29,9 @@ def _optuna():
     try:
         import optuna
     except ImportError:  # pragma: no cover - optuna is in the train extra
-        raise ImportError("compare --tune needs Optuna: pip install 'pml-plugins[train]' "
-                          "(or pip install optuna)") from None
+        raise ImportError(
+            "compare --tune needs Optuna: pip install 'pml-plugins[train]' (or pip install optuna)"
+        ) from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna
 
@@ -53,12 +55,23 @@ def finished_trials(study: Any) -> list:
     without a recorded run error) or killed (still "running") is not done: it runs again."""
     optuna = _optuna()
     state = optuna.trial.TrialState
-    return [t for t in study.get_trials(deepcopy=False)
-            if t.state in (state.COMPLETE, state.PRUNED) or (t.state == state.FAIL and ERROR_ATTR in t.user_attrs)]
+    return [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.state in (state.COMPLETE, state.PRUNED) or (t.state == state.FAIL and ERROR_ATTR in t.user_attrs)
+    ]
 
 
-def tune(name: str, trials: int, out: Path, setting: dict, objective: Callable[[Any], float], *,
-         log: Callable[[str], None] = print, seed: int = 0) -> tuple[Optional[dict], Optional[float], list]:
+def tune(
+    name: str,
+    trials: int,
+    out: Path,
+    setting: dict,
+    objective: Callable[[Any], float],
+    *,
+    log: Callable[[str], None] = print,
+    seed: int = 0,
+) -> tuple[Optional[dict], Optional[float], list]:
     """Run ``trials`` trials of ``objective(trial)`` in the study ``name`` (continuing an existing one).
 
     Returns ``(best params, best value, finished trials)``; ``(None, None, trials)`` when no trial

@@ -17,6 +17,7 @@ or one pytest case per check, in the spirit of scikit-learn's ``parametrize_with
 Both raise ``AssertionError`` naming the failed check. Requires ``hypothesis`` and ``pytest``
 (the ``pml-plugins[testing]`` extra).
 """
+
 from __future__ import annotations
 
 import functools
@@ -70,8 +71,13 @@ def _label(factory: Callable[[], Any]) -> str:
         return getattr(factory, "__name__", "factory")
 
 
-def _bind(checks: Sequence[Callable], factory: Callable[[], Any], spec: BatchSpec,
-          skip: Optional[Mapping[str, str]], extra: Mapping[str, Mapping[str, Any]]) -> list[_Check]:
+def _bind(
+    checks: Sequence[Callable],
+    factory: Callable[[], Any],
+    spec: BatchSpec,
+    skip: Optional[Mapping[str, str]],
+    extra: Mapping[str, Mapping[str, Any]],
+) -> list[_Check]:
     skip = dict(skip or {})
     known = {c.__name__ for c in checks}
     unknown = set(skip) - known
@@ -91,25 +97,46 @@ def _bind(checks: Sequence[Callable], factory: Callable[[], Any], spec: BatchSpe
     return bound
 
 
-def loss_checks(make_loss: Callable[[], Any], *, embedding_size: int, num_classes: Optional[int] = None,
-                num_views: int = 1, samples_per_class: Optional[int] = None, distances: Iterable = (),
-                skip: Optional[Mapping[str, str]] = None, max_examples: int = 20) -> list[_Check]:
+def loss_checks(
+    make_loss: Callable[[], Any],
+    *,
+    embedding_size: int,
+    num_classes: Optional[int] = None,
+    num_views: int = 1,
+    samples_per_class: Optional[int] = None,
+    distances: Iterable = (),
+    skip: Optional[Mapping[str, str]] = None,
+    max_examples: int = 20,
+) -> list[_Check]:
     """The loss checks bound to ``make_loss``, each a zero-argument callable."""
     spec = BatchSpec(embedding_size, num_classes, num_views, samples_per_class)
     extra = {"check_distances": {"distances": tuple(distances)}, "check_property_based": {"max_examples": max_examples}}
     return _bind(LOSS_CHECKS, make_loss, spec, skip, extra)
 
 
-def miner_checks(make_miner: Callable[[], Any], *, embedding_size: int, skip: Optional[Mapping[str, str]] = None,
-                 max_examples: int = 20) -> list[_Check]:
+def miner_checks(
+    make_miner: Callable[[], Any],
+    *,
+    embedding_size: int,
+    skip: Optional[Mapping[str, str]] = None,
+    max_examples: int = 20,
+) -> list[_Check]:
     """The miner checks bound to ``make_miner``, each a zero-argument callable."""
     spec = BatchSpec(embedding_size, None, 1, None)
     return _bind(MINER_CHECKS, make_miner, spec, skip, {"check_property_based": {"max_examples": max_examples}})
 
 
-def check_loss(make_loss: Callable[[], Any], *, embedding_size: int, num_classes: Optional[int] = None,
-               num_views: int = 1, samples_per_class: Optional[int] = None, distances: Iterable = (),
-               skip: Optional[Mapping[str, str]] = None, max_examples: int = 20) -> None:
+def check_loss(
+    make_loss: Callable[[], Any],
+    *,
+    embedding_size: int,
+    num_classes: Optional[int] = None,
+    num_views: int = 1,
+    samples_per_class: Optional[int] = None,
+    distances: Iterable = (),
+    skip: Optional[Mapping[str, str]] = None,
+    max_examples: int = 20,
+) -> None:
     """Run every loss check on fresh instances from ``make_loss``.
 
     Args:
@@ -125,14 +152,26 @@ def check_loss(make_loss: Callable[[], Any], *, embedding_size: int, num_classes
     Raises:
         AssertionError naming the first failed check.
     """
-    for check in loss_checks(make_loss, embedding_size=embedding_size, num_classes=num_classes, num_views=num_views,
-                             samples_per_class=samples_per_class, distances=distances, skip=skip,
-                             max_examples=max_examples):
+    for check in loss_checks(
+        make_loss,
+        embedding_size=embedding_size,
+        num_classes=num_classes,
+        num_views=num_views,
+        samples_per_class=samples_per_class,
+        distances=distances,
+        skip=skip,
+        max_examples=max_examples,
+    ):
         check()
 
 
-def check_miner(make_miner: Callable[[], Any], *, embedding_size: int, skip: Optional[Mapping[str, str]] = None,
-                max_examples: int = 20) -> None:
+def check_miner(
+    make_miner: Callable[[], Any],
+    *,
+    embedding_size: int,
+    skip: Optional[Mapping[str, str]] = None,
+    max_examples: int = 20,
+) -> None:
     """Run every miner check on fresh instances from ``make_miner``; raises AssertionError naming the check."""
     for check in miner_checks(make_miner, embedding_size=embedding_size, skip=skip, max_examples=max_examples):
         check()

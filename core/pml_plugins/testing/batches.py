@@ -1,4 +1,5 @@
 """Synthetic batches for the conformance kit: label layouts, dtypes, multi-view rows."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,5 @@
 """Helpers shared by the loss and miner checks."""
+
 from __future__ import annotations
 
 import contextlib
@@ -10,7 +11,7 @@ import torch
 
 from .batches import BatchSpec, make_labels
 
-_HALF_MESSAGES = ("not implemented for 'half'", "not implemented for 'bfloat16'", "\"half\"", "'half'", "bfloat16")
+_HALF_MESSAGES = ("not implemented for 'half'", "not implemented for 'bfloat16'", '"half"', "'half'", "bfloat16")
 
 
 def half_precision_unsupported(exc: BaseException) -> bool:

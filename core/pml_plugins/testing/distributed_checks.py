@@ -16,6 +16,7 @@ torch thread each), and for every loss name
 
 The report holds measurements (maxima over ranks); the caller asserts on them.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -83,8 +84,9 @@ def _flat(*modules: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for m in modules for p in m.parameters()] or [torch.zeros(0)])
 
 
-def _check_one(entry: Any, rank: int, world: int, dtype: torch.dtype, miner_name: Optional[str], steps: int,
-               database: bool = False) -> dict:
+def _check_one(
+    entry: Any, rank: int, world: int, dtype: torch.dtype, miner_name: Optional[str], steps: int, database: bool = False
+) -> dict:
     import torch.distributed as dist
     from pytorch_metric_learning.utils import distributed as pml_dist
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -111,8 +113,9 @@ def _check_one(entry: Any, rank: int, world: int, dtype: torch.dtype, miner_name
 
     model, loss, miner = _fresh(entry, dtype, miner_name, database)  # this rank's slice, core wrappers
     ddp = DDP(model)
-    value = _forward(ddp, loss, miner, x[sl], y[sl], pd.wrap_loss(loss, entry),
-                     pd.wrap_miner(miner) if miner is not None else None)
+    value = _forward(
+        ddp, loss, miner, x[sl], y[sl], pd.wrap_loss(loss, entry), pd.wrap_miner(miner) if miner is not None else None
+    )
     value.backward()
     raw = _grads(loss)
     pd.average_loss_gradients(loss)
@@ -127,8 +130,15 @@ def _check_one(entry: Any, rank: int, world: int, dtype: torch.dtype, miner_name
 
     model, loss, miner = _fresh(entry, dtype, miner_name, database)  # PML's own wrappers, for the record
     ddp = DDP(model)
-    pml_value = _forward(ddp, loss, miner, x[sl], y[sl], pml_dist.DistributedLossWrapper(loss),
-                         pml_dist.DistributedMinerWrapper(miner) if miner is not None else None)
+    pml_value = _forward(
+        ddp,
+        loss,
+        miner,
+        x[sl],
+        y[sl],
+        pml_dist.DistributedLossWrapper(loss),
+        pml_dist.DistributedMinerWrapper(miner) if miner is not None else None,
+    )
     out["pml_order_value_err"] = abs(float(pml_value.detach()) / world - float(single.detach()))
 
     finals = []
@@ -163,16 +173,16 @@ def _worker(rank: int, world: int, init_file: str, cases: list, out_dir: str, dt
 
     torch.set_num_threads(1)
     # a short timeout: a loss that fails on one rank only must not hang the other for 30 minutes
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
+    )
     dtype = getattr(torch, dtype_name)
     results = {}
     try:
         for name, miner_name, database in cases:
             key = f"{name}+{miner_name}" if miner_name else (f"{name}+database" if database else name)
             try:
-                results[key] = _check_one(reg.get_entry("loss", name), rank, world, dtype, miner_name, steps,
-                                          database)
+                results[key] = _check_one(reg.get_entry("loss", name), rank, world, dtype, miner_name, steps, database)
             except Exception:  # recorded: the caller's assertion shows it
                 results[key] = {"error": traceback.format_exc()}
     finally:
@@ -195,9 +205,15 @@ def _merge(per_rank: list[dict]) -> dict:
     return report
 
 
-def distributed_report(names: Sequence[str], *, miner_cases: Sequence[tuple[str, str]] = (),
-                       database_cases: Sequence[str] = (), world_size: int = 2, dtype: torch.dtype = torch.float64,
-                       steps: int = 3) -> dict[str, dict]:
+def distributed_report(
+    names: Sequence[str],
+    *,
+    miner_cases: Sequence[tuple[str, str]] = (),
+    database_cases: Sequence[str] = (),
+    world_size: int = 2,
+    dtype: torch.dtype = torch.float64,
+    steps: int = 3,
+) -> dict[str, dict]:
     """Run the checks in ``world_size`` spawned gloo processes; returns ``{key: measurements}``
     (maxima over ranks; a failure is recorded under ``"error"`` with its traceback).
 
@@ -216,10 +232,17 @@ def distributed_report(names: Sequence[str], *, miner_cases: Sequence[tuple[str,
         raise ValueError(f"the check batch of {len(LABELS)} rows does not split over {world_size} processes")
     import torch.multiprocessing as mp
 
-    cases = ([(n, None, False) for n in names] + [(loss, miner, False) for loss, miner in miner_cases]
-             + [(n, None, True) for n in database_cases])
+    cases = (
+        [(n, None, False) for n in names]
+        + [(loss, miner, False) for loss, miner in miner_cases]
+        + [(n, None, True) for n in database_cases]
+    )
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(world_size, os.path.join(tmp, "store"), cases, tmp, str(dtype).split(".")[-1], steps),
-                 nprocs=world_size, join=True)
+        mp.spawn(
+            _worker,
+            args=(world_size, os.path.join(tmp, "store"), cases, tmp, str(dtype).split(".")[-1], steps),
+            nprocs=world_size,
+            join=True,
+        )
         per_rank = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
     return _merge(per_rank)

@@ -4,6 +4,7 @@ A check raises ``AssertionError`` (with the check's name) when the loss does not
 pytorch-metric-learning built-in, and returns normally otherwise. Checks that do not apply to
 a loss (e.g. ``indices_tuple`` equalities for a loss that rejects tuples) pass silently.
 """
+
 from __future__ import annotations
 
 import io
@@ -270,8 +271,13 @@ def check_property_based(make_loss: LossFactory, spec: BatchSpec, max_examples: 
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    @settings(max_examples=max_examples, deadline=None, derandomize=True, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=max_examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(
         num_samples=st.integers(min_value=2, max_value=24),
         layout=st.sampled_from(["one_class", "m_per_class", "many_classes", "random"]),
@@ -283,7 +289,7 @@ def check_property_based(make_loss: LossFactory, spec: BatchSpec, max_examples: 
         if spec.samples_per_class and layout in ("random", "many_classes"):
             layout = "m_per_class"  # the loss declared it needs m-per-class batches
         loss = _loss(make_loss)
-        emb, labels = make_batch(spec, num_samples, layout=layout, dtype=dtype, scale=10.0 ** log_scale, seed=seed)
+        emb, labels = make_batch(spec, num_samples, layout=layout, dtype=dtype, scale=10.0**log_scale, seed=seed)
         try:
             out = _value(loss, emb, labels)
         except (RuntimeError, NotImplementedError) as exc:

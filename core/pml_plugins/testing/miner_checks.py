@@ -1,4 +1,5 @@
 """Conformance checks for miner plugins: each check is ``check_x(make_miner, spec)``."""
+
 from __future__ import annotations
 
 from typing import Callable
@@ -118,8 +119,13 @@ def check_property_based(make_miner: MinerFactory, spec: BatchSpec, max_examples
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    @settings(max_examples=max_examples, deadline=None, derandomize=True, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=max_examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(
         num_samples=st.integers(min_value=1, max_value=24),
         layout=st.sampled_from(["one_class", "m_per_class", "many_classes", "random"]),

@@ -1,5 +1,6 @@
 """Behaviour on real data (scikit-learn's digits): a large d_yz pushes that pair of classes apart;
 the two example scripts train (Recall@1 on unseen classes above the untrained model). Fixed seeds, CPU."""
+
 from __future__ import annotations
 
 import os
@@ -38,7 +39,7 @@ def class_mean_cosines(d, seed: int, epochs: int = 15) -> torch.Tensor:
     for _ in range(epochs):
         perm = torch.randperm(len(y), generator=g)
         for i in range(0, len(y), 64):
-            idx = perm[i:i + 64]
+            idx = perm[i : i + 64]
             opt.zero_grad()
             loss(model(x[idx]), y[idx]).backward()
             opt.step()
@@ -65,8 +66,9 @@ def test_large_class_distance_pushes_that_pair_apart(one_thread):
 
 def _run(script: str, *args: str) -> str:
     env = dict(os.environ, PYTHONHASHSEED="0", OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, str(REPO / "examples" / script), *args], capture_output=True, text=True,
-                         timeout=120, env=env)
+    out = subprocess.run(
+        [sys.executable, str(REPO / "examples" / script), *args], capture_output=True, text=True, timeout=120, env=env
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout
 

@@ -1,4 +1,5 @@
 """class_distances_from_embeddings (hand values), the [text] extra's error, binarize_embeddings."""
+
 from __future__ import annotations
 
 import math
@@ -86,8 +87,10 @@ def test_binarize_hand_values():
     # row (1, 2, 3, 10): mean 4 -> (-, -, -, +); row (0.5, -0.5): mean 0 -> (+, -)
     codes = binarize_embeddings(torch.tensor([[1.0, 2.0, 3.0, 10.0]]))
     assert torch.equal(codes, torch.tensor([[-1.0, -1.0, -1.0, 1.0]]))
-    assert torch.equal(binarize_embeddings(torch.tensor([[0.5, -0.5]], dtype=torch.float16)),
-                       torch.tensor([[1.0, -1.0]], dtype=torch.float16))
+    assert torch.equal(
+        binarize_embeddings(torch.tensor([[0.5, -0.5]], dtype=torch.float16)),
+        torch.tensor([[1.0, -1.0]], dtype=torch.float16),
+    )
     # a constant row: LayerNorm gives 0 everywhere, not > 0
     assert torch.equal(binarize_embeddings(torch.full((1, 3), 7.0)), -torch.ones(1, 3))
 

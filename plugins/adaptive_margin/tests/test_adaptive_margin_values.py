@@ -1,4 +1,5 @@
 """Values of eq. 1-3 computed by hand, the special cases against PML, d's validation and storage."""
+
 from __future__ import annotations
 
 import io
@@ -24,8 +25,14 @@ def lse(*values: float) -> float:
 
 
 def make(d=D, margin=0.4, scale=1.0, proxies=PROXIES, **kw) -> AdaptiveMarginSoftmaxLoss:
-    loss = AdaptiveMarginSoftmaxLoss(num_classes=proxies.shape[0], embedding_size=proxies.shape[1],
-                                     class_distances=d, margin=margin, scale=scale, **kw)
+    loss = AdaptiveMarginSoftmaxLoss(
+        num_classes=proxies.shape[0],
+        embedding_size=proxies.shape[1],
+        class_distances=d,
+        margin=margin,
+        scale=scale,
+        **kw,
+    )
     with torch.no_grad():
         loss.proxies.copy_(proxies)
     return loss
@@ -188,8 +195,9 @@ def test_class_distances_from_file(tmp_path, suffix):
     else:
         np.savetxt(path, D.numpy(), delimiter="," if suffix == ".csv" else " ")
     assert torch.equal(load_class_distances(str(path)), D)
-    loss = pml_plugins.create_loss("adaptive_margin_softmax", num_classes=3, embedding_size=2,
-                                   class_distances=str(path), scale=1.0)
+    loss = pml_plugins.create_loss(
+        "adaptive_margin_softmax", num_classes=3, embedding_size=2, class_distances=str(path), scale=1.0
+    )
     with torch.no_grad():
         loss.proxies.copy_(PROXIES)
     assert loss(X, torch.tensor([0])).item() == pytest.approx(1.65619, abs=1e-5)
@@ -212,8 +220,9 @@ def test_class_texts_constructor_path_with_a_given_encoder(tmp_path):
 
     path = tmp_path / "classes.txt"
     path.write_text("red car\n\nblue car\nsoup\n", encoding="utf-8")  # blank lines are skipped
-    loss = pml_plugins.create_loss("adaptive_margin_softmax", num_classes=3, embedding_size=2,
-                                   class_texts=str(path), text_model=Encoder())
+    loss = pml_plugins.create_loss(
+        "adaptive_margin_softmax", num_classes=3, embedding_size=2, class_texts=str(path), text_model=Encoder()
+    )
     # cosine / 2: (1 - 0.8) / 2 = 0.1; (1 + 1) / 2 = 1; (1 + 0.8) / 2 = 0.9
     torch.testing.assert_close(loss.class_distances, torch.tensor([[0, 0.1, 1], [0.1, 0, 0.9], [1, 0.9, 0]]))
     with pytest.raises(ValueError, match="one description per class"):

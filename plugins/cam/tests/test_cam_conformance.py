@@ -1,4 +1,5 @@
 """The pml-plugins conformance kit on CAM (default, chunked repeller, one class, wide)."""
+
 from __future__ import annotations
 
 from pml_plugin_cam import ClassAnchorMarginLoss
@@ -23,9 +24,13 @@ def test_cam_conformance(check):
 
 
 @parametrize_with_checks(
-    [lambda: ClassAnchorMarginLoss(num_classes=1, embedding_size=3)], embedding_size=3, num_classes=1,
-    skip={"check_trainer_step": "the kit's MPerClassSampler (m=4, batch 16) needs >= 4 classes; "
-                                "the 10-class factories above run this check"},
+    [lambda: ClassAnchorMarginLoss(num_classes=1, embedding_size=3)],
+    embedding_size=3,
+    num_classes=1,
+    skip={
+        "check_trainer_step": "the kit's MPerClassSampler (m=4, batch 16) needs >= 4 classes; "
+        "the 10-class factories above run this check"
+    },
 )
 def test_cam_conformance_one_class(check):
     check()

@@ -1,4 +1,5 @@
 """Behaviour on real data (digits): CAM makes class-compact L2 embeddings; the example script runs."""
+
 from __future__ import annotations
 
 import contextlib
@@ -60,7 +61,7 @@ def test_cam_training_on_digits_gives_compact_embeddings():
         for _ in range(8):
             perm = torch.randperm(len(yt))
             for i in range(0, len(yt), 64):
-                idx = perm[i:i + 64]
+                idx = perm[i : i + 64]
                 value = loss(model(xt[idx]), yt[idx])
                 opt.zero_grad()
                 loss_opt.zero_grad()

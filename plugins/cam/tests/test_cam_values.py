@@ -1,4 +1,5 @@
 """CAM values: the issue's check values, hand-computed cases, and a loop-based reference."""
+
 from __future__ import annotations
 
 import math
@@ -54,6 +55,7 @@ def reference_cam(emb, labels, anchors, margin=2.0, min_norm=1.0, w_r=1.0, w_n=1
 
 # ---- the issue's check values -------------------------------------------------------------
 
+
 def test_issue_check_values():
     loss = make_loss([[1.0, 0.0], [-1.0, 0.0]])
     emb = torch.tensor([[1.0, 1.0], [-2.0, 0.0]])
@@ -66,6 +68,7 @@ def test_issue_check_values():
 
 
 # ---- hand-computed cases ------------------------------------------------------------------
+
 
 def test_coincident_anchors_and_anchor_at_origin_by_hand():
     # c0 = c1 = (1, 0), c2 = (0, 0); e0 = (1, 1) label 0, e1 = (-2, 0) label 1.
@@ -114,6 +117,7 @@ def test_single_class_has_no_repeller():
 
 # ---- against the loop-based reference -----------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "t,n,scale,block", [(7, 5, 0.3, 1 << 22), (23, 3, 1.0, 40), (40, 16, 0.05, 100), (12, 2, 2.0, 13)]
 )
@@ -125,8 +129,7 @@ def test_matches_reference(t, n, scale, block):
     anchors[3] = 0.0  # an anchor at the origin
     emb = torch.randn(17, n, generator=g)
     labels = torch.randint(t, (17,), generator=g)
-    loss = make_loss(anchors, margin=0.7, min_norm=0.9, repeller_weight=0.5, min_norm_weight=2.0,
-                     block_elements=block)
+    loss = make_loss(anchors, margin=0.7, min_norm=0.9, repeller_weight=0.5, min_norm_weight=2.0, block_elements=block)
     ref = reference_cam(emb, labels, anchors, 0.7, 0.9, 0.5, 2.0)
     subs = sub_losses(loss, emb, labels)
     assert subs["attractor_loss"] == pytest.approx(ref[0], rel=1e-5)
@@ -138,7 +141,7 @@ def test_matches_reference(t, n, scale, block):
 def autograd_reference(anchors: torch.Tensor, margin: float) -> torch.Tensor:
     """Eq. 2 with autograd over an explicit t x t x n difference tensor (small t only)."""
     diff = anchors[:, None, :] - anchors[None, :, :]
-    sq = (diff ** 2).sum(-1)
+    sq = (diff**2).sum(-1)
     off = ~torch.eye(anchors.shape[0], dtype=torch.bool)
     d = torch.where(off, torch.where(off, sq, 1.0).sqrt(), 0.0)
     return 0.5 * ((2 * margin - d).clamp_min(0) ** 2 * off).sum()
@@ -175,6 +178,7 @@ def test_near_pair_precision_float32():
 
 # ---- gradients stay finite in the degenerate places --------------------------------------
 
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_degenerate_anchors_have_finite_gradients(dtype):
     loss = make_loss(torch.zeros(4, 3))  # all anchors coincide, all at the origin
@@ -193,6 +197,7 @@ def test_double_counting_is_the_issue_convention():
 
 
 # ---- PML plumbing ---------------------------------------------------------------------------
+
 
 def test_reducers_apply_to_attractor_only():
     loss = make_loss([[1.0, 0.0], [-1.0, 0.0]])
@@ -255,12 +260,19 @@ def test_autocast_bfloat16_is_finite():
     assert torch.isfinite(out) and torch.isfinite(loss.anchors.grad).all()
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"margin": 0.0}, "margin"), ({"margin": -1.0}, "margin"), ({"min_norm": -0.5}, "min_norm"),
-    ({"repeller_weight": -1.0}, "repeller_weight"), ({"min_norm_weight": float("nan")}, "min_norm_weight"),
-    ({"distance": CosineSimilarity()}, "LpDistance"), ({"distance": LpDistance()}, "LpDistance"),
-    ({"block_elements": 0}, "block_elements"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"margin": 0.0}, "margin"),
+        ({"margin": -1.0}, "margin"),
+        ({"min_norm": -0.5}, "min_norm"),
+        ({"repeller_weight": -1.0}, "repeller_weight"),
+        ({"min_norm_weight": float("nan")}, "min_norm_weight"),
+        ({"distance": CosineSimilarity()}, "LpDistance"),
+        ({"distance": LpDistance()}, "LpDistance"),
+        ({"block_elements": 0}, "block_elements"),
+    ],
+)
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ClassAnchorMarginLoss(3, 4, **kwargs)

@@ -1,5 +1,6 @@
 """The project's conformance kit on DMCACLoss (batch as database, a held database, full
 retrieval) and DatabaseKNNMiner."""
+
 import torch
 
 from pml_plugin_dmcac import DatabaseKNNMiner, DMCACLoss
@@ -34,9 +35,15 @@ def test_conformance_full_retrieval(check):
 
 
 @parametrize_with_checks(
-    [database_loss], embedding_size=EMB, num_classes=CLASSES, num_views=VIEWS, max_examples=10,
-    skip={"check_indices_tuple": "the kit's tuples index the batch; DMCACLoss reads tuples as links to ref_emb "
-                                 "rows and rejects them without ref_emb (covered by test_conformance_in_batch)"},
+    [database_loss],
+    embedding_size=EMB,
+    num_classes=CLASSES,
+    num_views=VIEWS,
+    max_examples=10,
+    skip={
+        "check_indices_tuple": "the kit's tuples index the batch; DMCACLoss reads tuples as links to ref_emb "
+        "rows and rejects them without ref_emb (covered by test_conformance_in_batch)"
+    },
 )
 def test_conformance_with_database(check):
     check()

@@ -1,5 +1,6 @@
 """The paper's training paths: the database embedded without augmentation, the refresh cadence in
 epochs, and full retrieval with a gradient into the encoder through every database row."""
+
 from __future__ import annotations
 
 import pytest
@@ -31,9 +32,16 @@ def _augment(x: torch.Tensor) -> torch.Tensor:  # random, as a training transfor
 def _context(train, train_eval=None, **options):
     torch.manual_seed(0)
     trunk = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh())
-    return TrainingContext(trunk=trunk, embedder=torch.nn.Linear(8, 4), train_dataset=train, batch_size=4, epochs=1,
-                           device=torch.device("cpu"), options={"progress": False, **options},
-                           train_eval_dataset=train_eval)
+    return TrainingContext(
+        trunk=trunk,
+        embedder=torch.nn.Linear(8, 4),
+        train_dataset=train,
+        batch_size=4,
+        epochs=1,
+        device=torch.device("cpu"),
+        options={"progress": False, **options},
+        train_eval_dataset=train_eval,
+    )
 
 
 def _data(n: int = 30):
@@ -174,9 +182,16 @@ def test_training_setup_full_retrieval_trains_end_to_end_in_pml_trainer():
     models = {"trunk": context.trunk, "embedder": context.embedder}
     optimizers = {f"{k}_optimizer": torch.optim.SGD(m.parameters(), lr=0.1) for k, m in models.items()}
     optimizers["metric_loss_optimizer"] = torch.optim.SGD(loss.parameters(), lr=0.1)
-    trainer = trainers.MetricLossOnly(models=models, optimizers=optimizers, batch_size=4,
-                                      loss_funcs={"metric_loss": loss}, dataset=setup.train_dataset,
-                                      collate_fn=setup.collate_fn, iterations_per_epoch=3, dataloader_num_workers=0)
+    trainer = trainers.MetricLossOnly(
+        models=models,
+        optimizers=optimizers,
+        batch_size=4,
+        loss_funcs={"metric_loss": loss},
+        dataset=setup.train_dataset,
+        collate_fn=setup.collate_fn,
+        iterations_per_epoch=3,
+        dataloader_num_workers=0,
+    )
     trainer.train(num_epochs=1)
     assert encoder.num_passes == 3  # one database pass per step
     assert any(not torch.equal(a, b) for a, b in zip(before, context.trunk.parameters()))

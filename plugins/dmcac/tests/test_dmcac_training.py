@@ -1,5 +1,6 @@
 """The training path: split, multi-view data, B*A collate, database refresher, training_setup in
 PML's MetricLossOnly on digits; the miner; registration; the example script."""
+
 from __future__ import annotations
 
 import contextlib
@@ -218,8 +219,16 @@ def test_training_setup_trains_in_metric_loss_only_on_digits():
     with torch.no_grad():
         before = recall_at_1(model(x[~train]), y[~train])
     loss = DMCACLoss(num_classes=5, embedding_size=4, num_views=2, k=4)
-    context = TrainingContext(trunk=trunk, embedder=embedder, train_dataset=dataset, batch_size=32, epochs=4,
-                              device=torch.device("cpu"), seed=0, options={"progress": False})
+    context = TrainingContext(
+        trunk=trunk,
+        embedder=embedder,
+        train_dataset=dataset,
+        batch_size=32,
+        epochs=4,
+        device=torch.device("cpu"),
+        seed=0,
+        options={"progress": False},
+    )
     setup = training_setup(loss, context)
     assert isinstance(setup, TrainingSetup) and setup.views_per_sample == 2
     queries = setup.train_dataset
@@ -239,12 +248,20 @@ def test_training_setup_trains_in_metric_loss_only_on_digits():
     adam = torch.optim.Adam
     trainer = trainers.MetricLossOnly(
         models={"trunk": trunk, "embedder": embedder},
-        optimizers={"trunk_optimizer": adam(trunk.parameters(), lr=3e-3),
-                    "embedder_optimizer": adam(embedder.parameters(), lr=3e-3),
-                    "metric_loss_optimizer": adam(loss.parameters(), lr=1e-2)},
-        batch_size=32, loss_funcs={"metric_loss": loss}, mining_funcs={}, dataset=queries,
-        collate_fn=setup.collate_fn, end_of_epoch_hook=setup.end_of_epoch_hook, dataloader_num_workers=0,
-        data_device=torch.device("cpu"))
+        optimizers={
+            "trunk_optimizer": adam(trunk.parameters(), lr=3e-3),
+            "embedder_optimizer": adam(embedder.parameters(), lr=3e-3),
+            "metric_loss_optimizer": adam(loss.parameters(), lr=1e-2),
+        },
+        batch_size=32,
+        loss_funcs={"metric_loss": loss},
+        mining_funcs={},
+        dataset=queries,
+        collate_fn=setup.collate_fn,
+        end_of_epoch_hook=setup.end_of_epoch_hook,
+        dataloader_num_workers=0,
+        data_device=torch.device("cpu"),
+    )
     with one_thread():
         setup.before_training()
         assert loss.db_embeddings.shape == (db_rows, 4)
@@ -275,8 +292,16 @@ def test_training_setup_options():
     loss = DMCACLoss(10, 8, num_views=3, k=4)
 
     def context(**options):
-        return TrainingContext(trunk=model, embedder=torch.nn.Identity(), train_dataset=dataset, batch_size=8,
-                               epochs=1, device=torch.device("cpu"), seed=1, options={"progress": False, **options})
+        return TrainingContext(
+            trunk=model,
+            embedder=torch.nn.Identity(),
+            train_dataset=dataset,
+            batch_size=8,
+            epochs=1,
+            device=torch.device("cpu"),
+            seed=1,
+            options={"progress": False, **options},
+        )
 
     with pytest.raises(ValueError, match="unknown DMCAC training options"):
         training_setup(loss, context(refresh=2))
@@ -292,15 +317,24 @@ def test_training_setup_options():
     assert torch.isfinite(loss(torch.randn(6, 8), torch.tensor([1, 1, 1, 2, 2, 2])))
 
 
-@pytest.mark.parametrize("context_progress, option, expected",
-                         [(False, None, False), (True, None, True), (True, False, False), (False, True, True)])
+@pytest.mark.parametrize(
+    "context_progress, option, expected",
+    [(False, None, False), (True, None, True), (True, False, False), (False, True, True)],
+)
 def test_refresh_progress_follows_the_main_job_unless_set(context_progress, option, expected):
     g = torch.Generator().manual_seed(0)
     dataset = torch.utils.data.TensorDataset(torch.randn(40, 8, generator=g), torch.arange(40) % 5)
     model = torch.nn.Linear(8, 4)
-    context = TrainingContext(trunk=model, embedder=torch.nn.Identity(), train_dataset=dataset, batch_size=8,
-                              epochs=1, device=torch.device("cpu"),
-                              options={} if option is None else {"progress": option}, progress=context_progress)
+    context = TrainingContext(
+        trunk=model,
+        embedder=torch.nn.Identity(),
+        train_dataset=dataset,
+        batch_size=8,
+        epochs=1,
+        device=torch.device("cpu"),
+        options={} if option is None else {"progress": option},
+        progress=context_progress,
+    )
     setup = training_setup(DMCACLoss(num_classes=5, embedding_size=4, num_views=2, k=2), context)
     refresher = setup.before_training.__self__
     assert isinstance(refresher, DatabaseRefresher) and refresher.progress is expected
@@ -318,8 +352,15 @@ def _sharded_refresh_worker(rank: int, world: int, store: str, out: str) -> None
         data = torch.utils.data.TensorDataset(torch.randn(23, 8, generator=g), torch.arange(23) % 5)
         loss = DMCACLoss(num_classes=5, embedding_size=4, num_views=2, k=2)
         calls = []
-        refresher = DatabaseRefresher(loss, data, lambda x: calls.append(len(x)) or model(x), batch_size=4,
-                                      progress=False, rank=rank, world_size=world)
+        refresher = DatabaseRefresher(
+            loss,
+            data,
+            lambda x: calls.append(len(x)) or model(x),
+            batch_size=4,
+            progress=False,
+            rank=rank,
+            world_size=world,
+        )
         refresher.refresh()
         torch.save({"db": loss.db_embeddings, "labels": loss.db_labels, "rows": sum(calls)}, f"{out}/rank{rank}.pt")
     finally:

@@ -1,5 +1,6 @@
 """DMCAC values: the issue's check value, hand-computed cases, and an independent loop-based
 reference implementation of eq. 8-20 compared on random inputs."""
+
 import math
 
 import pytest
@@ -147,8 +148,9 @@ def _random_case(seed, A=3, B=5, F=6, C=4, N=30):
 def test_against_reference_with_database(seed, retrieval):
     emb, labels, db, db_labels = _random_case(seed)
     torch.manual_seed(seed)
-    loss = DMCACLoss(4, 6, num_views=3, k=4, temperature=0.7, frob_weight=1.5, ce_weight=0.5, cac_weight=2.0,
-                     retrieval=retrieval)
+    loss = DMCACLoss(
+        4, 6, num_views=3, k=4, temperature=0.7, frob_weight=1.5, ce_weight=0.5, cac_weight=2.0, retrieval=retrieval
+    )
     loss.set_database(db, db_labels)
     expected = reference_dmcac(loss, emb, labels, db, full=retrieval == "full")
     assert loss(emb.double(), labels).item() == pytest.approx(expected, rel=1e-9)
@@ -167,10 +169,10 @@ def test_in_batch_reference_excludes_own_views():
     got = loss(emb.double(), labels)
     total = sum(v["losses"] for v in got.values())
     for b in range(4):
-        others = torch.cat([emb[: 2 * b], emb[2 * b + 2:]])
+        others = torch.cat([emb[: 2 * b], emb[2 * b + 2 :]])
         keep = torch.ones(8, dtype=torch.bool)
-        keep[2 * b: 2 * b + 2] = False
-        ref = reference_dmcac(loss, emb[2 * b: 2 * b + 2], labels[2 * b: 2 * b + 2], others)
+        keep[2 * b : 2 * b + 2] = False
+        ref = reference_dmcac(loss, emb[2 * b : 2 * b + 2], labels[2 * b : 2 * b + 2], others)
         assert total[b].item() == pytest.approx(ref, rel=1e-9)
 
 
@@ -207,7 +209,8 @@ def test_miner_tuple_replaces_retrieval():
     full = DMCACLoss(4, 6, num_views=3, k=4, retrieval="full")
     full.load_state_dict(loss.state_dict())
     assert loss(emb, labels, all_pairs, db, db_labels).item() == pytest.approx(
-        full(emb, labels, None, db, db_labels).item(), rel=1e-5)
+        full(emb, labels, None, db, db_labels).item(), rel=1e-5
+    )
 
 
 def test_custom_index_is_used():
@@ -260,8 +263,9 @@ def test_layout_errors():
         loss(torch.randn(6, 6), torch.zeros(6, dtype=torch.long), ref_emb=torch.randn(5, 7))
 
 
-@pytest.mark.parametrize("kwargs", [dict(num_views=0), dict(k=0), dict(temperature=0.0), dict(retrieval="exact"),
-                                    dict(ce_weight=-1.0)])
+@pytest.mark.parametrize(
+    "kwargs", [dict(num_views=0), dict(k=0), dict(temperature=0.0), dict(retrieval="exact"), dict(ce_weight=-1.0)]
+)
 def test_bad_constructor_arguments(kwargs):
     with pytest.raises(ValueError):
         DMCACLoss(4, 6, **kwargs)

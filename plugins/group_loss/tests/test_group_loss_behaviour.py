@@ -1,5 +1,6 @@
 """Behaviour on real data: training with the Group Loss improves class-disjoint Recall@1 on
 scikit-learn's digits, and the PML-trainer example runs. Fixed seeds, CPU, a few seconds each."""
+
 from __future__ import annotations
 
 import os
@@ -75,8 +76,13 @@ def test_training_improves_class_disjoint_recall(one_thread):
 
 def test_digits_example_runs():
     env = dict(os.environ, PYTHONHASHSEED="0")
-    out = subprocess.run([sys.executable, str(REPO / "examples" / "group_loss_trainer.py"), "--epochs", "3"],
-                         capture_output=True, text=True, timeout=120, env=env)
+    out = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "group_loss_trainer.py"), "--epochs", "3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     lines = [line for line in out.stdout.splitlines() if line.startswith("Recall@1")]
     before, after = (float(line.split()[-1]) for line in lines[:2])

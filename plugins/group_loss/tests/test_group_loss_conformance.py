@@ -1,4 +1,5 @@
 """The pml-plugins conformance kit on GroupLoss (m-per-class batches, as the loss requires)."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,8 +17,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::pml_plugin_group_loss.GroupLoss
     [
         lambda: GroupLoss(num_classes=NUM_CLASSES, embedding_size=EMBEDDING_SIZE),
         # the paper's variant: w_ii = 0 (support-free rows), several iterations, no CE term
-        lambda: GroupLoss(num_classes=NUM_CLASSES, embedding_size=EMBEDDING_SIZE, zero_diagonal=True,
-                          num_iterations=3, ce_weight=0.0),
+        lambda: GroupLoss(
+            num_classes=NUM_CLASSES, embedding_size=EMBEDDING_SIZE, zero_diagonal=True, num_iterations=3, ce_weight=0.0
+        ),
         # the registered paper preset (group_loss_paper)
         lambda: GroupLossPaper(num_classes=NUM_CLASSES, embedding_size=EMBEDDING_SIZE),
         # no anchors, sharp prior

@@ -1,5 +1,6 @@
 """The two registered presets: ``group_loss`` (released code: w_ii = 1, CE weight 1) and
 ``group_loss_paper`` (the paper: w_ii = 0, no CE term), checked against the loop reference."""
+
 from __future__ import annotations
 
 import sys
@@ -25,14 +26,24 @@ def _batch(seed: int = 0):
     return emb, labels
 
 
-@pytest.mark.parametrize("name, zero_diagonal, ce_weight",
-                         [("group_loss", False, 1.0), ("group_loss_paper", True, 0.0)])
+@pytest.mark.parametrize(
+    "name, zero_diagonal, ce_weight", [("group_loss", False, 1.0), ("group_loss_paper", True, 0.0)]
+)
 def test_registry_presets_match_the_reference(name, zero_diagonal, ce_weight):
     loss = pml_plugins.create_loss(name, num_classes=3, embedding_size=5).double()
     assert (loss.zero_diagonal, loss.ce_weight) == (zero_diagonal, ce_weight)
     emb, labels = _batch()
-    expected = reference_group_loss(emb, labels, loss.classifier.weight.detach(), loss.classifier.bias.detach(),
-                                    loss.temperature, loss.num_anchors, loss.num_iterations, ce_weight, zero_diagonal)
+    expected = reference_group_loss(
+        emb,
+        labels,
+        loss.classifier.weight.detach(),
+        loss.classifier.bias.detach(),
+        loss.temperature,
+        loss.num_anchors,
+        loss.num_iterations,
+        ce_weight,
+        zero_diagonal,
+    )
     assert float(loss(emb, labels).detach()) == pytest.approx(expected, rel=1e-9, abs=1e-12)
 
 

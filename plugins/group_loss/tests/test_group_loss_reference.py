@@ -1,5 +1,6 @@
 """GroupLoss against an obviously-correct loop implementation of the paper's equations, plus
 autograd gradchecks. Random inputs, float64."""
+
 from __future__ import annotations
 
 import itertools
@@ -79,13 +80,28 @@ def test_matches_loop_reference(num_anchors, num_iterations, zero_diagonal):
         temperature = [1.0, 3.0, 24.0][trial]
         ce_weight = [1.0, 0.0, 0.3][trial]
         torch.manual_seed(trial)
-        loss = GroupLoss(num_classes, d, temperature=temperature, num_anchors=num_anchors,
-                         num_iterations=num_iterations, ce_weight=ce_weight, zero_diagonal=zero_diagonal)
+        loss = GroupLoss(
+            num_classes,
+            d,
+            temperature=temperature,
+            num_anchors=num_anchors,
+            num_iterations=num_iterations,
+            ce_weight=ce_weight,
+            zero_diagonal=zero_diagonal,
+        )
         with torch.no_grad():
             loss.classifier.weight.mul_(3.0)  # sharper priors than the default init
-        expected = reference_group_loss(emb, labels, loss.classifier.weight.detach().double(),
-                                        loss.classifier.bias.detach().double(), temperature, num_anchors,
-                                        num_iterations, ce_weight, zero_diagonal)
+        expected = reference_group_loss(
+            emb,
+            labels,
+            loss.classifier.weight.detach().double(),
+            loss.classifier.bias.detach().double(),
+            temperature,
+            num_anchors,
+            num_iterations,
+            ce_weight,
+            zero_diagonal,
+        )
         assert loss(emb, labels).item() == pytest.approx(expected, rel=1e-10, abs=1e-12)
         assert loss(emb.float(), labels).item() == pytest.approx(expected, rel=1e-4, abs=1e-5)
 
@@ -101,8 +117,11 @@ def test_gradcheck_full_loss():
         def f(e, weight, bias):
             return loss(e, labels, logits=torch.nn.functional.linear(e, weight, bias))
 
-        inputs = (emb.clone().requires_grad_(True), w.detach().clone().requires_grad_(True),
-                  b.detach().clone().requires_grad_(True))
+        inputs = (
+            emb.clone().requires_grad_(True),
+            w.detach().clone().requires_grad_(True),
+            b.detach().clone().requires_grad_(True),
+        )
         assert torch.autograd.gradcheck(f, inputs)
 
 

@@ -1,4 +1,5 @@
 """Hand-computed values of the Group Loss (issue check values plus our own, derived in comments)."""
+
 from __future__ import annotations
 
 import math

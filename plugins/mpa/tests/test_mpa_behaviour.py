@@ -1,5 +1,6 @@
 """Behaviour: the paper's central claim (K > 1 proxies help when classes are multi-modal), and the
 digits example in a PML trainer. Fixed seeds, CPU, a few seconds each."""
+
 from __future__ import annotations
 
 import os
@@ -51,7 +52,7 @@ def train_recall(proxies_per_class: int, seed: int, epochs: int = 80) -> tuple[f
     for _ in range(epochs):
         perm = torch.randperm(len(y_tr), generator=g)
         for i in range(0, len(y_tr), 100):
-            idx = perm[i:i + 100]
+            idx = perm[i : i + 100]
             opt.zero_grad()
             loss(model(x_tr[idx]), y_tr[idx]).backward()
             opt.step()
@@ -79,8 +80,13 @@ def test_multiple_proxies_beat_one_on_multimodal_classes(one_thread):
 
 def test_digits_example_runs():
     env = dict(os.environ, PYTHONHASHSEED="0")
-    out = subprocess.run([sys.executable, str(REPO / "examples" / "mpa_trainer.py"), "--epochs", "3"],
-                         capture_output=True, text=True, timeout=120, env=env)
+    out = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "mpa_trainer.py"), "--epochs", "3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     lines = [line for line in out.stdout.splitlines() if line.startswith("Recall@1")]
     before, after = (float(line.split()[-1]) for line in lines[:2])

@@ -1,4 +1,5 @@
 """The pml-plugins conformance kit on the three MPA-family losses."""
+
 from __future__ import annotations
 
 from pml_plugin_mpa import MultiProxyAnchorAPLoss, MultiProxyAnchorDWLoss, MultiProxyAnchorLoss

@@ -1,5 +1,6 @@
 """The fused implementation against an obviously-correct loop-based reference (values and
 gradients), PML's ProxyAnchorLoss (K = 1, tau = 0), and gradcheck of the fused autograd Function."""
+
 from __future__ import annotations
 
 import math
@@ -45,8 +46,9 @@ def ref_regularizer(w, num_classes, k):
 def ref_mpa(x, y, w, C, K, alpha, delta, gamma, tau):
     S, y = ref_similarity(x, w, C, K, gamma), y.tolist()
     present = sorted(set(y))
-    pos = sum(torch.log(1 + sum(torch.exp(-alpha * (S[i][c] - delta)) for i in range(len(y)) if y[i] == c))
-              for c in present) / len(present)  # eq. 6, over C+
+    pos = sum(
+        torch.log(1 + sum(torch.exp(-alpha * (S[i][c] - delta)) for i in range(len(y)) if y[i] == c)) for c in present
+    ) / len(present)  # eq. 6, over C+
     neg = 0.0
     for c in range(C):  # eq. 6, over all classes, / C
         terms = [torch.exp(alpha * (S[i][c] + delta)) for i in range(len(y)) if y[i] != c]
@@ -59,8 +61,10 @@ def ref_mpa_dw(x, y, w, C, K, alpha, delta, gamma, tau):
     total = 0.0
     for i in range(len(y)):  # eq. 12
         pos = torch.log(1 + torch.exp(-alpha * (S[i][y[i]] - delta)))
-        neg = torch.log(1 + sum((torch.exp(alpha * (S[i][c] + delta)) for c in range(C) if c != y[i]),
-                                torch.zeros((), dtype=x.dtype)))
+        neg = torch.log(
+            1
+            + sum((torch.exp(alpha * (S[i][c] + delta)) for c in range(C) if c != y[i]), torch.zeros((), dtype=x.dtype))
+        )
         total = total + pos + neg
     return total / len(y) + tau * ref_regularizer(w, C, K)
 
@@ -78,12 +82,15 @@ REFERENCES = {MultiProxyAnchorLoss: ref_mpa, MultiProxyAnchorDWLoss: ref_mpa_dw,
 
 
 @pytest.mark.parametrize("cls", list(REFERENCES))
-@pytest.mark.parametrize("C, K, gamma, tau, alpha, seed", [
-    (4, 3, 0.1, 0.2, 32.0, 0),
-    (5, 2, 0.5, 0.7, 8.0, 1),
-    (3, 1, 0.1, 0.2, 16.0, 2),
-    (4, 4, 0.01, 0.2, 4.0, 3),  # small gamma: the max-shifted softmax path
-])
+@pytest.mark.parametrize(
+    "C, K, gamma, tau, alpha, seed",
+    [
+        (4, 3, 0.1, 0.2, 32.0, 0),
+        (5, 2, 0.5, 0.7, 8.0, 1),
+        (3, 1, 0.1, 0.2, 16.0, 2),
+        (4, 4, 0.01, 0.2, 4.0, 3),  # small gamma: the max-shifted softmax path
+    ],
+)
 def test_matches_loop_reference(cls, C, K, gamma, tau, alpha, seed):
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(7, 5, generator=g, dtype=torch.float64) * 3).requires_grad_()
@@ -134,8 +141,10 @@ def test_mpa_with_one_proxy_equals_pml_proxy_anchor():
         assert ours(x, y, pairs).item() == pytest.approx(pml(x, y, pairs).item(), rel=1e-5, abs=1e-6)
 
 
-@pytest.mark.parametrize("C, K, gamma, with_gram", [(3, 2, 0.1, True), (3, 2, 0.1, False), (2, 3, 0.3, True),
-                                                   (6, 1, 0.1, False), (2, 3, 0.001, True)])
+@pytest.mark.parametrize(
+    "C, K, gamma, with_gram",
+    [(3, 2, 0.1, True), (3, 2, 0.1, False), (2, 3, 0.3, True), (6, 1, 0.1, False), (2, 3, 0.001, True)],
+)
 def test_fused_function_gradcheck(C, K, gamma, with_gram):
     g = torch.Generator().manual_seed(C * K)
     x = torch.nn.functional.normalize(torch.randn(5, 4, generator=g, dtype=torch.float64), dim=1).requires_grad_()

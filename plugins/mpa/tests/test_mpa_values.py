@@ -1,4 +1,5 @@
 """Hand-computed values of the MPA family (Saeki et al., eq. 1, 3, 6, 7, 12, 13, 15-17)."""
+
 from __future__ import annotations
 
 import math
@@ -35,11 +36,14 @@ def test_issue_similarity_and_regulariser():
     assert loss.regularizer().item() == pytest.approx(2 * math.sqrt(2.56 + 1e-5) / 4, rel=1e-6)
 
 
-@pytest.mark.parametrize("cls, expected", [
-    (MultiProxyAnchorLoss, 1.70713),    # the issue's check values
-    (MultiProxyAnchorDWLoss, 1.34022),
-    (MultiProxyAnchorAPLoss, 1.14801),
-])
+@pytest.mark.parametrize(
+    "cls, expected",
+    [
+        (MultiProxyAnchorLoss, 1.70713),  # the issue's check values
+        (MultiProxyAnchorDWLoss, 1.34022),
+        (MultiProxyAnchorAPLoss, 1.14801),
+    ],
+)
 def test_issue_totals(cls, expected):
     loss = make(cls, alpha=1.0, delta=0.1, gamma=0.1, tau=0.2)
     assert loss(EMB, LABELS).item() == pytest.approx(expected, abs=1e-5)
@@ -54,11 +58,14 @@ def test_issue_totals(cls, expected):
 #   = 0.183901 + 1.783901 = 1.967802; mean 1.006977 + 0.160000 = 1.166977.
 # MPA-AP: x0, x1: log(1 + 2 e^-1.2) = 0.471495 each; x2: log(1 + e^-1.6 + e^1.6) = 1.817253;
 #   mean 0.920081 + 0.160000 = 1.080082.
-@pytest.mark.parametrize("cls, expected", [
-    (MultiProxyAnchorLoss, 1.543673),
-    (MultiProxyAnchorDWLoss, 1.166977),
-    (MultiProxyAnchorAPLoss, 1.080082),
-])
+@pytest.mark.parametrize(
+    "cls, expected",
+    [
+        (MultiProxyAnchorLoss, 1.543673),
+        (MultiProxyAnchorDWLoss, 1.166977),
+        (MultiProxyAnchorAPLoss, 1.080082),
+    ],
+)
 def test_own_hand_values(cls, expected):
     loss = make(cls, alpha=2.0, delta=0.0)
     assert loss(EMB, LABELS).item() == pytest.approx(expected, abs=2e-5)
@@ -101,15 +108,19 @@ def test_defaults_and_validation():
         with pytest.raises(ValueError):
             MultiProxyAnchorDWLoss(num_classes=3, embedding_size=4, **bad)
     from pytorch_metric_learning.distances import LpDistance
+
     with pytest.raises(ValueError, match="CosineSimilarity"):
         MultiProxyAnchorAPLoss(num_classes=3, embedding_size=4, distance=LpDistance())
 
 
-@pytest.mark.parametrize("name, cls", [
-    ("multi_proxy_anchor", MultiProxyAnchorLoss),
-    ("multi_proxy_anchor_dw", MultiProxyAnchorDWLoss),
-    ("multi_proxy_anchor_ap", MultiProxyAnchorAPLoss),
-])
+@pytest.mark.parametrize(
+    "name, cls",
+    [
+        ("multi_proxy_anchor", MultiProxyAnchorLoss),
+        ("multi_proxy_anchor_dw", MultiProxyAnchorDWLoss),
+        ("multi_proxy_anchor_ap", MultiProxyAnchorAPLoss),
+    ],
+)
 def test_registered(name, cls):
     assert pml_plugins.get_loss(name) is cls
     meta = pml_plugins.get_entry("loss", name).metadata

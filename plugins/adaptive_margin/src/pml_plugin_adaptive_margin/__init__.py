@@ -1,5 +1,6 @@
 """Adaptive additive margin softmax (Fehervari and Macedo) for pytorch-metric-learning, registered
 with pml-plugins: margins on the negative classes from class distances in another modality."""
+
 from __future__ import annotations
 
 from .adaptive_margin_softmax_loss import AdaptiveMarginSoftmaxLoss

@@ -1,4 +1,5 @@
 """Adaptive additive margin softmax (Fehervari and Macedo, eq. 1-3)."""
+
 from __future__ import annotations
 
 from typing import Any, Optional, Sequence, Union
@@ -58,11 +59,18 @@ class AdaptiveMarginSoftmaxLoss(WeightRegularizerMixin, BaseMetricLossFunction):
     forward), normalised in the forward pass. It needs its own optimizer (paper: SGD, lr 0.01).
     """
 
-    def __init__(self, num_classes: int, embedding_size: int,
-                 class_distances: Optional[Union[torch.Tensor, Any, str]] = None,
-                 margin: float = 0.4, scale: float = 20.0, *,
-                 class_texts: Optional[Union[str, Sequence[str]]] = None, text_model: Any = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        class_distances: Optional[Union[torch.Tensor, Any, str]] = None,
+        margin: float = 0.4,
+        scale: float = 20.0,
+        *,
+        class_texts: Optional[Union[str, Sequence[str]]] = None,
+        text_model: Any = None,
+        **kwargs: Any,
+    ) -> None:
         check_positive_int("num_classes", num_classes)
         check_positive_int("embedding_size", embedding_size)
         check_finite_float("margin", margin)
@@ -70,10 +78,13 @@ class AdaptiveMarginSoftmaxLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         if class_texts is not None and class_distances is not None:
             raise ValueError("give class_distances or class_texts, not both")
         super().__init__(**kwargs)
-        if not (type(self.distance) is CosineSimilarity and self.distance.normalize_embeddings
-                and self.distance.power == 1):
-            raise ValueError(f"{type(self).__name__} is defined on cosines of unit vectors (eq. 1-3): distance must "
-                             f"be CosineSimilarity() (the default), got {self.distance!r}")
+        if not (
+            type(self.distance) is CosineSimilarity and self.distance.normalize_embeddings and self.distance.power == 1
+        ):
+            raise ValueError(
+                f"{type(self).__name__} is defined on cosines of unit vectors (eq. 1-3): distance must "
+                f"be CosineSimilarity() (the default), got {self.distance!r}"
+            )
         self.num_classes = num_classes
         self.embedding_size = embedding_size
         self.margin = float(margin)
@@ -83,14 +94,16 @@ class AdaptiveMarginSoftmaxLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         if class_texts is not None:
             texts = load_class_texts(class_texts)
             if len(texts) != num_classes:
-                raise ValueError(f"class_texts must hold one description per class: got {len(texts)} for "
-                                 f"num_classes={num_classes}")
+                raise ValueError(
+                    f"class_texts must hold one description per class: got {len(texts)} for num_classes={num_classes}"
+                )
             class_distances = class_distances_from_text(texts, model=text_model)
         # None: d = 0 without a C x C buffer (C can be tens of thousands)
         d = None if class_distances is None else check_class_distances(class_distances, num_classes)
         self.register_buffer("class_distances", d)
-        self.add_to_recordable_attributes(list_of_names=["num_classes", "embedding_size", "margin", "scale"],
-                                          is_stat=False)
+        self.add_to_recordable_attributes(
+            list_of_names=["num_classes", "embedding_size", "margin", "scale"], is_stat=False
+        )
 
     # -- computation ------------------------------------------------------------------------
     def _to_batch(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -125,10 +138,17 @@ class AdaptiveMarginSoftmaxLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         logits = logits + target * ((cos_y - self.margin) - cos_y)  # eq. 2-3: cos_y - m
         return logits * self.scale
 
-    def compute_loss(self, embeddings: torch.Tensor, labels: Optional[torch.Tensor], indices_tuple: Any,
-                     ref_emb: Optional[torch.Tensor], ref_labels: Optional[torch.Tensor]) -> dict:
-        pml_plugins.check_embeddings_and_labels(embeddings, labels, num_classes=self.num_classes,
-                                                embedding_size=self.embedding_size)
+    def compute_loss(
+        self,
+        embeddings: torch.Tensor,
+        labels: Optional[torch.Tensor],
+        indices_tuple: Any,
+        ref_emb: Optional[torch.Tensor],
+        ref_labels: Optional[torch.Tensor],
+    ) -> dict:
+        pml_plugins.check_embeddings_and_labels(
+            embeddings, labels, num_classes=self.num_classes, embedding_size=self.embedding_size
+        )
         c_f.ref_not_supported(embeddings, labels, ref_emb, ref_labels)
         logits = self.margin_logits(self.get_cosine(embeddings), labels)
         # eq. 3: -log softmax at the label (cross_entropy is a log-sum-exp)
@@ -146,8 +166,9 @@ class AdaptiveMarginSoftmaxLoss(WeightRegularizerMixin, BaseMetricLossFunction):
 
     def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         """s * cos_z without margins (inference logits, as CosFaceLoss.get_logits), (batch_size, num_classes)."""
-        pml_plugins.check_embeddings_and_labels(embeddings, None, embedding_size=self.embedding_size,
-                                                labels_required=False)
+        pml_plugins.check_embeddings_and_labels(
+            embeddings, None, embedding_size=self.embedding_size, labels_required=False
+        )
         return c_f.to_dtype(self.get_cosine(embeddings) * self.scale, dtype=embeddings.dtype)
 
     # -- PML interface --------------------------------------------------------------------
@@ -157,11 +178,20 @@ class AdaptiveMarginSoftmaxLoss(WeightRegularizerMixin, BaseMetricLossFunction):
     def _sub_loss_names(self) -> list[str]:
         return ["loss"]
 
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
-                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+    def _load_from_state_dict(
+        self,
+        state_dict: dict,
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list,
+        unexpected_keys: list,
+        error_msgs: list,
+    ) -> None:
         # a loss built without d (buffer None) accepts a checkpoint that has one
         key = prefix + "class_distances"
         if self.class_distances is None and key in state_dict:
             self.class_distances = check_class_distances(state_dict[key], self.num_classes).to(self.proxies.device)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )

@@ -14,6 +14,7 @@ metric         normalize    d_ij
 
 The diagonal is 0 in every case (it is ignored by the loss).
 """
+
 from __future__ import annotations
 
 import functools
@@ -79,8 +80,10 @@ def check_class_distances(d: ArrayLike, num_classes: int) -> torch.Tensor:
             f"class_distances must be a square (num_classes, num_classes) matrix, got shape {tuple(d.shape)}"
         )
     if d.shape[0] != num_classes:
-        raise ValueError(f"class_distances must be ({num_classes}, {num_classes}) for num_classes={num_classes}, "
-                         f"got shape {tuple(d.shape)}")
+        raise ValueError(
+            f"class_distances must be ({num_classes}, {num_classes}) for num_classes={num_classes}, "
+            f"got shape {tuple(d.shape)}"
+        )
     off = ~torch.eye(num_classes, dtype=torch.bool)
     bad = off & ~(torch.isfinite(d) & (d >= 0) & (d <= 1))
     if bad.any():
@@ -112,8 +115,9 @@ def load_class_texts(source: Union[PathLike, Sequence[str]]) -> list[str]:
 
 
 # -- distances from one embedding per class ----------------------------------------------------
-def class_distances_from_embeddings(embeddings: ArrayLike, metric: str = "cosine",
-                                    normalize: str = "half") -> torch.Tensor:
+def class_distances_from_embeddings(
+    embeddings: ArrayLike, metric: str = "cosine", normalize: str = "half"
+) -> torch.Tensor:
     """The C x C matrix d of eq. 3 from one embedding per class (rows of ``embeddings``).
 
     Args:
@@ -162,8 +166,11 @@ def class_distances_from_embeddings(embeddings: ArrayLike, metric: str = "cosine
     else:
         lo, hi = raw[off].min(), raw[off].max()
         if float(hi - lo) <= 1e-12 * max(1.0, float(hi)):
-            warnings.warn("class_distances_from_embeddings: all class pairs are equally distant, min-max scaling "
-                          "is undefined; returning d = 0 (a constant margin, LMCL)", stacklevel=2)
+            warnings.warn(
+                "class_distances_from_embeddings: all class pairs are equally distant, min-max scaling "
+                "is undefined; returning d = 0 (a constant margin, LMCL)",
+                stacklevel=2,
+            )
             d = torch.zeros_like(raw)
         else:
             d = (raw - lo) / (hi - lo)
@@ -201,13 +208,21 @@ def _model_path(model: Optional[PathLike]) -> str:
         return str(package.get_model_path())
     except (ImportError, AttributeError, TypeError, ValueError):
         pass
-    raise ValueError(f"model={str(model)!r} is neither a local sentence-transformers folder nor an installed package "
-                     "with get_model_path(); models are never downloaded at run time")
+    raise ValueError(
+        f"model={str(model)!r} is neither a local sentence-transformers folder nor an installed package "
+        "with get_model_path(); models are never downloaded at run time"
+    )
 
 
-def class_distances_from_text(texts: Union[PathLike, Sequence[str]], model: Any = None, *,
-                              metric: str = "cosine", normalize: str = "half", batch_size: int = 64,
-                              device: Optional[str] = None) -> torch.Tensor:
+def class_distances_from_text(
+    texts: Union[PathLike, Sequence[str]],
+    model: Any = None,
+    *,
+    metric: str = "cosine",
+    normalize: str = "half",
+    batch_size: int = 64,
+    device: Optional[str] = None,
+) -> torch.Tensor:
     """The C x C matrix d of eq. 3 from one text description per class (title, attributes, ...).
 
     Args:

@@ -1,4 +1,5 @@
 """Registers the adaptive additive margin softmax with pml-plugins (entry point ``adaptive_margin``)."""
+
 from __future__ import annotations
 
 import pml_plugins
@@ -27,7 +28,7 @@ def register_losses(register):
         aliases=("adaptive_margin", "aams"),
         spec=pml_plugins.LossSpec(
             summary="Normalized softmax over proxies, margin m on the target, margins (1-cos) d_yz from another "
-                    "modality's class distances on the others",
+            "modality's class distances on the others",
             paper=PAPER,
             tags=("proxy", "classification", "softmax", "cosine", "margin", "multimodal"),
             loss_optimizer=True,
@@ -42,6 +43,6 @@ def register_losses(register):
             search_space={"margin": (0.0, 0.8), "scale": (4.0, 64.0, "log"), "loss_lr": (1e-4, 1e-1, "log")},
             distributed="gradient_equivalent",
             distributed_note="each rank computes the softmax over the gathered global batch; proxy gradients are "
-                             "all-reduced and rescaled; class_distances is a buffer, identical on every rank",
+            "all-reduced and rescaled; class_distances is a buffer, identical on every rank",
         ),
     )

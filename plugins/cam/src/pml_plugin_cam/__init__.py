@@ -1,4 +1,5 @@
 """pml-plugin-cam: the Class Anchor Margin (CAM) loss for pytorch-metric-learning."""
+
 from __future__ import annotations
 
 from .class_anchor_margin_loss import ClassAnchorMarginLoss, ScaledNormalInit

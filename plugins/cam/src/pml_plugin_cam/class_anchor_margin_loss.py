@@ -1,5 +1,6 @@
 """Class Anchor Margin (CAM) loss: Ghita & Ionescu, "Class Anchor Margin Loss for
 Content-Based Image Retrieval" (eq. 1-4)."""
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -29,8 +30,12 @@ class ScaledNormalInit:
 
 
 def _is_plain_l2(distance: Any) -> bool:
-    return (isinstance(distance, LpDistance) and distance.p == 2 and distance.power == 1
-            and not distance.normalize_embeddings)
+    return (
+        isinstance(distance, LpDistance)
+        and distance.p == 2
+        and distance.power == 1
+        and not distance.normalize_embeddings
+    )
 
 
 class ClassAnchorMarginLoss(WeightRegularizerMixin, BaseMetricLossFunction):
@@ -53,15 +58,26 @@ class ClassAnchorMarginLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             ``LpDistance(normalize_embeddings=False, p=2, power=1)`` (the default).
     """
 
-    def __init__(self, num_classes: int, embedding_size: int, margin: float = 2.0, min_norm: float = 1.0,
-                 repeller_weight: float = 1.0, min_norm_weight: float = 1.0,
-                 block_elements: Optional[int] = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        margin: float = 2.0,
+        min_norm: float = 1.0,
+        repeller_weight: float = 1.0,
+        min_norm_weight: float = 1.0,
+        block_elements: Optional[int] = None,
+        **kwargs: Any,
+    ) -> None:
         check_positive_int("num_classes", num_classes)
         check_positive_int("embedding_size", embedding_size)
         check_positive_int("block_elements", block_elements, allow_none=True)
         check_positive_float("margin", margin, note="m of eq. 2")
-        for name, value in (("min_norm", min_norm), ("repeller_weight", repeller_weight),
-                            ("min_norm_weight", min_norm_weight)):
+        for name, value in (
+            ("min_norm", min_norm),
+            ("repeller_weight", repeller_weight),
+            ("min_norm_weight", min_norm_weight),
+        ):
             check_non_negative_float(name, value)
         super().__init__(**kwargs)
         if not _is_plain_l2(self.distance):
@@ -90,8 +106,14 @@ class ClassAnchorMarginLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             self.anchors.data = c_f.to_device(self.anchors.data, device=embeddings.device)
         return c_f.to_dtype(self.anchors, dtype=_compute_dtype(embeddings))
 
-    def compute_loss(self, embeddings: torch.Tensor, labels: Optional[torch.Tensor], indices_tuple: Any,
-                     ref_emb: Optional[torch.Tensor], ref_labels: Optional[torch.Tensor]) -> dict:
+    def compute_loss(
+        self,
+        embeddings: torch.Tensor,
+        labels: Optional[torch.Tensor],
+        indices_tuple: Any,
+        ref_emb: Optional[torch.Tensor],
+        ref_labels: Optional[torch.Tensor],
+    ) -> dict:
         pml_plugins.check_embeddings_and_labels(
             embeddings, labels, num_classes=self.num_classes, embedding_size=self.embedding_size
         )

@@ -5,6 +5,7 @@ of the upper triangle) with a custom autograd function that forms each block's g
 right away, so memory stays O(chunk * t + t * n) instead of the O(t^2) that autograd would
 keep for backward (and never a t x t x n tensor).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -34,12 +35,18 @@ def _accumulator(x: torch.Tensor) -> torch.Tensor:
     return x.new_zeros((), dtype=torch.float32 if x.device.type == "mps" else torch.float64)
 
 
-def _near_pairs(anchors: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, two_m: float,
-                grad: Optional[torch.Tensor], max_pairs: int) -> torch.Tensor:
+def _near_pairs(
+    anchors: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    two_m: float,
+    grad: Optional[torch.Tensor],
+    max_pairs: int,
+) -> torch.Tensor:
     """Eq. 2 summed over the pairs (rows[k], cols[k]) from exact differences (bounded pieces)."""
     total = _accumulator(anchors)
     for s in range(0, rows.numel(), max_pairs):  # pieces of bounded memory, not a loop over classes
-        r, c = rows[s:s + max_pairs], cols[s:s + max_pairs]
+        r, c = rows[s : s + max_pairs], cols[s : s + max_pairs]
         diff = anchors[r] - anchors[c]
         dist = safe_norm(diff)
         hinge = (two_m - dist).clamp_min(0)
@@ -60,8 +67,9 @@ def default_block_elements(device: torch.device) -> int:
     return DEFAULT_BLOCK_ELEMENTS if device.type == "cpu" else 2 * DEFAULT_BLOCK_ELEMENTS
 
 
-def repeller_sum(anchors: torch.Tensor, margin: float, need_grad: bool,
-                 block_elements: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def repeller_sum(
+    anchors: torch.Tensor, margin: float, need_grad: bool, block_elements: Optional[int] = None
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """sum_{i<j} max(0, 2m - ||c_i - c_j||)^2 and, if ``need_grad``, its gradient w.r.t. ``anchors``.
 
     This equals eq. 2 (1/2 times the sum over ordered pairs). Far pairs use the Gram-matrix

@@ -1,4 +1,5 @@
 """pml-plugin-dmcac: DMCAC (divergence minimisation + cross-attention classification) for PML."""
+
 from .data import MultiViewDataset, TensorViewAugment, dataset_labels, multi_view_collate, split_query_database
 from .database_gradient import DatabaseEncoder
 from .database_knn_miner import DatabaseKNNMiner

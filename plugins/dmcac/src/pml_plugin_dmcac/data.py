@@ -1,4 +1,5 @@
 """Data pieces for DMCAC training: the query/database split, multi-view items, the B*A collate."""
+
 from __future__ import annotations
 
 import math
@@ -86,7 +87,7 @@ class TensorViewAugment:
         dy, dx = (int(v) for v in torch.randint(-s, s + 1, (2,), generator=self.generator))
         h, w = img.shape[-2:]
         padded = torch.nn.functional.pad(img, (s, s, s, s))
-        return padded[..., s - dy:s - dy + h, s - dx:s - dx + w]
+        return padded[..., s - dy : s - dy + h, s - dx : s - dx + w]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.as_tensor(x)
@@ -129,8 +130,13 @@ class MultiViewDataset(torch.utils.data.Dataset):
         view_transform: the augmentation for views 1..A-1 (default as above).
     """
 
-    def __init__(self, dataset: torch.utils.data.Dataset, num_views: int, indices: Optional[Sequence[int]] = None,
-                 view_transform: Optional[Callable] = None):
+    def __init__(
+        self,
+        dataset: torch.utils.data.Dataset,
+        num_views: int,
+        indices: Optional[Sequence[int]] = None,
+        view_transform: Optional[Callable] = None,
+    ):
         if num_views < 1:
             raise ValueError(f"num_views must be >= 1, got {num_views}")
         self.dataset, self.num_views = dataset, int(num_views)

@@ -18,6 +18,7 @@ and memory of the database inputs (kept from pass 1), the (D, F) rows and their 
 one chunk's activations. Both passes run the encoder in eval mode (no dropout, batch-norm
 running statistics), so they compute the same rows.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Iterable, Optional
@@ -55,9 +56,16 @@ class DatabaseEncoder:
         progress: show a tqdm bar over the chunks.
     """
 
-    def __init__(self, dataset: torch.utils.data.Dataset, encode: Callable[[torch.Tensor], torch.Tensor],
-                 modules: Iterable[torch.nn.Module] = (), batch_size: int = 256,
-                 device: Optional[torch.device] = None, num_workers: int = 0, progress: bool = False):
+    def __init__(
+        self,
+        dataset: torch.utils.data.Dataset,
+        encode: Callable[[torch.Tensor], torch.Tensor],
+        modules: Iterable[torch.nn.Module] = (),
+        batch_size: int = 256,
+        device: Optional[torch.device] = None,
+        num_workers: int = 0,
+        progress: bool = False,
+    ):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if len(dataset) == 0:
@@ -89,14 +97,16 @@ class DatabaseEncoder:
 
     def embed_without_graph(self) -> torch.Tensor:
         """Pass 1: every database row, no graph; keeps the inputs for pass 2."""
-        loader = torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False,
-                                             num_workers=self.num_workers)
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers
+        )
         self._inputs, chunks, labels = [], [], []
         flags = self._eval_mode()
         try:
             with torch.no_grad():
-                for x, y in tqdm(loader, desc="DMCAC database (full retrieval)", leave=False,
-                                 disable=None if self.progress else True):
+                for x, y in tqdm(
+                    loader, desc="DMCAC database (full retrieval)", leave=False, disable=None if self.progress else True
+                ):
                     self._inputs.append(x)
                     chunks.append(self.encode(x.to(self.device) if self.device is not None else x))
                     labels.append(torch.as_tensor(y))

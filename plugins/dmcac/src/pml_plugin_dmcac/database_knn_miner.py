@@ -1,4 +1,5 @@
 """DatabaseKNNMiner: link each embedding to its k nearest reference (database) rows."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -41,8 +42,12 @@ class DatabaseKNNMiner(BaseMiner):
         pml_plugins.check_embeddings_and_labels(embeddings, labels)
         if ref_emb is not None:
             pml_plugins.check_embeddings_and_labels(
-                ref_emb, ref_labels, embedding_size=embeddings.shape[1],
-                embeddings_name="ref_emb", labels_name="ref_labels")
+                ref_emb,
+                ref_labels,
+                embedding_size=embeddings.shape[1],
+                embeddings_name="ref_emb",
+                labels_name="ref_labels",
+            )
         return super().forward(embeddings, labels, ref_emb, ref_labels)
 
     def _neighbours(self, embeddings, ref_emb, self_ref: bool):

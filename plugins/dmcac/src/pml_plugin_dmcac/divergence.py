@@ -3,6 +3,7 @@
 Everything here works on the last two dimensions ``(..., A, T)``: A distributions (one per view)
 over T retrieved database rows, so a whole batch of queries is handled without loops.
 """
+
 from __future__ import annotations
 
 import math

@@ -3,6 +3,7 @@
 Trivedy & Latecki, "Image Retrieval with Self-Supervised Divergence Minimization and
 Cross-Attention Classification". Equation numbers below are the paper's.
 """
+
 from __future__ import annotations
 
 import math
@@ -63,8 +64,12 @@ class DMCACLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         retrieval: str = "approximate",
         **kwargs: Any,
     ):
-        for name, value in (("num_classes", num_classes), ("embedding_size", embedding_size),
-                            ("num_views", num_views), ("k", k)):
+        for name, value in (
+            ("num_classes", num_classes),
+            ("embedding_size", embedding_size),
+            ("num_views", num_views),
+            ("k", k),
+        ):
             check_positive_int(name, value)
         check_positive_float("temperature", temperature)
         for name, value in (("frob_weight", frob_weight), ("ce_weight", ce_weight), ("cac_weight", cac_weight)):
@@ -97,8 +102,18 @@ class DMCACLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         self.db_encoder: Optional[Any] = None
         self.avg_union_size = 0.0
         self.add_to_recordable_attributes(
-            list_of_names=["num_classes", "embedding_size", "num_views", "k", "temperature",
-                           "frob_weight", "ce_weight", "cac_weight"], is_stat=False)
+            list_of_names=[
+                "num_classes",
+                "embedding_size",
+                "num_views",
+                "k",
+                "temperature",
+                "frob_weight",
+                "ce_weight",
+                "cac_weight",
+            ],
+            is_stat=False,
+        )
         self.add_to_recordable_attributes(list_of_names=["avg_union_size"], is_stat=True)
 
     def get_default_weight_init_func(self):
@@ -127,8 +142,12 @@ class DMCACLoss(WeightRegularizerMixin, BaseMetricLossFunction):
                 an IVF index; used for approximate retrieval instead of the core's kNN layer.
         """
         pml_plugins.check_embeddings_and_labels(
-            embeddings, labels, embedding_size=self.embedding_size,
-            embeddings_name="database embeddings", labels_name="database labels")
+            embeddings,
+            labels,
+            embedding_size=self.embedding_size,
+            embeddings_name="database embeddings",
+            labels_name="database labels",
+        )
         if embeddings.shape[0] == 0:
             raise ValueError("database embeddings must have at least one row")
         device = self.db_embeddings.device
@@ -153,32 +172,43 @@ class DMCACLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         Only for ``retrieval="full"``: approximate retrieval treats the rows as constants anyway.
         """
         if encoder is not None and self.retrieval != "full":
-            raise ValueError('set_database_encoder needs retrieval="full" (approximate retrieval treats the '
-                             "retrieved rows as constants, section 3.4); use set_database for it")
+            raise ValueError(
+                'set_database_encoder needs retrieval="full" (approximate retrieval treats the '
+                "retrieved rows as constants, section 3.4); use set_database for it"
+            )
         if encoder is not None and not callable(getattr(encoder, "rows", None)):
-            raise TypeError(f"encoder must have a rows() method returning the database rows, "
-                            f"got {type(encoder).__name__}")
+            raise TypeError(
+                f"encoder must have a rows() method returning the database rows, got {type(encoder).__name__}"
+            )
         self.db_encoder = encoder
 
     # ------------------------------------------------------------------ forward
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         pml_plugins.check_embeddings_and_labels(
-            embeddings, labels, num_classes=self.num_classes, embedding_size=self.embedding_size)
+            embeddings, labels, num_classes=self.num_classes, embedding_size=self.embedding_size
+        )
         rows = embeddings.shape[0]
         if rows % self.num_views:
             raise ValueError(
                 f"embeddings must hold B queries x num_views={self.num_views} views (B*A rows, views "
-                f"consecutive); got {rows} rows, not a multiple of {self.num_views}")
+                f"consecutive); got {rows} rows, not a multiple of {self.num_views}"
+            )
         per_query = labels.view(-1, self.num_views)
         if not bool((per_query == per_query[:, :1]).all()):
             bad = torch.nonzero((per_query != per_query[:, :1]).any(1)).flatten()[:5].tolist()
             raise ValueError(
                 f"labels must be equal within each query's {self.num_views} consecutive views "
-                f"(B*A layout); queries {bad} mix labels")
+                f"(B*A layout); queries {bad} mix labels"
+            )
         if ref_emb is not None and ref_emb is not embeddings:
             pml_plugins.check_embeddings_and_labels(
-                ref_emb, ref_labels, embedding_size=self.embedding_size, labels_required=False,
-                embeddings_name="ref_emb", labels_name="ref_labels")
+                ref_emb,
+                ref_labels,
+                embedding_size=self.embedding_size,
+                labels_required=False,
+                embeddings_name="ref_emb",
+                labels_name="ref_labels",
+            )
             if ref_emb.shape[0] == 0:
                 raise ValueError("ref_emb must have at least one row")
         if indices_tuple is not None and (ref_emb is None or ref_emb is embeddings):
@@ -200,8 +230,9 @@ class DMCACLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         if self.db_encoder is not None and self.retrieval == "full":
             rows = self.db_encoder.rows().to(device=z.device)
             if rows.ndim != 2 or rows.shape[1] != self.embedding_size:
-                raise ValueError(f"the database encoder must give (D, {self.embedding_size}) rows, "
-                                 f"got {tuple(rows.shape)}")
+                raise ValueError(
+                    f"the database encoder must give (D, {self.embedding_size}) rows, got {tuple(rows.shape)}"
+                )
             return F.normalize(rows.to(z.dtype), dim=1), None, False
         if self.has_database:
             return self.db_embeddings.to(device=z.device, dtype=z.dtype), self.db_index, False
@@ -279,8 +310,11 @@ class DMCACLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         indices = torch.arange(B, device=embeddings.device) * A  # each query's original view
         loss_dict = {
             name: {"losses": (weight * value).to(out_dtype), "indices": indices, "reduction_type": "element"}
-            for name, weight, value in (("frob_loss", self.frob_weight, frob), ("ce_loss", self.ce_weight, ce),
-                                        ("cac_loss", self.cac_weight, cac))
+            for name, weight, value in (
+                ("frob_loss", self.frob_weight, frob),
+                ("ce_loss", self.ce_weight, ce),
+                ("cac_loss", self.cac_weight, cac),
+            )
         }
         self.add_weight_regularization_to_loss_dict(loss_dict, self.ce_W)
         return loss_dict

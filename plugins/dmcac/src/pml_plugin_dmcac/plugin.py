@@ -1,4 +1,5 @@
 """The pml-plugins entry point of pml-plugin-dmcac."""
+
 from __future__ import annotations
 
 import pml_plugins
@@ -9,8 +10,10 @@ from .training import training_setup
 
 pml_plugins_api_version = "1.1"
 
-PAPER = ("Trivedy & Latecki, Image Retrieval with Self-Supervised Divergence Minimization and "
-         "Cross-Attention Classification (DMCAC)")
+PAPER = (
+    "Trivedy & Latecki, Image Retrieval with Self-Supervised Divergence Minimization and "
+    "Cross-Attention Classification (DMCAC)"
+)
 
 
 def conformance_instance(num_classes: int, embedding_size: int) -> DMCACLoss:
@@ -35,13 +38,17 @@ def register_losses(register):
             retrieval_distance="cosine",
             training_setup=training_setup,
             # for `pml-plugins compare --tune` (format: pml_plugins.search_space)
-            search_space={"temperature": (0.1, 10.0, "log"), "frob_weight": (0.1, 10.0, "log"),
-                          "ce_weight": (0.1, 10.0, "log"), "loss_lr": (1e-5, 1e-2, "log")},
+            search_space={
+                "temperature": (0.1, 10.0, "log"),
+                "frob_weight": (0.1, 10.0, "log"),
+                "ce_weight": (0.1, 10.0, "log"),
+                "loss_lr": (1e-5, 1e-2, "log"),
+            },
             distributed="gradient_equivalent",
             distributed_note="whole queries (all A views) stay on one rank; each rank embeds a slice of the database "
-                             "with its identical model and the slices are all-gathered, so every rank holds the same "
-                             "database; without a database the gathered global batch is the in-batch database, as "
-                             "in one process",
+            "with its identical model and the slices are all-gathered, so every rank holds the same "
+            "database; without a database the gathered global batch is the in-batch database, as "
+            "in one process",
             # the default six views need batches the kit does not build; two views exercise the same code
             conformance={"num_views": 2},
             conformance_factory=conformance_instance,

@@ -1,4 +1,5 @@
 """Re-embed the training database with the current model and hand it to the loss (section 3.4)."""
+
 from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Optional
@@ -10,8 +11,9 @@ from pml_plugins.distributed_losses import gather_in_rank_order, is_distributed
 from pml_plugins.validation import check_positive_int
 
 
-def make_embed_fn(trunk: torch.nn.Module, embedder: Optional[torch.nn.Module] = None,
-                  device: Optional[torch.device] = None) -> Callable[[torch.Tensor], torch.Tensor]:
+def make_embed_fn(
+    trunk: torch.nn.Module, embedder: Optional[torch.nn.Module] = None, device: Optional[torch.device] = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """``embed(x)``: trunk (+ embedder) in eval mode, without grad; restores the train flags."""
 
     def embed(x: torch.Tensor) -> torch.Tensor:
@@ -55,11 +57,22 @@ class DatabaseRefresher:
             this equals one process embedding it all (up to float rounding of batch sizes).
     """
 
-    def __init__(self, loss: Any, dataset: torch.utils.data.Dataset, embed: Callable[[torch.Tensor], torch.Tensor],
-                 every_epochs: Optional[int] = 1, every_iterations: Optional[int] = None, batch_size: int = 256,
-                 num_workers: int = 0, device: Optional[torch.device] = None, modules: Iterable[torch.nn.Module] = (),
-                 index_factory: Optional[Callable[[torch.Tensor], Any]] = None, progress: bool = True,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        loss: Any,
+        dataset: torch.utils.data.Dataset,
+        embed: Callable[[torch.Tensor], torch.Tensor],
+        every_epochs: Optional[int] = 1,
+        every_iterations: Optional[int] = None,
+        batch_size: int = 256,
+        num_workers: int = 0,
+        device: Optional[torch.device] = None,
+        modules: Iterable[torch.nn.Module] = (),
+        index_factory: Optional[Callable[[torch.Tensor], Any]] = None,
+        progress: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         check_positive_int("every_epochs", every_epochs, allow_none=True)
         check_positive_int("every_iterations", every_iterations, allow_none=True)
         self.loss, self.dataset, self.embed = loss, dataset, embed
@@ -67,8 +80,9 @@ class DatabaseRefresher:
         self.batch_size, self.num_workers, self.device = int(batch_size), int(num_workers), device
         self.modules, self.index_factory, self.progress = list(modules), index_factory, progress
         if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
-            raise ValueError(f"rank and world_size must satisfy 0 <= rank < world_size, got rank={rank!r}, "
-                             f"world_size={world_size!r}")
+            raise ValueError(
+                f"rank and world_size must satisfy 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}"
+            )
         self.rank, self.world_size = rank, world_size
         self.num_refreshes = 0
         self._epochs = 0
@@ -78,8 +92,10 @@ class DatabaseRefresher:
         """Embed every database item (eval mode, no grad, batched) and call ``set_database``."""
         sharded = self.world_size > 1 and is_distributed()
         if sharded and len(self.dataset) < self.world_size:
-            raise ValueError(f"the database has {len(self.dataset)} rows, fewer than the {self.world_size} processes "
-                             f"that share its refresh")
+            raise ValueError(
+                f"the database has {len(self.dataset)} rows, fewer than the {self.world_size} processes "
+                f"that share its refresh"
+            )
         bounds = _shard_bounds(len(self.dataset), self.world_size if sharded else 1)
         start, stop = bounds[self.rank if sharded else 0]
         embeddings, labels = self._embed(torch.utils.data.Subset(self.dataset, range(start, stop)))
@@ -94,8 +110,9 @@ class DatabaseRefresher:
 
     def _embed(self, dataset: torch.utils.data.Dataset) -> tuple[torch.Tensor, torch.Tensor]:
         flags = [m.training for m in self.modules]
-        loader = torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, shuffle=False,
-                                             num_workers=self.num_workers)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers
+        )
         chunks, labels = [], []
         try:
             with torch.no_grad():
@@ -117,9 +134,13 @@ class DatabaseRefresher:
         training checkpoint; a FAISS index is not saved but rebuilt by :meth:`load_state_dict`."""
         db = getattr(self.loss, "db_embeddings", None)
         labels = getattr(self.loss, "db_labels", None)
-        return {"num_refreshes": self.num_refreshes, "epochs": self._epochs, "iterations": self._iterations,
-                "db_embeddings": db.detach().cpu() if db is not None else None,
-                "db_labels": labels.detach().cpu() if labels is not None else None}
+        return {
+            "num_refreshes": self.num_refreshes,
+            "epochs": self._epochs,
+            "iterations": self._iterations,
+            "db_embeddings": db.detach().cpu() if db is not None else None,
+            "db_labels": labels.detach().cpu() if labels is not None else None,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`: the counters, and the database handed back to the loss."""
@@ -162,14 +183,16 @@ def _shard_bounds(n: int, world_size: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def _gather_shards(embeddings: torch.Tensor, labels: torch.Tensor,
-                   bounds: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def _gather_shards(
+    embeddings: torch.Tensor, labels: torch.Tensor, bounds: list[tuple[int, int]]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Every rank's slice, padded to the longest, gathered in rank order; the padding dropped."""
     device = embeddings.device
     longest = max(stop - start for start, stop in bounds)
     pad = longest - len(embeddings)
     gathered = gather_in_rank_order(torch.nn.functional.pad(embeddings.float(), (0, 0, 0, pad)))
     gathered_labels = gather_in_rank_order(torch.nn.functional.pad(labels.to(device), (0, pad)))
-    keep = torch.cat([torch.arange(r * longest, r * longest + stop - start, device=device)
-                      for r, (start, stop) in enumerate(bounds)])
+    keep = torch.cat(
+        [torch.arange(r * longest, r * longest + stop - start, device=device) for r, (start, stop) in enumerate(bounds)]
+    )
     return gathered[keep], gathered_labels[keep]

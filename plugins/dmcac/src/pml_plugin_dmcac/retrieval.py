@@ -1,4 +1,5 @@
 """Top-k retrieval over a database and the per-query union of eq. 8, batched with padding."""
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -89,8 +90,15 @@ def union_from_indices_tuple(indices_tuple: tuple, num_views: int, num_rows: int
     return union_per_query(anchors // num_views, refs, num_rows // num_views, num_ref)
 
 
-def build_faiss_index(embeddings: torch.Tensor, kind: str = "ivf", nlist: Optional[int] = None, nprobe: int = 16,
-                      train_size: Optional[int] = 100_000, seed: int = 0, **index_params: Any) -> KNNIndex:
+def build_faiss_index(
+    embeddings: torch.Tensor,
+    kind: str = "ivf",
+    nlist: Optional[int] = None,
+    nprobe: int = 16,
+    train_size: Optional[int] = 100_000,
+    seed: int = 0,
+    **index_params: Any,
+) -> KNNIndex:
     """A cosine index over the rows, for ``set_database(..., index=)``: the core's :class:`pml_plugins.knn.KNNIndex`.
 
     Built once per database refresh, so a training step only searches it. ``kind="flat"`` is

@@ -1,4 +1,5 @@
 """``training_setup``: what the main job calls to train DMCAC with PML's trainers."""
+
 from __future__ import annotations
 
 import warnings
@@ -57,8 +58,10 @@ def training_setup(loss: Any, context: TrainingContext) -> TrainingSetup:
     given = dict(context.options)
     if "views" in given:  # the main job's generic name; A is the loss's own num_views argument
         if int(given.pop("views")) != num_views:
-            raise ValueError(f"DMCAC takes its number of views from the loss: num_views={num_views} "
-                             f"(set it as a loss constructor argument, e.g. --loss-arg num_views=6)")
+            raise ValueError(
+                f"DMCAC takes its number of views from the loss: num_views={num_views} "
+                f"(set it as a loss constructor argument, e.g. --loss-arg num_views=6)"
+            )
     if "refresh_every" in given:  # the option's old name
         if "refresh_every_epochs" in given:
             raise ValueError("give refresh_every_epochs or its old name refresh_every, not both")
@@ -73,17 +76,23 @@ def training_setup(loss: Any, context: TrainingContext) -> TrainingSetup:
     if source is None:
         source = context.train_dataset
         if getattr(source, "transform", None) is not None:
-            warnings.warn("DMCAC: no train_eval_dataset in the TrainingContext, so the database is embedded with "
-                          "the training split's own transform (augmented rows); give the training split with the "
-                          "evaluation transform as TrainingContext.train_eval_dataset", stacklevel=2)
+            warnings.warn(
+                "DMCAC: no train_eval_dataset in the TrainingContext, so the database is embedded with "
+                "the training split's own transform (augmented rows); give the training split with the "
+                "evaluation transform as TrainingContext.train_eval_dataset",
+                stacklevel=2,
+            )
     elif len(source) != len(context.train_dataset):
-        raise ValueError(f"train_eval_dataset has {len(source)} items, train_dataset {len(context.train_dataset)}: "
-                         f"they must be the same items in the same order")
+        raise ValueError(
+            f"train_eval_dataset has {len(source)} items, train_dataset {len(context.train_dataset)}: "
+            f"they must be the same items in the same order"
+        )
     database = torch.utils.data.Subset(source, database_idx.tolist())
     embed = context.embed or make_embed_fn(context.trunk, context.embedder, context.device)
     every_epochs = options["refresh_every_epochs"]
-    if every_epochs is not None and (isinstance(every_epochs, bool) or not isinstance(every_epochs, int)
-                                     or every_epochs < 1):
+    if every_epochs is not None and (
+        isinstance(every_epochs, bool) or not isinstance(every_epochs, int) or every_epochs < 1
+    ):
         raise ValueError(f"refresh_every_epochs must be a positive integer, got {every_epochs!r}")
     every_iterations = options["refresh_every_iterations"]
     kind = options["index"]
@@ -91,30 +100,46 @@ def training_setup(loss: Any, context: TrainingContext) -> TrainingSetup:
         raise ValueError(f"option index must be None or one of {INDEXES}, got {kind!r}")
     index_factory = None if kind is None else (lambda emb: build_faiss_index(emb, kind=kind))
     refresher = DatabaseRefresher(
-        loss, database, embed,
+        loss,
+        database,
+        embed,
         every_epochs=None if every_iterations else every_epochs,
         every_iterations=every_iterations,
-        batch_size=int(options["refresh_batch_size"]), num_workers=context.num_workers, device=context.device,
-        modules=[m for m in (context.trunk, context.embedder) if m is not None], index_factory=index_factory,
+        batch_size=int(options["refresh_batch_size"]),
+        num_workers=context.num_workers,
+        device=context.device,
+        modules=[m for m in (context.trunk, context.embedder) if m is not None],
+        index_factory=index_factory,
         progress=context.progress if options["progress"] is None else bool(options["progress"]),
-        rank=context.rank, world_size=context.world_size,  # under DDP each rank embeds a slice
+        rank=context.rank,
+        world_size=context.world_size,  # under DDP each rank embeds a slice
     )
-    queries = MultiViewDataset(context.train_dataset, num_views, indices=query_idx,
-                               view_transform=options["view_transform"])
+    queries = MultiViewDataset(
+        context.train_dataset, num_views, indices=query_idx, view_transform=options["view_transform"]
+    )
     if getattr(loss, "retrieval", None) == "full" and options["database_gradient"]:
         if context.world_size > 1:
-            raise ValueError('DMCAC retrieval="full" with the database gradient runs in one process only; under '
-                             "--distributed set the option database_gradient=False (constant, refreshed rows)")
+            raise ValueError(
+                'DMCAC retrieval="full" with the database gradient runs in one process only; under '
+                "--distributed set the option database_gradient=False (constant, refreshed rows)"
+            )
         modules = [m for m in (context.trunk, context.embedder) if m is not None]
 
         def encode(x: torch.Tensor) -> torch.Tensor:
             out = context.trunk(x)
             return context.embedder(out) if context.embedder is not None else out
 
-        loss.set_database_encoder(DatabaseEncoder(
-            database, encode, modules=modules, batch_size=int(options["refresh_batch_size"]),
-            device=context.device, num_workers=context.num_workers,
-            progress=context.progress if options["progress"] is None else bool(options["progress"])))
+        loss.set_database_encoder(
+            DatabaseEncoder(
+                database,
+                encode,
+                modules=modules,
+                batch_size=int(options["refresh_batch_size"]),
+                device=context.device,
+                num_workers=context.num_workers,
+                progress=context.progress if options["progress"] is None else bool(options["progress"]),
+            )
+        )
         # every step embeds the database itself: no refreshes
         return TrainingSetup(train_dataset=queries, collate_fn=multi_view_collate, views_per_sample=num_views)
     return TrainingSetup(

@@ -1,5 +1,6 @@
 """The Group Loss (Elezi et al., ECCV 2020) for pytorch-metric-learning, registered with pml-plugins
 as ``group_loss`` (the authors' released code's setting) and ``group_loss_paper`` (the paper's loss)."""
+
 from __future__ import annotations
 
 from .functional import (

@@ -10,6 +10,7 @@ Each step of Algorithm 1 is public so that it can be checked on its own:
 
 Shapes: ``n`` samples, ``C`` classes. Memory is O(n^2 + n C): nothing of size n x n x C is built.
 """
+
 from __future__ import annotations
 
 import torch

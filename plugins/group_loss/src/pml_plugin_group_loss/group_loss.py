@@ -1,4 +1,5 @@
 """GroupLoss: replicator-dynamics label propagation over the mini-batch (Elezi et al., ECCV 2020)."""
+
 from __future__ import annotations
 
 import warnings
@@ -169,8 +170,10 @@ class GroupLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
             raise TypeError(f"{name} must be a floating-point torch.Tensor of shape (batch_size, num_classes)")
         if tuple(value.shape) != (n, self.num_classes):
-            raise ValueError(f"{name} must have shape (batch_size, num_classes) = ({n}, {self.num_classes}), "
-                             f"got {tuple(value.shape)}")
+            raise ValueError(
+                f"{name} must have shape (batch_size, num_classes) = ({n}, {self.num_classes}), "
+                f"got {tuple(value.shape)}"
+            )
         if not bool(torch.isfinite(value).all()):
             raise ValueError(f"{name} contain NaN or Inf values")
         return value
@@ -230,5 +233,13 @@ class GroupLossPaper(GroupLoss):
         zero_diagonal: bool = True,
         **kwargs,
     ) -> None:
-        super().__init__(num_classes, embedding_size, temperature=temperature, num_anchors=num_anchors,
-                         num_iterations=num_iterations, ce_weight=ce_weight, zero_diagonal=zero_diagonal, **kwargs)
+        super().__init__(
+            num_classes,
+            embedding_size,
+            temperature=temperature,
+            num_anchors=num_anchors,
+            num_iterations=num_iterations,
+            ce_weight=ce_weight,
+            zero_diagonal=zero_diagonal,
+            **kwargs,
+        )

@@ -1,5 +1,6 @@
 """The Multi-Proxies Anchor loss family (MPA, MPA-DW, MPA-AP) of Saeki et al. for
 pytorch-metric-learning, registered with pml-plugins."""
+
 from __future__ import annotations
 
 from .base import MultiProxyBase

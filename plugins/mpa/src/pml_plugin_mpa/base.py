@@ -1,4 +1,5 @@
 """Common base of the three MPA-family losses: proxies, eq. 1 similarity, eq. 3 regulariser."""
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -26,7 +27,7 @@ def _compute_dtype(embeddings: torch.Tensor) -> torch.dtype:
 
 
 def _is_plain_cosine(distance: Any) -> bool:
-    return (type(distance) is CosineSimilarity and distance.normalize_embeddings and distance.power == 1)
+    return type(distance) is CosineSimilarity and distance.normalize_embeddings and distance.power == 1
 
 
 class MultiProxyBase(WeightRegularizerMixin, BaseMetricLossFunction):
@@ -49,10 +50,22 @@ class MultiProxyBase(WeightRegularizerMixin, BaseMetricLossFunction):
     row ``c * K + k`` holds proxy k of class c. It stays float32 (cast inside forward).
     """
 
-    def __init__(self, num_classes: int, embedding_size: int, proxies_per_class: int = 10, alpha: float = 32.0,
-                 delta: float = 0.1, gamma: float = 0.1, tau: float = 0.2, **kwargs: Any) -> None:
-        for name, value in (("num_classes", num_classes), ("embedding_size", embedding_size),
-                            ("proxies_per_class", proxies_per_class)):
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        proxies_per_class: int = 10,
+        alpha: float = 32.0,
+        delta: float = 0.1,
+        gamma: float = 0.1,
+        tau: float = 0.2,
+        **kwargs: Any,
+    ) -> None:
+        for name, value in (
+            ("num_classes", num_classes),
+            ("embedding_size", embedding_size),
+            ("proxies_per_class", proxies_per_class),
+        ):
             check_positive_int(name, value)
         check_positive_float("alpha", alpha)
         check_finite_float("delta", delta)
@@ -85,8 +98,9 @@ class MultiProxyBase(WeightRegularizerMixin, BaseMetricLossFunction):
             self.proxies.data = c_f.to_device(self.proxies.data, device=embeddings.device)
         return c_f.to_dtype(self.proxies, dtype=_compute_dtype(embeddings))
 
-    def _check_input(self, embeddings: torch.Tensor, labels: Optional[torch.Tensor], ref_emb: Any,
-                     ref_labels: Any) -> None:
+    def _check_input(
+        self, embeddings: torch.Tensor, labels: Optional[torch.Tensor], ref_emb: Any, ref_labels: Any
+    ) -> None:
         pml_plugins.check_embeddings_and_labels(
             embeddings, labels, num_classes=self.num_classes, embedding_size=self.embedding_size
         )
@@ -101,8 +115,9 @@ class MultiProxyBase(WeightRegularizerMixin, BaseMetricLossFunction):
         proxies = self._proxies_for(embeddings)
         emb = c_f.to_dtype(embeddings, dtype=proxies.dtype)
         with_reg = self._with_regularizer()
-        sim, gram = class_similarity(emb, proxies, self.num_classes, self.proxies_per_class, self.gamma,
-                                     with_gram=with_reg)
+        sim, gram = class_similarity(
+            emb, proxies, self.num_classes, self.proxies_per_class, self.gamma, with_gram=with_reg
+        )
         reg = self.tau * proxy_regularizer(gram) if with_reg else sim.new_zeros(())
         return sim, reg
 
@@ -133,6 +148,7 @@ class MultiProxyBase(WeightRegularizerMixin, BaseMetricLossFunction):
             embeddings, None, embedding_size=self.embedding_size, labels_required=False
         )
         proxies = self._proxies_for(embeddings)
-        sim, _ = class_similarity(c_f.to_dtype(embeddings, dtype=proxies.dtype), proxies, self.num_classes,
-                                  self.proxies_per_class, self.gamma)
+        sim, _ = class_similarity(
+            c_f.to_dtype(embeddings, dtype=proxies.dtype), proxies, self.num_classes, self.proxies_per_class, self.gamma
+        )
         return c_f.to_dtype(sim, dtype=embeddings.dtype)

@@ -7,6 +7,7 @@ copy (C K x d = 58M floats) costs as much memory traffic as the matmul itself. I
 :class:`ProxyClassSimilarity` divides the (B x CK) matmul output by the proxy norms and
 writes the gradient of the normalisation into the matmul's weight gradient in place.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -35,8 +36,9 @@ class ProxyClassSimilarity(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_n: torch.Tensor, w: torch.Tensor, num_classes: int, proxies_per_class: int,
-                gamma: float, with_gram: bool):
+    def forward(
+        ctx, x_n: torch.Tensor, w: torch.Tensor, num_classes: int, proxies_per_class: int, gamma: float, with_gram: bool
+    ):
         c, k, d = num_classes, proxies_per_class, w.shape[1]
         b = x_n.shape[0]
         if with_gram:
@@ -109,8 +111,14 @@ class ProxyClassSimilarity(torch.autograd.Function):
 _EXP_RANGE = {torch.float32: 80.0, torch.float64: 700.0}
 
 
-def class_similarity(embeddings: torch.Tensor, proxies: torch.Tensor, num_classes: int, proxies_per_class: int,
-                     gamma: float, with_gram: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def class_similarity(
+    embeddings: torch.Tensor,
+    proxies: torch.Tensor,
+    num_classes: int,
+    proxies_per_class: int,
+    gamma: float,
+    with_gram: bool = False,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """S(x_i, c) = sum_k softmax_k(x_i.w_ck / gamma) x_i.w_ck on L2-normalised x, w (eq. 1).
 
     Args:

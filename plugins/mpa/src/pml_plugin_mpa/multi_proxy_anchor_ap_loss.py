@@ -1,4 +1,5 @@
 """Data-wise, all-paired Multi-Proxies Anchor (MPA-AP) loss: Saeki et al., eq. 15-17."""
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -24,8 +25,14 @@ class MultiProxyAnchorAPLoss(MultiProxyBase):
     assumption: the paper never states alpha; 32 is ProxyAnchor's default).
     """
 
-    def compute_loss(self, embeddings: torch.Tensor, labels: Optional[torch.Tensor], indices_tuple: Any,
-                     ref_emb: Optional[torch.Tensor], ref_labels: Optional[torch.Tensor]) -> dict:
+    def compute_loss(
+        self,
+        embeddings: torch.Tensor,
+        labels: Optional[torch.Tensor],
+        indices_tuple: Any,
+        ref_emb: Optional[torch.Tensor],
+        ref_labels: Optional[torch.Tensor],
+    ) -> dict:
         self._check_input(embeddings, labels, ref_emb, ref_labels)
         sim, reg = self.similarity(embeddings)  # eq. 1, eq. 3 (weighted by tau)
         miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=sim.dtype)
@@ -33,8 +40,13 @@ class MultiProxyAnchorAPLoss(MultiProxyBase):
         margin_sim = torch.where(pos_mask, self.delta - sim, sim + self.delta)  # eq. 15
         losses = lmu.logsumexp(self.alpha * margin_sim, add_one=True, dim=1).squeeze(1)  # eq. 16
         return self._loss_dict(
-            {"loss": {"losses": losses * miner_weights, "indices": c_f.torch_arange_from_size(sim),
-                      "reduction_type": "element"}},
+            {
+                "loss": {
+                    "losses": losses * miner_weights,
+                    "indices": c_f.torch_arange_from_size(sim),
+                    "reduction_type": "element",
+                }
+            },
             reg,
         )
 

@@ -1,4 +1,5 @@
 """Data-wise Multi-Proxies Anchor (MPA-DW) loss: Saeki et al., eq. 12-13."""
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -24,16 +25,23 @@ class MultiProxyAnchorDWLoss(MultiProxyBase):
     assumption: the paper never states alpha; 32 is ProxyAnchor's default).
     """
 
-    def compute_loss(self, embeddings: torch.Tensor, labels: Optional[torch.Tensor], indices_tuple: Any,
-                     ref_emb: Optional[torch.Tensor], ref_labels: Optional[torch.Tensor]) -> dict:
+    def compute_loss(
+        self,
+        embeddings: torch.Tensor,
+        labels: Optional[torch.Tensor],
+        indices_tuple: Any,
+        ref_emb: Optional[torch.Tensor],
+        ref_labels: Optional[torch.Tensor],
+    ) -> dict:
         self._check_input(embeddings, labels, ref_emb, ref_labels)
         sim, reg = self.similarity(embeddings)  # eq. 1, eq. 3 (weighted by tau)
         miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=sim.dtype)
         pos_mask = F.one_hot(labels, self.num_classes).bool()
         pos_sim = sim.gather(1, labels[:, None]).squeeze(1)
         pos = F.softplus(-self.alpha * (pos_sim - self.delta))  # eq. 12, positive soft-plus
-        neg = lmu.logsumexp(self.alpha * (sim + self.delta), keep_mask=~pos_mask, add_one=True,
-                            dim=1).squeeze(1)  # eq. 12, negative soft-plus over c != c_i
+        neg = lmu.logsumexp(self.alpha * (sim + self.delta), keep_mask=~pos_mask, add_one=True, dim=1).squeeze(
+            1
+        )  # eq. 12, negative soft-plus over c != c_i
         losses = (pos + neg) * miner_weights
         return self._loss_dict(
             {"loss": {"losses": losses, "indices": c_f.torch_arange_from_size(sim), "reduction_type": "element"}},

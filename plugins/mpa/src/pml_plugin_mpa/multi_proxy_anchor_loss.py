@@ -1,4 +1,5 @@
 """Multi-Proxies Anchor (MPA) loss: Saeki et al., eq. 6-7."""
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -25,27 +26,43 @@ class MultiProxyAnchorLoss(MultiProxyBase):
     (alpha = 32 is an assumption: the paper never states alpha; 32 is ProxyAnchor's default).
     """
 
-    def compute_loss(self, embeddings: torch.Tensor, labels: Optional[torch.Tensor], indices_tuple: Any,
-                     ref_emb: Optional[torch.Tensor], ref_labels: Optional[torch.Tensor]) -> dict:
+    def compute_loss(
+        self,
+        embeddings: torch.Tensor,
+        labels: Optional[torch.Tensor],
+        indices_tuple: Any,
+        ref_emb: Optional[torch.Tensor],
+        ref_labels: Optional[torch.Tensor],
+    ) -> dict:
         self._check_input(embeddings, labels, ref_emb, ref_labels)
         sim, reg = self.similarity(embeddings)  # eq. 1, eq. 3 (weighted by tau)
         # ProxyAnchorLoss's miner handling: unmined samples get -1 added inside the exponents
         miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=sim.dtype).unsqueeze(1) - 1
         pos_mask = torch.nn.functional.one_hot(labels, self.num_classes).bool()
         # eq. 6, first term: per class, log(1 + sum over its positives), as a masked log-sum-exp
-        pos_term = lmu.logsumexp(-self.alpha * (sim - self.delta) + miner_weights, keep_mask=pos_mask,
-                                 add_one=True, dim=0)
+        pos_term = lmu.logsumexp(
+            -self.alpha * (sim - self.delta) + miner_weights, keep_mask=pos_mask, add_one=True, dim=0
+        )
         # eq. 6, second term: per class, log(1 + sum over its negatives)
-        neg_term = lmu.logsumexp(self.alpha * (sim + self.delta) + miner_weights, keep_mask=~pos_mask,
-                                 add_one=True, dim=0)
+        neg_term = lmu.logsumexp(
+            self.alpha * (sim + self.delta) + miner_weights, keep_mask=~pos_mask, add_one=True, dim=0
+        )
         num_pos_classes = int(pos_mask.any(dim=0).sum())  # |C+|
         indices = torch.arange(self.num_classes, device=sim.device)
         return self._loss_dict(
             {
-                "pos_loss": {"losses": pos_term.squeeze(0), "indices": indices, "reduction_type": "element",
-                             "divisor": num_pos_classes},
-                "neg_loss": {"losses": neg_term.squeeze(0), "indices": indices, "reduction_type": "element",
-                             "divisor": self.num_classes},
+                "pos_loss": {
+                    "losses": pos_term.squeeze(0),
+                    "indices": indices,
+                    "reduction_type": "element",
+                    "divisor": num_pos_classes,
+                },
+                "neg_loss": {
+                    "losses": neg_term.squeeze(0),
+                    "indices": indices,
+                    "reduction_type": "element",
+                    "divisor": self.num_classes,
+                },
             },
             reg,
         )

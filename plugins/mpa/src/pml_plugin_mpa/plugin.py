@@ -1,4 +1,5 @@
 """Registers the MPA family with pml-plugins (entry point ``mpa`` in the ``pml_plugins`` group)."""
+
 from __future__ import annotations
 
 import pml_plugins
@@ -20,11 +21,16 @@ _COMMON = pml_plugins.LossSpec(
     loss_lr=1e-2,  # the paper's proxy lr (1e-4 for the backbone)
     retrieval_distance="cosine",
     # for `pml-plugins compare --tune` (format: pml_plugins.search_space); paper: K=10, alpha=32, delta=0.1
-    search_space={"proxies_per_class": (1, 10, "int"), "alpha": (4.0, 128.0, "log"), "delta": (0.0, 0.5),
-                  "gamma": (0.01, 1.0, "log"), "loss_lr": (1e-4, 1e-1, "log")},
+    search_space={
+        "proxies_per_class": (1, 10, "int"),
+        "alpha": (4.0, 128.0, "log"),
+        "delta": (0.0, 0.5),
+        "gamma": (0.01, 1.0, "log"),
+        "loss_lr": (1e-4, 1e-1, "log"),
+    },
     distributed="gradient_equivalent",
     distributed_note="each rank computes the loss on the gathered global batch (proxy terms aggregate over "
-                     "the whole batch); proxy gradients are all-reduced and rescaled",
+    "the whole batch); proxy gradients are all-reduced and rescaled",
 )
 
 

@@ -1,4 +1,5 @@
 """A plain pair hinge loss: the smallest loss that behaves like a PML built-in."""
+
 import torch
 from pytorch_metric_learning.losses import GenericPairLoss
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu

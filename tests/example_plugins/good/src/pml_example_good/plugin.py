@@ -19,8 +19,15 @@ def mean_first_neighbor_match(knn_labels: torch.Tensor, query_labels: torch.Tens
 
 @pml_plugins.hookimpl
 def register_losses(register):
-    register(HingePairLoss, name="hinge_pair", aliases=("example_hinge",), summary="Pair hinge loss (example)",
-             paper="Hadsell et al., CVPR 2006", tags=("pair",), sampler="m_per_class")
+    register(
+        HingePairLoss,
+        name="hinge_pair",
+        aliases=("example_hinge",),
+        summary="Pair hinge loss (example)",
+        paper="Hadsell et al., CVPR 2006",
+        tags=("pair",),
+        sampler="m_per_class",
+    )
 
 
 @pml_plugins.hookimpl
