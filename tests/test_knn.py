@@ -1,4 +1,5 @@
 """The kNN layer: knn_search (FAISS or chunked torch) and the PML-compatible KNN knn_func."""
+
 from __future__ import annotations
 
 import sys
@@ -142,7 +143,7 @@ def test_knn_func_matches_pml(points, ref_includes_query):
         d_ours, i_ours = KNN()(q, 6, r, ref_includes_query)
         d_pml, i_pml = FaissKNN()(q, 6, r, ref_includes_query)
         assert torch.equal(i_ours, i_pml)
-        torch.testing.assert_close(d_ours ** 2, d_pml, atol=1e-4, rtol=1e-4)  # FAISS reports squared L2
+        torch.testing.assert_close(d_ours**2, d_pml, atol=1e-4, rtol=1e-4)  # FAISS reports squared L2
 
 
 def test_drop_self_with_duplicates():

@@ -8,6 +8,7 @@ resources kept alive, the sharding options, IVF's k-means on the "GPUs", the GPU
 the searches, whose results must equal the CPU ones. This checks our GPU code paths' plumbing,
 not FAISS's GPU kernels (see docs/scale.md for what was and was not run on a GPU).
 """
+
 from __future__ import annotations
 
 import sys
@@ -48,8 +49,9 @@ class FakeGpuFaiss(types.ModuleType):
         return index
 
     def index_cpu_to_all_gpus(self, index, co=None, ngpu=-1):
-        self.calls.append(("index_cpu_to_all_gpus", type(index).__name__,
-                           None if co is None else (co.shard, co.common_ivf_quantizer)))
+        self.calls.append(
+            ("index_cpu_to_all_gpus", type(index).__name__, None if co is None else (co.shard, co.common_ivf_quantizer))
+        )
         return index
 
 

@@ -1,5 +1,6 @@
 """KNN as a drop-in for PML's FaissKNN when built (reset_before, reset_after, index_init_fn, gpus, .index),
 KNNOptions validated once, and the wrappers at the top level."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -91,18 +92,24 @@ def test_options_validated_once_and_frozen():
     o = KNNOptions(metric="euclidean", index="ivf", index_params={"nlist": 4})
     with pytest.raises(dataclasses.FrozenInstanceError):
         o.metric = "cosine"
-    for bad, error in [({"metric": "l1"}, ValueError), ({"index": "lsh"}, ValueError), ({"backend": "jax"}, ValueError),
-                       ({"chunk_size": 0}, ValueError), ({"shard": "yes"}, TypeError),
-                       ({"index": "ivf", "index_params": {"nlsit": 4}}, ValueError),
-                       ({"shard": True, "backend": "torch"}, ValueError)]:
+    for bad, error in [
+        ({"metric": "l1"}, ValueError),
+        ({"index": "lsh"}, ValueError),
+        ({"backend": "jax"}, ValueError),
+        ({"chunk_size": 0}, ValueError),
+        ({"shard": "yes"}, TypeError),
+        ({"index": "ivf", "index_params": {"nlsit": 4}}, ValueError),
+        ({"shard": True, "backend": "torch"}, ValueError),
+    ]:
         with pytest.raises(error):
             KNNOptions(**bad)
     knn = KNN("euclidean", index="ivf", index_params={"nlist": 4})
     assert knn.options == o and knn.index_type == "ivf" and knn.index is None
     g = torch.Generator().manual_seed(1)
     q, r = torch.randn(5, 8, generator=g), torch.randn(50, 8, generator=g)
-    assert torch.equal(knn_search(q, r, 3, options=KNNOptions(metric="euclidean"))[1],
-                       knn_search(q, r, 3, metric="euclidean")[1])
+    assert torch.equal(
+        knn_search(q, r, 3, options=KNNOptions(metric="euclidean"))[1], knn_search(q, r, 3, metric="euclidean")[1]
+    )
 
 
 def test_wrappers_at_the_top_level():

@@ -1,5 +1,6 @@
 """The kNN layer at scale: chunked FAISS search, approximate indexes, IVF subsample training,
 index-parameter validation, the GPU placement decision, and `pml-plugins evaluate --knn-index`."""
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,9 @@ def data():
 
 # -- chunking ---------------------------------------------------------------------------------
 @needs_faiss
-@pytest.mark.parametrize("index, params", [("flat", None), ("ivf", {"nlist": 32, "nprobe": 4}), ("hnsw", {"M": 16}),
-                                           ("pq", {"m": 8})])
+@pytest.mark.parametrize(
+    "index, params", [("flat", None), ("ivf", {"nlist": 32, "nprobe": 4}), ("hnsw", {"M": 16}), ("pq", {"m": 8})]
+)
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
 def test_chunked_faiss_search_equals_unchunked(data, index, params, metric):
     ref, _, query, _ = data
@@ -87,11 +89,14 @@ def test_progress_bar_hidden_off_terminal(data, capsys):
 
 # -- approximate indexes ------------------------------------------------------------------------
 @needs_faiss
-@pytest.mark.parametrize("index, params", [
-    ("ivf", {"nlist": 32, "nprobe": 8}),
-    ("hnsw", {"M": 16, "ef_search": 64, "ef_construction": 64}),
-    ("pq", {"m": 16, "k_factor": 8}),
-])
+@pytest.mark.parametrize(
+    "index, params",
+    [
+        ("ivf", {"nlist": 32, "nprobe": 8}),
+        ("hnsw", {"M": 16, "ef_search": 64, "ef_construction": 64}),
+        ("pq", {"m": 16, "k_factor": 8}),
+    ],
+)
 def test_approximate_indexes_reach_high_recall_on_clustered_data(data, index, params):
     ref, _, query, _ = data
     _, exact = knn_search(query, ref, 10, metric="cosine", index="flat")
@@ -121,8 +126,10 @@ def test_pq_reranks_its_candidates_exactly(data, metric):
     assert torch.allclose(scores, exact_scores, atol=1e-4)
     # m = 4 codes 8 dimensions with 16 centroids: coarse, so re-ranking more candidates helps
     _, exact = knn_search(query, ref, 12, metric=metric)
-    recall_of = lambda k_factor: top1_recall(KNNIndex(ref, metric=metric, index="pq", index_params={
-        "m": 4, "k_factor": k_factor}).search(query, 12)[1], exact)
+    recall_of = lambda k_factor: top1_recall(
+        KNNIndex(ref, metric=metric, index="pq", index_params={"m": 4, "k_factor": k_factor}).search(query, 12)[1],
+        exact,
+    )
     assert recall_of(1) < recall_of(32)
     # every reference requested: k_factor is capped at N / k and the whole set comes back
     _, everything = built.search(query[:3], len(ref))
@@ -181,9 +188,9 @@ def test_ivf_trains_on_a_random_subsample(data):
     assert small.params["train_size"] == 400 and full.params["train_size"] == len(ref)
     centroids = lambda b: b.faiss_index.quantizer.reconstruct_n(0, 20)
     np.testing.assert_array_equal(centroids(small), centroids(again))  # seeded: reproducible
-    assert not np.allclose(centroids(small), centroids(other))          # another sample, other cells
-    assert not np.allclose(centroids(small), centroids(full))           # not trained on every row
-    assert small.faiss_index.ntotal == len(ref)                          # every row is still indexed
+    assert not np.allclose(centroids(small), centroids(other))  # another sample, other cells
+    assert not np.allclose(centroids(small), centroids(full))  # not trained on every row
+    assert small.faiss_index.ntotal == len(ref)  # every row is still indexed
     with pytest.raises(ValueError, match="train_size"):
         KNNIndex(ref, index="ivf", index_params={"nlist": 20, "train_size": 10})
     with pytest.raises(ValueError, match="nlist"):
@@ -205,7 +212,10 @@ def test_index_param_validation_names_the_parameter():
     with pytest.raises(TypeError, match="index_params must be a mapping"):
         check_index_params("ivf", [("nlist", 4)])
     assert check_index_params("ivf", {"nlist": np.int64(4), "train_size": None, "seed": 0}) == {
-        "nlist": 4, "train_size": None, "seed": 0}
+        "nlist": 4,
+        "train_size": None,
+        "seed": 0,
+    }
     # at construction, before any work
     with pytest.raises(ValueError, match="'bogus'"):
         KNN(index="hnsw", index_params={"bogus": 1})
@@ -217,7 +227,10 @@ def test_index_param_validation_names_the_parameter():
 
 def test_parse_index_params():
     assert parse_index_params(["nlist=4096", " nprobe = 32 ", "train_size=none"]) == {
-        "nlist": 4096, "nprobe": 32, "train_size": None}
+        "nlist": 4096,
+        "nprobe": 32,
+        "train_size": None,
+    }
     with pytest.raises(ValueError, match="NAME=VALUE"):
         parse_index_params(["nlist"])
     with pytest.raises(ValueError, match="'nprobe' must be an integer, got 'many'"):
@@ -225,20 +238,23 @@ def test_parse_index_params():
 
 
 # -- GPU placement (the decision only: this machine has no GPU) -----------------------------------
-@pytest.mark.parametrize("index, device, gpus, shard, k, expected", [
-    ("flat", "cpu", 0, None, None, "cpu"),
-    ("flat", "cpu", 4, None, None, "cpu"),          # CPU inputs stay on the CPU even with GPUs
-    ("flat", "cuda", 0, None, None, "cpu"),         # faiss-cpu: CPU index (knn_search prefers torch on GPU for flat)
-    ("flat", "cuda", 1, None, None, "gpu"),
-    ("flat", "cuda", 1, True, None, "gpu"),         # sharding over one GPU is one GPU
-    ("flat", "cuda", 4, None, None, "gpu_sharded"),
-    ("ivf", "cuda", 2, True, 100, "gpu_sharded"),
-    ("ivf", "cuda", 4, False, None, "gpu"),
-    ("hnsw", "cuda", 4, None, None, "cpu"),         # no GPU HNSW in FAISS
-    ("pq", "cuda", 4, None, None, "cpu"),           # nor GPU PQ fast scan
-    ("flat", "cuda", 4, None, GPU_MAX_K, "gpu_sharded"),
-    ("flat", "cuda", 4, None, GPU_MAX_K + 1, "cpu"),  # beyond FAISS GPU's k
-])
+@pytest.mark.parametrize(
+    "index, device, gpus, shard, k, expected",
+    [
+        ("flat", "cpu", 0, None, None, "cpu"),
+        ("flat", "cpu", 4, None, None, "cpu"),  # CPU inputs stay on the CPU even with GPUs
+        ("flat", "cuda", 0, None, None, "cpu"),  # faiss-cpu: CPU index (knn_search prefers torch on GPU for flat)
+        ("flat", "cuda", 1, None, None, "gpu"),
+        ("flat", "cuda", 1, True, None, "gpu"),  # sharding over one GPU is one GPU
+        ("flat", "cuda", 4, None, None, "gpu_sharded"),
+        ("ivf", "cuda", 2, True, 100, "gpu_sharded"),
+        ("ivf", "cuda", 4, False, None, "gpu"),
+        ("hnsw", "cuda", 4, None, None, "cpu"),  # no GPU HNSW in FAISS
+        ("pq", "cuda", 4, None, None, "cpu"),  # nor GPU PQ fast scan
+        ("flat", "cuda", 4, None, GPU_MAX_K, "gpu_sharded"),
+        ("flat", "cuda", 4, None, GPU_MAX_K + 1, "cpu"),  # beyond FAISS GPU's k
+    ],
+)
 def test_faiss_placement(index, device, gpus, shard, k, expected):
     assert faiss_placement(index, device, gpus, shard, k) == expected
 
@@ -273,11 +289,17 @@ def test_this_machine_places_on_cpu(data):
 @needs_faiss
 def test_accuracy_calculator_with_approximate_knn(data):
     ref, ref_labels, query, query_labels = data
-    kwargs = dict(include=("precision_at_1", "mean_average_precision_at_r", "recall_at_4", "ndcg_at_8"),
-                  ndcg_ks=(8,), recall_ks=(4,), device="cpu", plugin_metrics=False)
+    kwargs = dict(
+        include=("precision_at_1", "mean_average_precision_at_r", "recall_at_4", "ndcg_at_8"),
+        ndcg_ks=(8,),
+        recall_ks=(4,),
+        device="cpu",
+        plugin_metrics=False,
+    )
     exact = AccuracyCalculator(knn_func=KNN("cosine"), **kwargs).get_accuracy(query, query_labels, ref, ref_labels)
-    exhaustive = AccuracyCalculator(knn_func=KNN("cosine", index="ivf", index_params={"nlist": 16, "nprobe": 16}),
-                                    **kwargs).get_accuracy(query, query_labels, ref, ref_labels)
+    exhaustive = AccuracyCalculator(
+        knn_func=KNN("cosine", index="ivf", index_params={"nlist": 16, "nprobe": 16}), **kwargs
+    ).get_accuracy(query, query_labels, ref, ref_labels)
     assert exhaustive == pytest.approx(exact, abs=1e-12)
 
 
@@ -288,9 +310,24 @@ def test_evaluate_command_knn_index(tmp_path, data, capsys):
     for name, arr in (("q", query), ("ql", query_labels), ("r", ref), ("rl", ref_labels)):
         paths[name] = str(tmp_path / f"{name}.npy")
         np.save(paths[name], arr.numpy())
-    base = ["evaluate", "--embeddings", paths["q"], "--labels", paths["ql"], "--reference", paths["r"],
-            "--reference-labels", paths["rl"], "--json", "--no-plugin-metrics", "--exclude", "NMI", "AMI",
-            "--distance", "cosine"]
+    base = [
+        "evaluate",
+        "--embeddings",
+        paths["q"],
+        "--labels",
+        paths["ql"],
+        "--reference",
+        paths["r"],
+        "--reference-labels",
+        paths["rl"],
+        "--json",
+        "--no-plugin-metrics",
+        "--exclude",
+        "NMI",
+        "AMI",
+        "--distance",
+        "cosine",
+    ]
 
     def run(*extra):
         assert main([*base, *extra]) == 0

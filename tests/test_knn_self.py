@@ -1,4 +1,5 @@
 """The symmetric leave-one-out self-search (`pml_plugins.knn_self`) and when `KNN` uses it."""
+
 from __future__ import annotations
 
 import numpy as np

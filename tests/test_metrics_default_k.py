@@ -1,5 +1,6 @@
 """AccuracyCalculator as a drop-in for PML 2.9's: the default k=None (full ranking, bounded memory),
 PML's calculate_* signatures, subclass metrics, and PML's tester with default arguments."""
+
 from __future__ import annotations
 
 import inspect
@@ -20,8 +21,13 @@ from pml_plugins.ranking import Relevance, full_ranking_precisions
 pytest.importorskip("faiss")  # PML's own calculator needs FAISS (FaissKNN)
 
 CPU = torch.device("cpu")
-PML_KNN_METRICS = ("precision_at_1", "r_precision", "mean_average_precision_at_r", "mean_average_precision",
-                   "mean_reciprocal_rank")
+PML_KNN_METRICS = (
+    "precision_at_1",
+    "r_precision",
+    "mean_average_precision_at_r",
+    "mean_average_precision",
+    "mean_reciprocal_rank",
+)
 
 
 def ours(**kw):
@@ -129,17 +135,22 @@ def test_ranking_pass_against_brute_force(metric, ref_includes_query):
     n, q = 70, 40
     # exact ties on an integer grid; cosine on float data (normalised grid points tie in float64 but
     # not always in float32)
-    draw = (lambda m: torch.randn(m, 3, generator=g)) if metric == "cosine" else (
-        lambda m: torch.randint(-2, 3, (m, 3), generator=g).float())
+    draw = (
+        (lambda m: torch.randn(m, 3, generator=g))
+        if metric == "cosine"
+        else (lambda m: torch.randint(-2, 3, (m, 3), generator=g).float())
+    )
     ref = draw(n)
     ref_labels = torch.randint(0, 4, (n,), generator=g)
     query = ref[:q] if ref_includes_query else draw(q)
     query_labels = ref_labels[:q] if ref_includes_query else torch.randint(0, 4, (q,), generator=g)
     by_mask = Relevance.by_mask(lambda ids: query_labels[ids][:, None] == ref_labels[None])
-    got_sum, got_first = full_ranking_precisions(query, ref, by_mask, metric, ref_includes_query,
-                                                 block_elements=3 * n)  # 3 queries a block
-    by_ids = full_ranking_precisions(query, ref, Relevance.by_ids(query_labels, ref_labels), metric, ref_includes_query,
-                                     block_elements=4 * n)
+    got_sum, got_first = full_ranking_precisions(
+        query, ref, by_mask, metric, ref_includes_query, block_elements=3 * n
+    )  # 3 queries a block
+    by_ids = full_ranking_precisions(
+        query, ref, Relevance.by_ids(query_labels, ref_labels), metric, ref_includes_query, block_elements=4 * n
+    )
     assert torch.equal(by_ids[0], got_sum) and torch.equal(by_ids[1], got_first)
     qq, rr = query.double(), ref.double()
     if metric == "cosine":
@@ -159,12 +170,18 @@ def test_ranking_pass_against_brute_force(metric, ref_includes_query):
 def test_custom_label_comparison_and_two_column_labels():
     x, labels = data(seed=7, lone=0)
     same_pair = lambda a, b: (a // 2) == (b // 2)
-    assert_close(ours(label_comparison_fn=same_pair).get_accuracy(x, labels),
-                 pml(label_comparison_fn=same_pair).get_accuracy(x, labels), PML_KNN_METRICS)
+    assert_close(
+        ours(label_comparison_fn=same_pair).get_accuracy(x, labels),
+        pml(label_comparison_fn=same_pair).get_accuracy(x, labels),
+        PML_KNN_METRICS,
+    )
     two = torch.stack([labels, labels % 3], dim=1)
     first = lambda a, b: a[..., 0] == b[..., 0]
-    assert_close(ours(label_comparison_fn=first).get_accuracy(x, two),
-                 pml(label_comparison_fn=first).get_accuracy(x, two), PML_KNN_METRICS)
+    assert_close(
+        ours(label_comparison_fn=first).get_accuracy(x, two),
+        pml(label_comparison_fn=first).get_accuracy(x, two),
+        PML_KNN_METRICS,
+    )
 
 
 def test_calculate_signatures_are_pmls():
@@ -179,15 +196,24 @@ def test_direct_calls_with_pmls_arguments():
     knn_labels = labels[torch.randint(0, len(labels), (len(labels), 9), generator=torch.Generator().manual_seed(0))]
     label_counts = pml_ac.get_label_match_counts(labels, labels, pml_ac.EQUALITY)
     _, not_lone = pml_ac.get_lone_query_labels(labels, label_counts, True, pml_ac.EQUALITY)
-    kwargs = {"knn_labels": knn_labels, "query_labels": labels, "not_lone_query_mask": not_lone,
-              "label_counts": label_counts, "ref_includes_query": True}
+    kwargs = {
+        "knn_labels": knn_labels,
+        "query_labels": labels,
+        "not_lone_query_mask": not_lone,
+        "label_counts": label_counts,
+        "ref_includes_query": True,
+    }
     for option in ({}, {"avg_of_avgs": True}):
         a, b = ours(**option), pml(**option)
-        assert_close(a._get_accuracy(a.get_function_dict(include=PML_KNN_METRICS), **kwargs),
-                     b._get_accuracy(b.get_function_dict(include=PML_KNN_METRICS), **kwargs), PML_KNN_METRICS,
-                     tol=1e-12)
+        assert_close(
+            a._get_accuracy(a.get_function_dict(include=PML_KNN_METRICS), **kwargs),
+            b._get_accuracy(b.get_function_dict(include=PML_KNN_METRICS), **kwargs),
+            PML_KNN_METRICS,
+            tol=1e-12,
+        )
         assert a.calculate_mean_average_precision(knn_labels, labels, not_lone, True, label_counts) == pytest.approx(
-            b.calculate_mean_average_precision(knn_labels, labels, not_lone, True, label_counts), abs=1e-12)
+            b.calculate_mean_average_precision(knn_labels, labels, not_lone, True, label_counts), abs=1e-12
+        )
 
 
 def _with_custom_metrics(base):
@@ -203,10 +229,12 @@ def _with_custom_metrics(base):
         def calculate_columns(self, knn_labels, **kwargs):
             return knn_labels.shape[1]
 
-        def calculate_mean_average_precision(self, knn_labels, query_labels, not_lone_query_mask,
-                                             ref_includes_query, label_counts, **kwargs):
-            value = super().calculate_mean_average_precision(knn_labels, query_labels, not_lone_query_mask,
-                                                             ref_includes_query, label_counts, **kwargs)
+        def calculate_mean_average_precision(
+            self, knn_labels, query_labels, not_lone_query_mask, ref_includes_query, label_counts, **kwargs
+        ):
+            value = super().calculate_mean_average_precision(
+                knn_labels, query_labels, not_lone_query_mask, ref_includes_query, label_counts, **kwargs
+            )
             return 2 * value
 
     return Custom
@@ -216,8 +244,9 @@ def _with_custom_metrics(base):
 def test_subclass_with_custom_metrics_works_as_under_pml(k):
     x, labels = data(seed=9)
     for args in splits(x, labels).values():
-        a = _with_custom_metrics(AccuracyCalculator)(device=CPU, plugin_metrics=False, exclude=("NMI", "AMI"),
-                                                     k=k).get_accuracy(*args)
+        a = _with_custom_metrics(AccuracyCalculator)(
+            device=CPU, plugin_metrics=False, exclude=("NMI", "AMI"), k=k
+        ).get_accuracy(*args)
         b = _with_custom_metrics(pml_ac.AccuracyCalculator)(device=CPU, exclude=("NMI", "AMI"), k=k).get_accuracy(*args)
         assert a["columns"] == b["columns"]  # exactly PML's columns (the whole ranking with k=None)
         assert_close(a, b, (*PML_KNN_METRICS, "precision_at_5"))
@@ -228,8 +257,9 @@ def test_pmls_tester_with_default_arguments():
     dataset = torch.utils.data.TensorDataset(x, labels)
     results = []
     for calculator in (ours(), pml()):
-        tester = GlobalEmbeddingSpaceTester(accuracy_calculator=calculator, dataloader_num_workers=0, batch_size=128,
-                                            data_device=CPU)
+        tester = GlobalEmbeddingSpaceTester(
+            accuracy_calculator=calculator, dataloader_num_workers=0, batch_size=128, data_device=CPU
+        )
         results.append(tester.test({"val": dataset}, 0, torch.nn.Identity())["val"])
     for key, value in results[1].items():
         if key != "epoch":
@@ -239,18 +269,26 @@ def test_pmls_tester_with_default_arguments():
 def test_our_metrics_from_pmls_arguments_alone():
     # PML's own tests call _get_accuracy on every metric of the calculator with PML's arguments only
     query_labels = torch.tensor([1, 1, 2, 3, 4, 0])
-    knn_labels = torch.tensor([[0, 1, 1, 2, 2], [1, 0, 1, 1, 3], [4, 4, 4, 4, 2], [3, 1, 3, 1, 3], [0, 0, 4, 2, 2],
-                               [1, 2, 3, 4, 5]])
+    knn_labels = torch.tensor(
+        [[0, 1, 1, 2, 2], [1, 0, 1, 1, 3], [4, 4, 4, 4, 2], [3, 1, 3, 1, 3], [0, 0, 4, 2, 2], [1, 2, 3, 4, 5]]
+    )
     label_counts = ([0, 1, 2, 3, 4], [2, 3, 5, 4, 5])
     calc = ours(ndcg_ks=(4,), recall_ks=(1, 2))
-    acc = calc._get_accuracy(calc.get_function_dict(), query_labels=query_labels, knn_labels=knn_labels,
-                             label_counts=label_counts, not_lone_query_mask=torch.ones(6, dtype=torch.bool),
-                             ref_includes_query=False)
+    acc = calc._get_accuracy(
+        calc.get_function_dict(),
+        query_labels=query_labels,
+        knn_labels=knn_labels,
+        label_counts=label_counts,
+        not_lone_query_mask=torch.ones(6, dtype=torch.bool),
+        ref_includes_query=False,
+    )
     assert acc["recall_at_1"] == pytest.approx(2 / 6) and acc["recall_at_2"] == pytest.approx(3 / 6)
     discount = 1 / np.log2(np.arange(2, 6))  # nDCG@4 by hand
     counts = dict(zip(*label_counts))
-    ndcg = [float((knn_labels[i, :4] == q).numpy() @ discount) / discount[:min(4, counts[int(q)])].sum()
-            for i, q in enumerate(query_labels)]
+    ndcg = [
+        float((knn_labels[i, :4] == q).numpy() @ discount) / discount[: min(4, counts[int(q)])].sum()
+        for i, q in enumerate(query_labels)
+    ]
     assert acc["ndcg_at_4"] == pytest.approx(np.mean(ndcg), abs=1e-12)
     assert acc["precision_at_1"] == pytest.approx(2 / 6)
 

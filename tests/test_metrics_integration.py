@@ -1,4 +1,5 @@
 """pml_plugins.AccuracyCalculator in use: PML's tester on digits, `pml-plugins evaluate`, plugin metrics."""
+
 from __future__ import annotations
 
 import json
@@ -31,11 +32,17 @@ def test_global_embedding_space_tester_on_digits(digits):
     dataset = torch.utils.data.TensorDataset(x, y)
     # k as PML's below (its default k=None, in a tester: tests/test_metrics_default_k.py)
     calculator = AccuracyCalculator(device=CPU, plugin_metrics=False, exclude=("NMI", "AMI"), k="max_bin_count")
-    tester = GlobalEmbeddingSpaceTester(accuracy_calculator=calculator, dataloader_num_workers=0, batch_size=512,
-                                        data_device=CPU)
+    tester = GlobalEmbeddingSpaceTester(
+        accuracy_calculator=calculator, dataloader_num_workers=0, batch_size=512, data_device=CPU
+    )
     results = tester.test({"val": dataset}, 0, torch.nn.Identity())["val"]
-    for key in ("precision_at_1_level0", "mean_average_precision_at_r_level0", "ndcg_at_2_level0",
-                "ndcg_at_100_level0", "recall_at_8_level0"):
+    for key in (
+        "precision_at_1_level0",
+        "mean_average_precision_at_r_level0",
+        "ndcg_at_2_level0",
+        "ndcg_at_100_level0",
+        "recall_at_8_level0",
+    ):
         assert 0 < results[key] <= 1, key
     assert results["recall_at_1_level0"] == results["precision_at_1_level0"]
     assert results["recall_at_8_level0"] >= results["recall_at_4_level0"] >= results["recall_at_1_level0"]
@@ -62,11 +69,33 @@ def test_evaluate_command_json(tmp_path, digits, capsys):
     x, y = digits
     e = _save(tmp_path, "e", x.numpy())
     lab = _save(tmp_path, "l", y.numpy())
-    assert main(["evaluate", "--embeddings", e, "--labels", lab, "--json", "--exclude", "NMI", "AMI",
-                 "--ndcg-ks", "4", "10", "--recall-ks", "1", "5", "--no-plugin-metrics"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--embeddings",
+                e,
+                "--labels",
+                lab,
+                "--json",
+                "--exclude",
+                "NMI",
+                "AMI",
+                "--ndcg-ks",
+                "4",
+                "10",
+                "--recall-ks",
+                "1",
+                "5",
+                "--no-plugin-metrics",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
-    expected = AccuracyCalculator(device=CPU, ndcg_ks=(4, 10), recall_ks=(1, 5), plugin_metrics=False,
-                                  exclude=("NMI", "AMI")).get_accuracy(x, y)
+    expected = AccuracyCalculator(
+        device=CPU, ndcg_ks=(4, 10), recall_ks=(1, 5), plugin_metrics=False, exclude=("NMI", "AMI")
+    ).get_accuracy(x, y)
     assert out["metrics"] == pytest.approx(expected, abs=1e-12)
     assert out["num_queries"] == out["num_references"] == len(x) and out["ref_includes_query"] is True
     # a separate reference set, cosine ranking, labels stored as floats
@@ -74,8 +103,30 @@ def test_evaluate_command_json(tmp_path, digits, capsys):
     ql = _save(tmp_path, "ql", y[:300].numpy())
     r = _save(tmp_path, "r", x[300:].numpy())
     rl = _save(tmp_path, "rl", y[300:].numpy().astype(np.float32))
-    assert main(["evaluate", "--embeddings", q, "--labels", ql, "--reference", r, "--reference-labels", rl,
-                 "--distance", "cosine", "--json", "--include", "precision_at_1", "ndcg_at_8", "--ndcg-ks", "8"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--embeddings",
+                q,
+                "--labels",
+                ql,
+                "--reference",
+                r,
+                "--reference-labels",
+                rl,
+                "--distance",
+                "cosine",
+                "--json",
+                "--include",
+                "precision_at_1",
+                "ndcg_at_8",
+                "--ndcg-ks",
+                "8",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert set(out["metrics"]) == {"precision_at_1", "ndcg_at_8"} and out["num_references"] == len(x) - 300
 
@@ -95,14 +146,27 @@ def test_evaluate_command_end_to_end_table(tmp_path, run_cli):
     g = np.random.default_rng(0)
     labels = np.repeat(np.arange(20), 5)
     emb = (np.eye(20)[labels] * 3 + g.normal(size=(100, 20))).astype(np.float32)
-    proc = run_cli("evaluate", "--embeddings", _save(tmp_path, "e", emb), "--labels", _save(tmp_path, "l", labels),
-                   "--exclude", "AMI")
+    proc = run_cli(
+        "evaluate",
+        "--embeddings",
+        _save(tmp_path, "e", emb),
+        "--labels",
+        _save(tmp_path, "l", labels),
+        "--exclude",
+        "AMI",
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("100 queries, 100 references, euclidean")
     names = [line.split()[0] for line in lines[2:]]
-    assert names[:6] == ["NMI", "mean_average_precision", "mean_average_precision_at_r", "mean_reciprocal_rank",
-                         "precision_at_1", "r_precision"]
+    assert names[:6] == [
+        "NMI",
+        "mean_average_precision",
+        "mean_average_precision_at_r",
+        "mean_reciprocal_rank",
+        "precision_at_1",
+        "r_precision",
+    ]
     assert {"ndcg_at_2", "ndcg_at_100", "recall_at_8"} <= set(names)
 
 

@@ -1,4 +1,5 @@
 """nDCG@k and Recall@k of pml_plugins.AccuracyCalculator against the paper, a loop reference and scikit-learn."""
+
 from __future__ import annotations
 
 import math
@@ -86,8 +87,11 @@ def reference_ndcg(query, query_labels, reference, reference_labels, k, ref_incl
 def hierarchical_gain(q, r):
     """2 for the same class, 1 for the same super-class (class // 3)."""
     same = q == r
-    return same * 2.0 + ((q // 3) == (r // 3)) * (~same) * 1.0 if isinstance(q, torch.Tensor) else (
-        2.0 if q == r else (1.0 if q // 3 == r // 3 else 0.0))
+    return (
+        same * 2.0 + ((q // 3) == (r // 3)) * (~same) * 1.0
+        if isinstance(q, torch.Tensor)
+        else (2.0 if q == r else (1.0 if q // 3 == r // 3 else 0.0))
+    )
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -1,4 +1,5 @@
 """PML's metrics through pml_plugins.AccuracyCalculator: identical to PML's own calculator, and PML's bugs fixed."""
+
 from __future__ import annotations
 
 import logging
@@ -155,8 +156,10 @@ def test_custom_knn_func(knn_func):
 
 def test_custom_label_comparison_fn():
     x, labels = data(seed=7, lone=0)
+
     def same_pair(a, b):
         return (a // 2) == (b // 2)  # classes 2c and 2c+1 count as one
+
     a = ours(label_comparison_fn=same_pair, exclude=("NMI", "AMI")).get_accuracy(x, labels)
     b = pml(label_comparison_fn=same_pair, exclude=("NMI", "AMI")).get_accuracy(x, labels)
     assert_same(a, b, KNN_METRICS)
@@ -169,8 +172,10 @@ def test_custom_label_comparison_fn():
 def test_two_column_labels_with_comparison_fn():
     x, labels = data(seed=8, lone=0)
     two = torch.stack([labels, labels % 3], dim=1)
+
     def first_column(a, b):
         return a[..., 0] == b[..., 0]
+
     a = ours(label_comparison_fn=first_column, exclude=("NMI", "AMI")).get_accuracy(x, two)
     b = pml(label_comparison_fn=first_column, exclude=("NMI", "AMI")).get_accuracy(x, two)
     assert_same(a, b, KNN_METRICS)
@@ -227,8 +232,9 @@ def test_default_k_never_full_ranking():
     max_bin_count = int(torch.bincount(labels).max())
     ours(knn_func=Recording(), ndcg_ks=(), recall_ks=(), k=None).get_accuracy(x, labels)
     ours(knn_func=Recording(), k=None).get_accuracy(x, labels)
-    ours(knn_func=Recording(), include=("precision_at_1", "ndcg_at_8"), ndcg_ks=(8,), recall_ks=(),
-         k=None).get_accuracy(x, labels)
+    ours(
+        knn_func=Recording(), include=("precision_at_1", "ndcg_at_8"), ndcg_ks=(8,), recall_ks=(), k=None
+    ).get_accuracy(x, labels)
     assert asked == [max_bin_count - 1, 100, 8]
     assert max(asked) < len(x) - 1
 

@@ -1,4 +1,5 @@
 """Drop-in CrossBatchMemory / SelfSupervisedLoss that accept plugin losses."""
+
 from __future__ import annotations
 
 import types
@@ -20,7 +21,7 @@ class PluginPairLoss(losses.GenericPairLoss):
     def _compute_loss(self, pos_pair_dist, neg_pair_dist, indices_tuple):
         from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
-        pos = pos_pair_dist ** 2 if len(pos_pair_dist) else 0  # GenericPairLoss gives [] for no pairs
+        pos = pos_pair_dist**2 if len(pos_pair_dist) else 0  # GenericPairLoss gives [] for no pairs
         neg = torch.relu(1 - neg_pair_dist) ** 2 if len(neg_pair_dist) else 0
         return {
             "pos_loss": {

@@ -1,4 +1,5 @@
 """pml-plugins: plugin-based losses, miners and retrieval metrics for pytorch-metric-learning."""
+
 from __future__ import annotations
 
 from .binarize import binarize_embeddings

@@ -29,6 +29,7 @@ kNN search serves every metric. It also fixes PML 2.9's calculator where it is w
   metric that needs the whole ranking as columns gets it, as under PML). ``k="all"`` is a
   synonym of ``k=None``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -49,11 +50,23 @@ __all__ = ["AccuracyCalculator", "SklearnKMeans", "DEFAULT_NDCG_KS", "DEFAULT_RE
 DEFAULT_NDCG_KS = (2, 4, 8, 10, 100)
 DEFAULT_RECALL_KS = (1, 2, 4, 8)
 #: PML 2.9's own metrics.
-PML_METRICS = ("AMI", "NMI", "mean_average_precision", "mean_average_precision_at_r",
-               "mean_reciprocal_rank", "precision_at_1", "r_precision")
+PML_METRICS = (
+    "AMI",
+    "NMI",
+    "mean_average_precision",
+    "mean_average_precision_at_r",
+    "mean_reciprocal_rank",
+    "precision_at_1",
+    "r_precision",
+)
 _R_METRICS = ("r_precision", "mean_average_precision_at_r")
-_PML_KNN_METRICS = ("precision_at_1", "mean_average_precision", "mean_average_precision_at_r",
-                    "r_precision", "mean_reciprocal_rank")
+_PML_KNN_METRICS = (
+    "precision_at_1",
+    "mean_average_precision",
+    "mean_average_precision_at_r",
+    "r_precision",
+    "mean_reciprocal_rank",
+)
 # Elements per block when a custom label_comparison_fn counts matches (bounds memory).
 _BLOCK_ELEMENTS = 2**24
 
@@ -179,11 +192,22 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
             knn_func = KNN(metric="euclidean")
         if kmeans_func is None:
             dev = c_f.use_cuda_if_available() if device is None else device
-            kmeans_func = (pml_ac.FaissKMeans(niter=20, gpu=dev.type == "cuda") if import_faiss() is not None
-                           else SklearnKMeans(niter=20))
-        super().__init__(include=include, exclude=exclude, avg_of_avgs=avg_of_avgs, return_per_class=return_per_class,
-                         k=pml_k, label_comparison_fn=label_comparison_fn, device=device, knn_func=knn_func,
-                         kmeans_func=kmeans_func)
+            kmeans_func = (
+                pml_ac.FaissKMeans(niter=20, gpu=dev.type == "cuda")
+                if import_faiss() is not None
+                else SklearnKMeans(niter=20)
+            )
+        super().__init__(
+            include=include,
+            exclude=exclude,
+            avg_of_avgs=avg_of_avgs,
+            return_per_class=return_per_class,
+            k=pml_k,
+            label_comparison_fn=label_comparison_fn,
+            device=device,
+            knn_func=knn_func,
+            kmeans_func=kmeans_func,
+        )
         # PML metrics first (its order), then nDCG and Recall by k, then plugin metrics
         order = {n: i for i, n in enumerate([*PML_METRICS, *self._metric_k, *self._plugin_metrics])}
         self.original_function_dict = dict(
@@ -218,8 +242,9 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
         """The metric whose full ranking the blocked pass reproduces for this ``knn_func``, or None."""
         return getattr(self.knn_func, "full_ranking_metric", None)
 
-    def _plan(self, metrics: Iterable[str], k_pml: int, max_bin_count: int, available: int,
-              ref_includes_query: bool) -> tuple[int, bool]:
+    def _plan(
+        self, metrics: Iterable[str], k_pml: int, max_bin_count: int, available: int, ref_includes_query: bool
+    ) -> tuple[int, bool]:
         """``(search_k, rank)``: the neighbours to search, and whether MAP/MRR come from the blocked pass."""
         ranked = ("mean_average_precision", "mean_reciprocal_rank")
         can_rank = self.k is None and self._ranking_metric() is not None
@@ -326,8 +351,9 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
             c_f.LOGGER.warning("None of the query labels are in the reference set.")
         full_ranking = None
         if rank and bool(stats["not_lone_query_mask"].any()):
-            full_ranking = self._full_ranking(query, reference, query_labels, reference_labels, ref_includes_query,
-                                              stats, relevance)
+            full_ranking = self._full_ranking(
+                query, reference, query_labels, reference_labels, ref_includes_query, stats, relevance
+            )
         # PML's metrics and subclass metrics see exactly PML's columns; ours read the rest
         pml_labels = knn_labels[:, :k_pml]
         self._pml_knn_labels = pml_labels
@@ -349,8 +375,9 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
             "full_ranking": full_ranking,
         }
 
-    def _full_ranking(self, query, reference, query_labels, reference_labels, ref_includes_query, stats,
-                      relevance) -> tuple[torch.Tensor, torch.Tensor]:
+    def _full_ranking(
+        self, query, reference, query_labels, reference_labels, ref_includes_query, stats, relevance
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """PML's full-ranking MAP numerator and first relevant rank per query (see ``pml_plugins.ranking``).
 
         When the searched columns are the first columns of the full ranking (FAISS's flat L2
@@ -360,15 +387,24 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
         """
         queries = None
         prefix_ok = getattr(self.knn_func, "full_ranking_prefix", None)
-        use_prefix = (stats["reference_label_ids"] is not None and callable(prefix_ok)
-                      and bool(prefix_ok(query.device)) and relevance.shape[1] > 0)
+        use_prefix = (
+            stats["reference_label_ids"] is not None
+            and callable(prefix_ok)
+            and bool(prefix_ok(query.device))
+            and relevance.shape[1] > 0
+        )
         if use_prefix:
             complete = relevance.sum(1) >= stats["num_relevant"]
             queries = torch.nonzero(~complete & stats["not_lone_query_mask"]).flatten()
         precision_sum, first_rank = full_ranking_precisions(
-            query, reference, _relevance(stats, query_labels, reference_labels, self.label_comparison_fn),
-            self._ranking_metric(), ref_includes_query, queries=queries,
-            progress=getattr(self.knn_func, "progress", None))
+            query,
+            reference,
+            _relevance(stats, query_labels, reference_labels, self.label_comparison_fn),
+            self._ranking_metric(),
+            ref_includes_query,
+            queries=queries,
+            progress=getattr(self.knn_func, "progress", None),
+        )
         if use_prefix:
             cols = torch.arange(1, relevance.shape[1] + 1, device=relevance.device)
             found = torch.cumsum(relevance.long(), 1)
@@ -408,26 +444,37 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
     # PML 2.9's signatures, positional order and names; our inputs arrive as keyword arguments
     def calculate_precision_at_1(self, knn_labels, query_labels, not_lone_query_mask, label_counts, **kwargs):
         if not self._ours(knn_labels, kwargs):
-            return super().calculate_precision_at_1(knn_labels, query_labels, not_lone_query_mask, label_counts,
-                                                    **kwargs)
+            return super().calculate_precision_at_1(
+                knn_labels, query_labels, not_lone_query_mask, label_counts, **kwargs
+            )
         relevance = kwargs["relevance"][:, :1]
-        return self._pml_average(relevance.sum(1).type(torch.float64) / 1, not_lone_query_mask=not_lone_query_mask,
-                                 label_counts=label_counts, **kwargs)
+        return self._pml_average(
+            relevance.sum(1).type(torch.float64) / 1,
+            not_lone_query_mask=not_lone_query_mask,
+            label_counts=label_counts,
+            **kwargs,
+        )
 
     def _relevance_mask(self, relevance, num_relevant, k):
         rel = relevance[:, :k]
         cols = torch.arange(rel.shape[1], device=rel.device)
         return rel, cols[None, :] < num_relevant[:, None]
 
-    def calculate_r_precision(self, knn_labels, query_labels, not_lone_query_mask, ref_includes_query, label_counts,
-                              **kwargs):
+    def calculate_r_precision(
+        self, knn_labels, query_labels, not_lone_query_mask, ref_includes_query, label_counts, **kwargs
+    ):
         if not self._ours(knn_labels, kwargs):
-            return super().calculate_r_precision(knn_labels, query_labels, not_lone_query_mask, ref_includes_query,
-                                                 label_counts, **kwargs)
+            return super().calculate_r_precision(
+                knn_labels, query_labels, not_lone_query_mask, ref_includes_query, label_counts, **kwargs
+            )
         rel, mask = self._relevance_mask(kwargs["relevance"], kwargs["num_relevant"], kwargs["k"])
         matches = torch.sum(rel * mask, dim=1)
-        return self._pml_average(matches.type(torch.float64) / torch.sum(mask, dim=1),
-                                 not_lone_query_mask=not_lone_query_mask, label_counts=label_counts, **kwargs)
+        return self._pml_average(
+            matches.type(torch.float64) / torch.sum(mask, dim=1),
+            not_lone_query_mask=not_lone_query_mask,
+            label_counts=label_counts,
+            **kwargs,
+        )
 
     def _map(self, at_r: bool, **kwargs):
         relevance, num_relevant, k = kwargs["relevance"], kwargs["num_relevant"], kwargs["k"]
@@ -441,31 +488,36 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
         summed = torch.sum(precision_at_ks * mask if at_r else precision_at_ks, dim=1)
         return self._pml_average(summed / num_relevant, **kwargs)
 
-    def calculate_mean_average_precision_at_r(self, knn_labels, query_labels, not_lone_query_mask,
-                                              ref_includes_query, label_counts, **kwargs):
+    def calculate_mean_average_precision_at_r(
+        self, knn_labels, query_labels, not_lone_query_mask, ref_includes_query, label_counts, **kwargs
+    ):
         if not self._ours(knn_labels, kwargs):
-            return super().calculate_mean_average_precision_at_r(knn_labels, query_labels, not_lone_query_mask,
-                                                                 ref_includes_query, label_counts, **kwargs)
+            return super().calculate_mean_average_precision_at_r(
+                knn_labels, query_labels, not_lone_query_mask, ref_includes_query, label_counts, **kwargs
+            )
         return self._map(True, not_lone_query_mask=not_lone_query_mask, label_counts=label_counts, **kwargs)
 
-    def calculate_mean_average_precision(self, knn_labels, query_labels, not_lone_query_mask, ref_includes_query,
-                                         label_counts, **kwargs):
+    def calculate_mean_average_precision(
+        self, knn_labels, query_labels, not_lone_query_mask, ref_includes_query, label_counts, **kwargs
+    ):
         if not self._ours(knn_labels, kwargs):
-            return super().calculate_mean_average_precision(knn_labels, query_labels, not_lone_query_mask,
-                                                            ref_includes_query, label_counts, **kwargs)
+            return super().calculate_mean_average_precision(
+                knn_labels, query_labels, not_lone_query_mask, ref_includes_query, label_counts, **kwargs
+            )
         return self._map(False, not_lone_query_mask=not_lone_query_mask, label_counts=label_counts, **kwargs)
 
     def calculate_mean_reciprocal_rank(self, knn_labels, query_labels, not_lone_query_mask, label_counts, **kwargs):
         if not self._ours(knn_labels, kwargs):
-            return super().calculate_mean_reciprocal_rank(knn_labels, query_labels, not_lone_query_mask,
-                                                          label_counts, **kwargs)
+            return super().calculate_mean_reciprocal_rank(
+                knn_labels, query_labels, not_lone_query_mask, label_counts, **kwargs
+            )
         avg = {"not_lone_query_mask": not_lone_query_mask, "label_counts": label_counts, **kwargs}
         if kwargs.get("full_ranking") is not None:
             first = kwargs["full_ranking"][1]
             # float32 like PML's 1 / (argmax + 1.0)
             reciprocal = torch.where(first > 0, 1.0 / first.clamp(min=1).to(torch.float32), torch.zeros(()))
             return self._pml_average(reciprocal, **avg)
-        rel = kwargs["relevance"][:, :kwargs["k"]]
+        rel = kwargs["relevance"][:, : kwargs["k"]]
         if rel.shape[1] == 0:
             return self._pml_average(torch.zeros(len(rel)), **avg)
         # descending weights make argmax pick the first relevant rank (as PML)
@@ -489,12 +541,20 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
         query_label_ids = torch.argmax(match.to(torch.uint8), dim=1)
         self_count = int(bool(kwargs.get("ref_includes_query", False)))
         num_relevant = torch.where(match.any(1), counts[query_label_ids] - self_count, torch.zeros_like(counts[:1]))
-        return {**kwargs, "knn_labels": knn_labels, "query_labels": query_labels, "label_counts": (unique, counts),
-                "not_lone_query_mask": torch.as_tensor(kwargs["not_lone_query_mask"], device=knn_labels.device),
-                "relevance": self.label_comparison_fn(query_labels[:, None], knn_labels).bool(),
-                "num_relevant": num_relevant, "query_label_ids": query_label_ids, "k": knn_labels.shape[1],
-                "searched_knn_labels": knn_labels, "reference_labels": kwargs.get("reference_labels"),
-                "ref_includes_query": bool(kwargs.get("ref_includes_query", False))}
+        return {
+            **kwargs,
+            "knn_labels": knn_labels,
+            "query_labels": query_labels,
+            "label_counts": (unique, counts),
+            "not_lone_query_mask": torch.as_tensor(kwargs["not_lone_query_mask"], device=knn_labels.device),
+            "relevance": self.label_comparison_fn(query_labels[:, None], knn_labels).bool(),
+            "num_relevant": num_relevant,
+            "query_label_ids": query_label_ids,
+            "k": knn_labels.shape[1],
+            "searched_knn_labels": knn_labels,
+            "reference_labels": kwargs.get("reference_labels"),
+            "ref_includes_query": bool(kwargs.get("ref_includes_query", False)),
+        }
 
     def _calculate_recall(self, at, **kwargs):
         """Recall@k: 1 when any of the ``at`` nearest references is relevant."""
@@ -504,8 +564,11 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
     def _calculate_ndcg(self, at, **kwargs):
         """nDCG@k, eq. 19-20 of the Multi-Proxy Anchor paper."""
         kwargs = self._with_extras(kwargs)
-        relevance, num_relevant, searched_knn_labels = kwargs["relevance"], kwargs["num_relevant"], kwargs[
-            "searched_knn_labels"]
+        relevance, num_relevant, searched_knn_labels = (
+            kwargs["relevance"],
+            kwargs["num_relevant"],
+            kwargs["searched_knn_labels"],
+        )
         query_labels, reference_labels = kwargs["query_labels"], kwargs["reference_labels"]
         ref_includes_query = kwargs["ref_includes_query"]
         if self.gain_fn is not None and reference_labels is None:
@@ -531,8 +594,12 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
         if "knn_labels" in kwargs:
             kwargs = self._with_extras(kwargs)
         if "searched_knn_labels" in kwargs:  # a plugin metric sees every searched column (at least its k)
-            kwargs = {**kwargs, "knn_labels": kwargs["searched_knn_labels"],
-                      "knn_distances": kwargs["searched_knn_distances"], "knn_indices": kwargs["searched_knn_indices"]}
+            kwargs = {
+                **kwargs,
+                "knn_labels": kwargs["searched_knn_labels"],
+                "knn_distances": kwargs["searched_knn_distances"],
+                "knn_indices": kwargs["searched_knn_indices"],
+            }
         value = fn(**kwargs)
         if isinstance(value, torch.Tensor):
             if value.ndim == 1 and len(value) == len(kwargs["query_labels"]):
@@ -561,8 +628,9 @@ def _unique(x: torch.Tensor, **kw: Any):
     return torch.unique(x, dim=0, **kw) if x.ndim > 1 else torch.unique(x, **kw)
 
 
-def _label_stats(query_labels: torch.Tensor, reference_labels: torch.Tensor, ref_includes_query: bool,
-                 label_comparison_fn: Callable) -> dict[str, Any]:
+def _label_stats(
+    query_labels: torch.Tensor, reference_labels: torch.Tensor, ref_includes_query: bool, label_comparison_fn: Callable
+) -> dict[str, Any]:
     """Per-query relevant counts, PML's ``label_counts`` and lone queries, in O(N log N).
 
     PML builds a (unique query labels x N) comparison matrix for this; sorting the
@@ -582,14 +650,21 @@ def _label_stats(query_labels: torch.Tensor, reference_labels: torch.Tensor, ref
         unique_query_labels = uniq[unique_query_ids]
         match_counts = reference_counts[unique_query_ids]
         lone = match_counts - self_count <= 0  # a label always equals itself
-        return _finish(unique_query_labels, match_counts, lone, query_label_ids, self_count,
-                       query_group_ids=query_ids, reference_label_ids=reference_ids)
+        return _finish(
+            unique_query_labels,
+            match_counts,
+            lone,
+            query_label_ids,
+            self_count,
+            query_group_ids=query_ids,
+            reference_label_ids=reference_ids,
+        )
     unique_query_labels, query_label_ids = _unique(query_labels, return_inverse=True)
     match_counts = torch.empty(len(unique_query_labels), dtype=torch.long, device=query_labels.device)
     step = max(1, _BLOCK_ELEMENTS // max(1, len(reference_labels)))
     for start in range(0, len(unique_query_labels), step):  # blocks of labels, not queries: bounded memory
-        block = unique_query_labels[start:start + step]
-        match_counts[start:start + len(block)] = label_comparison_fn(block[:, None], reference_labels[None]).sum(1)
+        block = unique_query_labels[start : start + step]
+        match_counts[start : start + len(block)] = label_comparison_fn(block[:, None], reference_labels[None]).sum(1)
     if ref_includes_query:
         matches_itself = label_comparison_fn(unique_query_labels, unique_query_labels)
         lone = match_counts - matches_itself.long() <= 0
@@ -598,8 +673,9 @@ def _label_stats(query_labels: torch.Tensor, reference_labels: torch.Tensor, ref
     return _finish(unique_query_labels, match_counts, lone, query_label_ids, self_count)
 
 
-def _finish(unique_query_labels, match_counts, lone, query_label_ids, self_count, query_group_ids=None,
-            reference_label_ids=None) -> dict[str, Any]:
+def _finish(
+    unique_query_labels, match_counts, lone, query_label_ids, self_count, query_group_ids=None, reference_label_ids=None
+) -> dict[str, Any]:
     return {
         "label_counts": (unique_query_labels, match_counts),
         "lone_query_labels": unique_query_labels[lone],
@@ -611,8 +687,9 @@ def _finish(unique_query_labels, match_counts, lone, query_label_ids, self_count
     }
 
 
-def _relevance(stats: dict[str, Any], query_labels: torch.Tensor, reference_labels: torch.Tensor,
-               label_comparison_fn: Callable) -> Relevance:
+def _relevance(
+    stats: dict[str, Any], query_labels: torch.Tensor, reference_labels: torch.Tensor, label_comparison_fn: Callable
+) -> Relevance:
     """Which references are relevant to which queries, for the ranking pass."""
     if stats["reference_label_ids"] is not None:
         return Relevance.by_ids(stats["query_group_ids"], stats["reference_label_ids"])
@@ -627,8 +704,13 @@ def _gains(gain_fn: Callable, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return g.to(device=a.device, dtype=torch.float64)
 
 
-def _ideal_dcg(gain_fn: Callable, query_labels: torch.Tensor, reference_labels: torch.Tensor,
-               ref_includes_query: bool, discount: torch.Tensor) -> torch.Tensor:
+def _ideal_dcg(
+    gain_fn: Callable,
+    query_labels: torch.Tensor,
+    reference_labels: torch.Tensor,
+    ref_includes_query: bool,
+    discount: torch.Tensor,
+) -> torch.Tensor:
     """DCG_best(k) per query for graded gains: the k largest gains over all references.
 
     Gains depend on labels only, so this runs on unique labels: for each unique query label,
@@ -644,25 +726,28 @@ def _ideal_dcg(gain_fn: Callable, query_labels: torch.Tensor, reference_labels: 
         # position of each unique query label among the unique reference labels
         _, joint = _unique(torch.cat([uq, ur]), return_inverse=True)
         pos_of = torch.full((int(joint.max()) + 1,), -1, dtype=torch.long, device=uq.device)
-        pos_of[joint[len(uq):]] = torch.arange(len(ur), device=uq.device)
+        pos_of[joint[len(uq) :]] = torch.arange(len(ur), device=uq.device)
         self_pos = pos_of[joint[: len(uq)]]
     ranks = torch.arange(at, device=uq.device)
     ideal_unique = torch.empty(len(uq), dtype=torch.float64, device=uq.device)
     step = max(1, _BLOCK_ELEMENTS // max(1, len(ur)))
     for start in range(0, len(uq), step):  # blocks of unique labels: bounded memory
-        block = uq[start:start + step]
+        block = uq[start : start + step]
         gains = _gains(gain_fn, block[:, None], ur[None]).expand(len(block), len(ur))
         counts = r_counts[None].expand(len(block), -1).clone()
         if ref_includes_query:
             rows = torch.arange(len(block), device=uq.device)
-            counts[rows, self_pos[start:start + len(block)]] -= 1
+            counts[rows, self_pos[start : start + len(block)]] -= 1
         order = torch.argsort(gains, dim=1, descending=True)
         sorted_gains = torch.gather(gains, 1, order)
         cum = torch.cumsum(torch.gather(counts, 1, order), dim=1)
         slot = torch.searchsorted(cum, ranks.expand(len(block), -1).contiguous(), right=True)
-        top = torch.where(slot < len(ur), torch.gather(sorted_gains, 1, slot.clamp(max=len(ur) - 1)),
-                          torch.zeros((), dtype=torch.float64, device=uq.device))
-        ideal_unique[start:start + len(block)] = torch.sum(top * discount, dim=1)
+        top = torch.where(
+            slot < len(ur),
+            torch.gather(sorted_gains, 1, slot.clamp(max=len(ur) - 1)),
+            torch.zeros((), dtype=torch.float64, device=uq.device),
+        )
+        ideal_unique[start : start + len(block)] = torch.sum(top * discount, dim=1)
     return ideal_unique[q_inverse]
 
 
@@ -698,4 +783,3 @@ def _registered_metrics(selection: bool | Iterable[str], taken: set[str]) -> dic
             spec = spec.replace(k=None)
         out[key] = (obj, spec)
     return out
-

@@ -27,6 +27,7 @@ whose scores differ by a few float32 ulps may be ordered differently, as FAISS's
 differs between query batch sizes. (``torch.topk``, behind PML's ``CustomKNN``, orders ties
 arbitrarily: the calculator runs such ``knn_func`` themselves, as PML does.)
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -60,16 +61,27 @@ class Relevance:
     indices (``label_comparison_fn``).
     """
 
-    def __init__(self, query_ids: torch.Tensor | None = None, reference_ids: torch.Tensor | None = None,
-                 mask_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        query_ids: torch.Tensor | None = None,
+        reference_ids: torch.Tensor | None = None,
+        mask_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         if (query_ids is None) == (mask_fn is None):
             raise ValueError("give either query_ids and reference_ids, or mask_fn")
         self.query_ids, self.reference_ids, self.mask_fn = query_ids, reference_ids, mask_fn
         if query_ids is not None:
             if reference_ids is None:
                 raise ValueError("query_ids needs reference_ids")
-            size = int(max(int(query_ids.max()) if len(query_ids) else 0,
-                           int(reference_ids.max()) if len(reference_ids) else 0)) + 1
+            size = (
+                int(
+                    max(
+                        int(query_ids.max()) if len(query_ids) else 0,
+                        int(reference_ids.max()) if len(reference_ids) else 0,
+                    )
+                )
+                + 1
+            )
             self._sorted_refs = torch.sort(reference_ids, stable=True).indices
             self._counts = torch.bincount(reference_ids, minlength=size)
             self._starts = torch.cumsum(self._counts, 0) - self._counts
@@ -92,8 +104,9 @@ class Relevance:
         q = self.query_ids[queries.to(self.query_ids.device)]
         counts = self._counts[q]
         rows = torch.repeat_interleave(torch.arange(len(q), device=q.device), counts)
-        offsets = torch.arange(len(rows), device=q.device) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts,
-                                                                                   counts)
+        offsets = torch.arange(len(rows), device=q.device) - torch.repeat_interleave(
+            torch.cumsum(counts, 0) - counts, counts
+        )
         cols = self._sorted_refs[self._starts[q][rows] + offsets]
         ref_ids = self.reference_ids
         return rows, cols, lambda r, c: ref_ids[c] == q[r]
@@ -145,7 +158,7 @@ def full_ranking_precisions(
     todo = torch.arange(num_query, device=device) if queries is None else queries.to(device=device, dtype=torch.long)
     with progress_bar(len(todo), -(-len(todo) // step), progress, "full ranking (MAP, MRR)") as bar:
         for start in range(0, len(todo), step):
-            ids = todo[start:start + step]
+            ids = todo[start : start + step]
             q = query[ids]
             if euclidean:  # lower is better; FAISS's |q|^2 + |r|^2 - 2 q.r
                 score = torch.addmm(ref_sq[None, :] + (q * q).sum(1, keepdim=True), q, reference.T, alpha=-2)
@@ -165,8 +178,15 @@ def full_ranking_precisions(
     return precision_sum, first_rank
 
 
-def _accumulate(score: torch.Tensor, rel_rows: torch.Tensor, rel_cols: torch.Tensor, member: Callable,
-                descending_cols: bool, precision_sum: torch.Tensor, first_rank: torch.Tensor) -> None:
+def _accumulate(
+    score: torch.Tensor,
+    rel_rows: torch.Tensor,
+    rel_cols: torch.Tensor,
+    member: Callable,
+    descending_cols: bool,
+    precision_sum: torch.Tensor,
+    first_rank: torch.Tensor,
+) -> None:
     """One block: ranks of the relevant references, by (score, column) ascending (column
     descending with ``descending_cols``)."""
     if len(rel_rows) == 0:
@@ -177,7 +197,8 @@ def _accumulate(score: torch.Tensor, rel_rows: torch.Tensor, rel_cols: torch.Ten
     tie = -rel_cols if descending_cols else rel_cols  # tie order: larger key comes later
     at_worst = rel_score == worst[rel_rows]
     worst_tie = torch.full((b,), -n - 1, dtype=torch.long, device=score.device).scatter_reduce(
-        0, rel_rows[at_worst], tie[at_worst], "amax")
+        0, rel_rows[at_worst], tie[at_worst], "amax"
+    )
     # every reference ranked at or before each row's last relevant one: one pass over the block,
     # then the (rare) references tied with it but ordered after it are dropped from the short list
     rows, cols = (score <= worst[:, None]).nonzero(as_tuple=True)

@@ -5,6 +5,7 @@ plugin loss is refused even when it supports ``ref_emb``. These subclasses accep
 plus every loss registered with pml-plugins whose registration does not declare
 ``supports_ref_emb=False``; everything else is refused with a ``TypeError`` that says why.
 """
+
 from __future__ import annotations
 
 from pytorch_metric_learning import losses as pml_losses
@@ -40,8 +41,12 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
         super().__init__(loss, embedding_size, memory_size=memory_size, miner=miner, **kwargs)
 
     def check_loss_support(self, loss_name):  # instance method: needs the loss class, not only its name
-        _check_support("CrossBatchMemory", pml_losses.CrossBatchMemory.supported_losses(), loss_name,
-                       getattr(self, "_loss_cls", None))
+        _check_support(
+            "CrossBatchMemory",
+            pml_losses.CrossBatchMemory.supported_losses(),
+            loss_name,
+            getattr(self, "_loss_cls", None),
+        )
 
 
 class SelfSupervisedLoss(pml_losses.SelfSupervisedLoss):
@@ -52,5 +57,9 @@ class SelfSupervisedLoss(pml_losses.SelfSupervisedLoss):
         super().__init__(loss, symmetric=symmetric, **kwargs)
 
     def check_loss_support(self, loss_name):
-        _check_support("SelfSupervisedLoss", pml_losses.SelfSupervisedLoss.supported_losses(), loss_name,
-                       getattr(self, "_loss_cls", None))
+        _check_support(
+            "SelfSupervisedLoss",
+            pml_losses.SelfSupervisedLoss.supported_losses(),
+            loss_name,
+            getattr(self, "_loss_cls", None),
+        )

@@ -31,6 +31,7 @@ and placement), ``index`` (:class:`KNNIndex`), ``torch_search``, ``self_search``
 symmetric leave-one-out search), ``search`` (:func:`knn_search`), ``knn_func`` (:class:`KNN`),
 ``progress`` (tqdm bars).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -56,17 +57,37 @@ from .search import knn_search
 from .torch_search import drop_self_matches
 
 __all__ = [
-    "knn_search", "KNN", "KNNIndex", "KNNOptions", "faiss_available", "faiss_num_gpus", "faiss_placement",
-    "import_faiss", "default_nlist", "drop_self_matches", "check_index_params", "parse_index_params", "METRICS",
-    "INDEXES", "BACKENDS", "INDEX_PARAMS", "PLACEMENTS", "GPU_MAX_K", "GPU_INDEXES", "SYMMETRIC_MIN_ROWS",
+    "knn_search",
+    "KNN",
+    "KNNIndex",
+    "KNNOptions",
+    "faiss_available",
+    "faiss_num_gpus",
+    "faiss_placement",
+    "import_faiss",
+    "default_nlist",
+    "drop_self_matches",
+    "check_index_params",
+    "parse_index_params",
+    "METRICS",
+    "INDEXES",
+    "BACKENDS",
+    "INDEX_PARAMS",
+    "PLACEMENTS",
+    "GPU_MAX_K",
+    "GPU_INDEXES",
+    "SYMMETRIC_MIN_ROWS",
     "SYMMETRIC_MIN_DIM",
 ]
 
 
 def parse_index_params(items: Iterable[str]) -> dict[str, Any]:
     """Deprecated: moved to ``pml_plugins.cli.knn_params.parse_index_params`` (the CLI's parser)."""
-    warnings.warn("pml_plugins.knn.parse_index_params moved to pml_plugins.cli.knn_params.parse_index_params",
-                  DeprecationWarning, stacklevel=2)
+    warnings.warn(
+        "pml_plugins.knn.parse_index_params moved to pml_plugins.cli.knn_params.parse_index_params",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     from ..cli.knn_params import parse_index_params as parse
 
     return parse(items)

@@ -1,4 +1,5 @@
 """FAISS discovery and placement: whether FAISS is there, how many GPUs it sees, where an index runs."""
+
 from __future__ import annotations
 
 import math
@@ -43,8 +44,9 @@ def default_nlist(n: int) -> int:
     return max(1, min(n // 39, int(4 * math.sqrt(n))))
 
 
-def faiss_placement(index: str, device_type: str, num_gpus: int, shard: bool | None = None,
-                    k: int | None = None) -> str:
+def faiss_placement(
+    index: str, device_type: str, num_gpus: int, shard: bool | None = None, k: int | None = None
+) -> str:
     """Where FAISS runs: ``"cpu"``, ``"gpu"`` (the inputs' GPU) or ``"gpu_sharded"`` (all GPUs).
 
     The decision, without touching FAISS (``num_gpus`` is ``faiss.get_num_gpus()``):
@@ -75,8 +77,10 @@ def faiss_placement(index: str, device_type: str, num_gpus: int, shard: bool | N
         if device_type != "cuda":
             raise ValueError("shard=True shards a FAISS index over GPUs: pass device='cuda' (or CUDA tensors)")
         if num_gpus == 0:
-            raise ValueError("shard=True needs FAISS with GPU support and a visible GPU (faiss.get_num_gpus() == 0); "
-                             "pip install 'pml-plugins[gpu]'")
+            raise ValueError(
+                "shard=True needs FAISS with GPU support and a visible GPU (faiss.get_num_gpus() == 0); "
+                "pip install 'pml-plugins[gpu]'"
+            )
         if index not in GPU_INDEXES:
             raise ValueError(f"shard=True: FAISS has no GPU version of index={index!r}; use index='flat' or 'ivf'")
     if device_type != "cuda" or num_gpus == 0 or index not in GPU_INDEXES:

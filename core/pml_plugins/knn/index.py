@@ -1,4 +1,5 @@
 """A reference set indexed once and searched many times: :class:`KNNIndex` (FAISS or torch)."""
+
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -59,13 +60,25 @@ class KNNIndex:
         options: KNNOptions | None = None,
     ) -> None:
         if options is None:
-            options = KNNOptions(metric=metric, index=index, backend=backend, device=device, shard=shard,
-                                 index_params=index_params or {}, progress=progress)
+            options = KNNOptions(
+                metric=metric,
+                index=index,
+                backend=backend,
+                device=device,
+                shard=shard,
+                index_params=index_params or {},
+                progress=progress,
+            )
         elif not isinstance(options, KNNOptions):
             raise TypeError(f"options must be a KNNOptions, got {type(options).__name__}")
         self.options = options
-        metric, index, backend, shard, progress = options.metric, options.index, options.backend, options.shard, \
-            options.progress
+        metric, index, backend, shard, progress = (
+            options.metric,
+            options.index,
+            options.backend,
+            options.shard,
+            options.progress,
+        )
         params = dict(options.index_params)
         reference = as_tensor(reference, "reference")
         if reference.ndim != 2 or len(reference) == 0:
@@ -163,7 +176,7 @@ class KNNIndex:
             n, blocks if self.index == "hnsw" or n > 10 * _ADD_BLOCK else 1, progress, f"kNN index ({self.index}) add"
         ) as bar:
             for start in range(0, n, _ADD_BLOCK):
-                idx.add(r_np[start:start + _ADD_BLOCK])
+                idx.add(r_np[start : start + _ADD_BLOCK])
                 bar.update(min(_ADD_BLOCK, n - start))
         self.faiss_index = idx
 
@@ -178,14 +191,18 @@ class KNNIndex:
         p = self.params
         m = p.setdefault("m", d // 2 if d % 2 == 0 else d)
         if d % m:
-            raise ValueError(f"index_params['m'] = {m} must divide the embedding dimension {d} "
-                             f"(each of the m sub-quantizers codes dim / m coordinates)")
+            raise ValueError(
+                f"index_params['m'] = {m} must divide the embedding dimension {d} "
+                f"(each of the m sub-quantizers codes dim / m coordinates)"
+            )
         p.setdefault("k_factor", 16)
         p.setdefault("seed", 0)
         train_size = p["train_size"] = min(n, p.get("train_size") or _PQ_TRAIN_SIZE)
         if train_size < 16:
-            raise ValueError(f"index_params['train_size'] = {train_size} must be >= 16 (4-bit codes: 16 centroids per "
-                             f"sub-quantizer; there are {n} references)")
+            raise ValueError(
+                f"index_params['train_size'] = {train_size} must be >= 16 (4-bit codes: 16 centroids per "
+                f"sub-quantizer; there are {n} references)"
+            )
         base = faiss.IndexPQFastScan(d, m, 4, faiss_metric)
         base.pq.cp.seed = p["seed"]
         rows = (
@@ -215,8 +232,9 @@ class KNNIndex:
         return self.ntotal
 
     @torch.no_grad()
-    def search(self, query: Any, k: int, *, chunk_size: int | None = None,
-               progress: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(
+        self, query: Any, k: int, *, chunk_size: int | None = None, progress: bool | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``k`` nearest references of every query: ``(scores, indices)``, ``(Q, k)`` each.
 
         Args:
@@ -245,16 +263,19 @@ class KNNIndex:
             scores, indices = torch_search(q, self.reference, k, self.metric, chunk_size, self._minus_r_sq, progress)
         else:
             if self.placement != "cpu" and k > GPU_MAX_K:
-                raise ValueError(f"k = {k} exceeds FAISS GPU's limit of {GPU_MAX_K}; build the index with k_hint={k} "
-                                 f"(it then stays on the CPU)")
+                raise ValueError(
+                    f"k = {k} exceeds FAISS GPU's limit of {GPU_MAX_K}; build the index with k_hint={k} "
+                    f"(it then stays on the CPU)"
+                )
             q = search_rows(query, self.metric, "cpu")
             scores, indices = self._faiss_search(
                 np.ascontiguousarray(q.numpy(), dtype=np.float32), k, chunk_size, progress
             )
         return scores.to(out_device), indices.to(out_device)
 
-    def _faiss_search(self, q_np: np.ndarray, k: int, chunk_size: int | None,
-                      progress: bool | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _faiss_search(
+        self, q_np: np.ndarray, k: int, chunk_size: int | None, progress: bool | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         idx = self.faiss_index
         if self.index == "hnsw":  # efSearch below k returns fewer than k neighbours
             idx.hnsw.efSearch = max(k, self.params.get("ef_search", max(64, 2 * k)))
@@ -298,6 +319,7 @@ class KNNIndex:
             put(original)
 
     def __repr__(self) -> str:
-        return (f"KNNIndex(ntotal={self.ntotal}, dim={self.dim}, metric={self.metric!r}, index={self.index!r}, "
-                f"placement={self.placement!r}, params={self.params})")
-
+        return (
+            f"KNNIndex(ntotal={self.ntotal}, dim={self.dim}, metric={self.metric!r}, index={self.index!r}, "
+            f"placement={self.placement!r}, params={self.params})"
+        )

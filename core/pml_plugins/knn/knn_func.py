@@ -1,4 +1,5 @@
 """:class:`KNN`: PML's ``knn_func`` (a drop-in for ``FaissKNN``) on top of :class:`KNNIndex`."""
+
 from __future__ import annotations
 
 import logging
@@ -82,8 +83,17 @@ class KNN:
         index_init_fn: Callable[[int], Any] | None = None,
         gpus: Sequence[int] | None = None,
     ) -> None:
-        self.options = KNNOptions(metric=metric, index=index, backend=backend, device=device, chunk_size=chunk_size,
-                                  index_params=index_params or {}, shard=shard, progress=progress, symmetric=symmetric)
+        self.options = KNNOptions(
+            metric=metric,
+            index=index,
+            backend=backend,
+            device=device,
+            chunk_size=chunk_size,
+            index_params=index_params or {},
+            shard=shard,
+            progress=progress,
+            symmetric=symmetric,
+        )
         for name, value in (("reset_before", reset_before), ("reset_after", reset_after)):
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
@@ -156,8 +166,10 @@ class KNN:
             scores, indices = self._search(query, k, reference, ref_includes_query)
         if bool((indices < 0).any()):
             missing = int((indices < 0).any(1).sum())
-            raise RuntimeError(f"the {self.index_type!r} index found fewer than k = {k} neighbours for {missing} "
-                               f"queries; search more of it (index_params nprobe / ef_search) or use index='flat'")
+            raise RuntimeError(
+                f"the {self.index_type!r} index found fewer than k = {k} neighbours for {missing} "
+                f"queries; search more of it (index_params nprobe / ef_search) or use index='flat'"
+            )
         if self.reset_after:
             self.index = None
         if ref_includes_query:
@@ -177,8 +189,9 @@ class KNN:
             return self._built.search(query, k, chunk_size=o.chunk_size, progress=o.progress)
         if ref_includes_query and self._use_symmetric(query, reference, k):
             q = search_rows(query, o.metric, "cpu")
-            return symmetric_self_search(np.ascontiguousarray(q.numpy(), dtype=np.float32), k, o.metric,
-                                         import_faiss(), progress=o.progress)
+            return symmetric_self_search(
+                np.ascontiguousarray(q.numpy(), dtype=np.float32), k, o.metric, import_faiss(), progress=o.progress
+            )
         if self.reset_after:
             return knn_search(query, reference, k, options=o)
         opts = o if o.device is not None else o.replace(device=as_tensor(query, "query").device)
@@ -200,8 +213,11 @@ class KNN:
         index = self.index
         use_gpu = (query.is_cuda or self.gpus is not None) and faiss_num_gpus(faiss) > 0 and k <= GPU_MAX_K
         if use_gpu and "Gpu" not in type(index).__name__:
-            index = (faiss.index_cpu_to_all_gpus(index) if self.gpus is None
-                     else faiss.index_cpu_to_gpus_list(index, gpus=list(self.gpus)))
+            index = (
+                faiss.index_cpu_to_all_gpus(index)
+                if self.gpus is None
+                else faiss.index_cpu_to_gpus_list(index, gpus=list(self.gpus))
+            )
         if reference is not None:
             index.add(np.ascontiguousarray(as_tensor(reference, "reference").float().cpu().numpy()))
         distances, indices = index.search(np.ascontiguousarray(query.float().cpu().numpy()), k)
@@ -217,8 +233,11 @@ class KNN:
             return False
         if not (isinstance(query, torch.Tensor) and isinstance(reference, torch.Tensor)):
             return False
-        if query.device.type != "cpu" or reference.device.type != "cpu" or (
-                o.device is not None and o.device.type != "cpu"):
+        if (
+            query.device.type != "cpu"
+            or reference.device.type != "cpu"
+            or (o.device is not None and o.device.type != "cpu")
+        ):
             return False
         if query.ndim != 2 or query.shape != reference.shape or not 1 <= k <= len(query):
             return False

@@ -5,6 +5,7 @@ Every entry point (:class:`~pml_plugins.knn.KNNIndex`, :func:`~pml_plugins.knn.k
 only place where ``metric``, ``index``, ``backend``, ``index_params``, ``shard``, ...
 are checked. This module is a leaf: it imports nothing else of the package.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,8 +15,20 @@ import numpy as np
 import torch
 
 __all__ = [
-    "KNNOptions", "METRICS", "INDEXES", "BACKENDS", "INDEX_PARAMS", "PLACEMENTS", "GPU_INDEXES", "GPU_MAX_K",
-    "SYMMETRIC_MIN_ROWS", "SYMMETRIC_MIN_DIM", "check_index_params", "check_int", "check_k", "as_tensor",
+    "KNNOptions",
+    "METRICS",
+    "INDEXES",
+    "BACKENDS",
+    "INDEX_PARAMS",
+    "PLACEMENTS",
+    "GPU_INDEXES",
+    "GPU_MAX_K",
+    "SYMMETRIC_MIN_ROWS",
+    "SYMMETRIC_MIN_DIM",
+    "check_index_params",
+    "check_int",
+    "check_k",
+    "as_tensor",
     "search_rows",
 ]
 
@@ -101,8 +114,10 @@ def check_index_params(index: str, index_params: Mapping[str, Any] | None) -> di
     known = INDEX_PARAMS[index]
     unknown = [name for name in params if name not in known]
     if unknown:
-        raise ValueError(f"unknown index_params for index={index!r}: {', '.join(map(repr, unknown))} "
-                         f"(known: {', '.join(known) if known else 'none, the flat index takes no parameters'})")
+        raise ValueError(
+            f"unknown index_params for index={index!r}: {', '.join(map(repr, unknown))} "
+            f"(known: {', '.join(known) if known else 'none, the flat index takes no parameters'})"
+        )
     for name, value in params.items():
         minimum = 0 if name == "seed" else 1
         params[name] = check_int(f"index_params[{name!r}]", value, minimum, allow_none=name == "train_size")

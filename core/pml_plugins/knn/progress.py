@@ -1,4 +1,5 @@
 """The kNN layer's progress bars (a leaf module: the searches and the calculator share it)."""
+
 from __future__ import annotations
 
 import tqdm

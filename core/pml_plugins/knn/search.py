@@ -1,4 +1,5 @@
 """The one-call search: :func:`knn_search`."""
+
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -78,8 +79,16 @@ def knn_search(
         fewer than ``k`` candidates with index -1.
     """
     if options is None:
-        options = KNNOptions(metric=metric, index=index, backend=backend, device=device, chunk_size=chunk_size,
-                             index_params=index_params or {}, shard=shard, progress=progress)
+        options = KNNOptions(
+            metric=metric,
+            index=index,
+            backend=backend,
+            device=device,
+            chunk_size=chunk_size,
+            index_params=index_params or {},
+            shard=shard,
+            progress=progress,
+        )
     query, reference = check_inputs(query, reference, k)
     if options.device is None:
         options = options.replace(device=query.device)

@@ -14,6 +14,7 @@ distance comes out of one augmented GEMM, ``[x_a, |x_a|^2, 1] . [-2 x_b, 1, |x_b
 references whose scores differ by a few float32 ulps can be ordered differently than FAISS
 orders them, as FAISS's own results differ between batch sizes.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -30,8 +31,15 @@ __all__ = ["symmetric_self_search", "DEFAULT_BLOCK_SIZE"]
 DEFAULT_BLOCK_SIZE = 8192
 
 
-def symmetric_self_search(x: np.ndarray, k: int, metric: str, faiss: Any, *, block_size: int = DEFAULT_BLOCK_SIZE,
-                          progress: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def symmetric_self_search(
+    x: np.ndarray,
+    k: int,
+    metric: str,
+    faiss: Any,
+    *,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    progress: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` nearest rows of ``x`` to every row of ``x``, the row itself included.
 
     Args:

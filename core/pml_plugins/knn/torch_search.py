@@ -1,4 +1,5 @@
 """The exact torch search (no FAISS, or CUDA inputs without FAISS GPU) and PML's self-match rule."""
+
 from __future__ import annotations
 
 import torch
@@ -11,9 +12,15 @@ __all__ = ["torch_search", "drop_self_matches", "DEFAULT_BLOCK_ELEMENTS"]
 DEFAULT_BLOCK_ELEMENTS = 2**25
 
 
-def torch_search(q: torch.Tensor, r: torch.Tensor, k: int, metric: str, chunk_size: int | None,
-                 minus_r_sq: torch.Tensor | None = None,
-                 progress: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def torch_search(
+    q: torch.Tensor,
+    r: torch.Tensor,
+    k: int,
+    metric: str,
+    chunk_size: int | None,
+    minus_r_sq: torch.Tensor | None = None,
+    progress: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` best rows of ``r`` for each row of ``q`` (both already as searched), in query blocks.
 
     Args:
@@ -36,7 +43,7 @@ def torch_search(q: torch.Tensor, r: torch.Tensor, k: int, metric: str, chunk_si
         minus_r_sq = -(r * r).sum(1)[None, :]
     with progress_bar(len(q), -(-len(q) // chunk_size), progress, "kNN search (torch)") as bar:
         for start in range(0, len(q), chunk_size):  # loop over query blocks: bounds memory
-            block = q[start:start + chunk_size]
+            block = q[start : start + chunk_size]
             if euclidean:
                 # ||q - r||^2 = |q|^2 - (2 q.r - |r|^2): rank on the bracket, built inside the GEMM
                 # (one pass over the block), and form distances only for the k kept
@@ -45,8 +52,8 @@ def torch_search(q: torch.Tensor, r: torch.Tensor, k: int, metric: str, chunk_si
                 values = ((block * block).sum(1, keepdim=True) - values).clamp_min_(0).sqrt_()
             else:
                 values, idx = torch.topk(block @ r.T, k, dim=1, largest=True)
-            scores[start:start + len(block)] = values
-            indices[start:start + len(block)] = idx
+            scores[start : start + len(block)] = values
+            indices[start : start + len(block)] = idx
             bar.update(len(block))
     return scores, indices
 
