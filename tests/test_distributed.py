@@ -21,9 +21,9 @@ import torch
 from pytorch_metric_learning.losses import ContrastiveLoss
 
 import pml_plugins
-from pml_plugins import distributed as pd
+from pml_plugins import distributed_losses as pd
 from pml_plugins.cli import main as cli_main
-from pml_plugins.pipeline import distributed as ddp_mod
+from pml_plugins.pipeline import ddp as ddp_mod
 from pml_plugins.pipeline.config import TrainConfig, build_config
 from pml_plugins.pipeline.train import run_training
 from pml_plugins.testing.distributed_checks import distributed_report
@@ -53,10 +53,10 @@ def test_plugins_are_installed_and_declare_their_semantics():
     assert len(PLUGIN_LOSSES) >= 7, PLUGIN_LOSSES  # cam, mpa x3, adaptive_margin, group_loss, dmcac
     for name in PLUGIN_LOSSES:
         entry = pml_plugins.get_entry("loss", name)
-        value = entry.metadata.get("distributed")
+        value = entry.spec.distributed
         assert value in pd.DISTRIBUTED_SEMANTICS, f"{name} declares distributed={value!r}"
         if value != "gradient_equivalent":
-            assert entry.metadata.get("distributed_note"), f"{name}: {value} needs a distributed_note"
+            assert entry.spec.distributed_note, f"{name}: {value} needs a distributed_note"
 
 
 def test_info_shows_the_distributed_semantics(capsys):
@@ -118,8 +118,8 @@ def test_miner_wrapper_mines_the_same_batch_as_the_loss(report):
 @pytest.mark.parametrize("name", PLUGIN_LOSSES)
 def test_efficient_mode_is_refused_by_name(name):
     entry = pml_plugins.get_entry("loss", name)
-    if entry.metadata.get("distributed_efficient"):
-        assert pd.check_distributed_support(entry, efficient=True) == entry.metadata.get("distributed")
+    if entry.spec.distributed_efficient:
+        assert pd.check_distributed_support(entry, efficient=True) == entry.spec.distributed
         return
     with pytest.raises(ValueError, match=f"loss '{entry.name}'.*efficient"):
         pd.check_distributed_support(entry, efficient=True)

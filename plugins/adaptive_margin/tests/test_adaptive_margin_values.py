@@ -230,8 +230,8 @@ def test_class_texts_constructor_path_with_a_given_encoder(tmp_path):
 
 
 def test_metadata():
-    meta = pml_plugins.get_entry("loss", "adaptive_margin_softmax").metadata
-    assert meta["loss_optimizer"] is True and meta["loss_lr"] == 0.01 and meta["retrieval_distance"] == "cosine"
-    assert meta["summary"] and "Fehervari" in meta["paper"] and meta["tags"]
+    meta = pml_plugins.get_entry("loss", "adaptive_margin_softmax").spec
+    assert meta.loss_optimizer is True and meta.loss_lr == 0.01 and meta.retrieval_distance == "cosine"
+    assert meta.summary and "Fehervari" in meta.paper and meta.tags
     loss = pml_plugins.create_loss("adaptive_margin_softmax", num_classes=5, embedding_size=4)
     assert (loss.margin, loss.scale, tuple(loss.proxies.shape)) == (0.4, 20.0, (5, 4))

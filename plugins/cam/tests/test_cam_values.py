@@ -298,8 +298,8 @@ def test_registration_and_metadata():
     entry = pml_plugins.get_entry("loss", "class_anchor_margin")
     assert entry.obj is ClassAnchorMarginLoss
     assert pml_plugins.get_loss("cam") is ClassAnchorMarginLoss
-    meta = entry.metadata
-    assert meta["loss_optimizer"] is True and meta["retrieval_distance"] == "euclidean"
-    assert meta["loss_lr"] == pytest.approx(1e-4) and meta["summary"] and meta["paper"] and meta["tags"]
+    meta = entry.spec
+    assert meta.loss_optimizer is True and meta.retrieval_distance == "euclidean"
+    assert meta.loss_lr == pytest.approx(1e-4) and meta.summary and meta.paper and meta.tags
     loss = pml_plugins.create_loss("cam", num_classes=4, embedding_size=3)
     assert (loss.margin, loss.min_norm) == (2.0, 1.0)

@@ -199,10 +199,10 @@ def test_miner_excludes_self_and_honours_distance():
 
 
 def test_registration_metadata():
-    meta = pml_plugins.get_entry("loss", "dmcac").metadata
-    assert meta["multi_view"] is True and meta["database_refresh"] is True and meta["loss_optimizer"] is True
-    assert meta["retrieval_distance"] == "cosine" and meta["training_setup"] is training_setup
-    assert isinstance(meta["loss_lr"], float) and meta["summary"] and meta["paper"] and meta["tags"]
+    meta = pml_plugins.get_entry("loss", "dmcac").spec
+    assert meta.multi_view is True and meta.database_refresh is True and meta.loss_optimizer is True
+    assert meta.retrieval_distance == "cosine" and meta.training_setup is training_setup
+    assert isinstance(meta.loss_lr, float) and meta.summary and meta.paper and meta.tags
     assert pml_plugins.get_miner("database_knn") is DatabaseKNNMiner
     assert isinstance(pml_plugins.create_loss("dmcac", num_classes=3, embedding_size=4), DMCACLoss)
 

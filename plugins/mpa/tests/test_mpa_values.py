@@ -123,7 +123,7 @@ def test_defaults_and_validation():
 )
 def test_registered(name, cls):
     assert pml_plugins.get_loss(name) is cls
-    meta = pml_plugins.get_entry("loss", name).metadata
-    assert meta["loss_optimizer"] is True and meta["loss_lr"] == 1e-2 and meta["retrieval_distance"] == "cosine"
-    assert meta["summary"] and meta["paper"] and meta["tags"]
+    meta = pml_plugins.get_entry("loss", name).spec
+    assert meta.loss_optimizer is True and meta.loss_lr == 1e-2 and meta.retrieval_distance == "cosine"
+    assert meta.summary and meta.paper and meta.tags
     assert isinstance(pml_plugins.create_loss(name, num_classes=3, embedding_size=4), cls)
