@@ -8,6 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import pml_plugins
@@ -202,3 +203,36 @@ def check_self_contained(text: str) -> list[tuple[str, dict]]:
 def report_html_checker():
     """:func:`check_self_contained`: asserts an HTML report is offline-safe; returns its tags."""
     return check_self_contained
+
+
+@pytest.fixture
+def digits_features(tmp_path) -> Path:
+    """scikit-learn's digits as an ``embeddings:`` ``.npz`` (identity backbone: no BatchNorm, so one
+    process and DDP with the same global batch give the same numbers)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    path = tmp_path / "digits.npz"
+    np.savez(path, features=(digits.data / 16).astype(np.float32), labels=digits.target)
+    return path
+
+
+@pytest.fixture
+def torchrun_two():
+    """``run(command, args, env=None)``: ``torchrun --standalone --nproc-per-node 2 -m pml_plugins
+    COMMAND --distributed ARGS`` in a subprocess, outside any torchrun environment of this one."""
+    from pml_plugins.distributed_losses import TORCHRUN_ENV
+
+    def run(command: str, args: list[str], env: dict | None = None, timeout: int = 300):
+        env = env if env is not None else {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+        return subprocess.run(
+            [*cmd, "-m", "pml_plugins", command, "--distributed", *args],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
+
+    return run

@@ -9,13 +9,9 @@ ranks. The losses come from the registry, so any installed third-party plugin is
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
 import types
 
-import numpy as np
 import pytest
 import torch
 from pytorch_metric_learning.losses import ContrastiveLoss
@@ -216,13 +212,9 @@ def test_rank_slices_partition_each_global_batch():
     assert list(ddp_mod.GlobalRandomSampler(10, seed=3)) == first  # the same on every rank
 
 
-def test_torchrun_trains_like_one_process(tmp_path):
+def test_torchrun_trains_like_one_process(tmp_path, digits_features, torchrun_two):
     """`torchrun --nproc-per-node 2 -m pml_plugins train --distributed` == one process, same global batch."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    data = tmp_path / "digits.npz"
-    np.savez(data, features=(digits.data / 16).astype(np.float32), labels=digits.target)
+    data = digits_features
     args = [
         "--loss",
         "group_loss",
@@ -239,28 +231,7 @@ def test_torchrun_trains_like_one_process(tmp_path):
         "--no-progress",
         "--no-report",
     ]
-    env = {k: v for k, v in os.environ.items() if k not in pd.TORCHRUN_ENV}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            "-m",
-            "pml_plugins",
-            "train",
-            "--distributed",
-            *args,
-            "--out",
-            str(tmp_path / "ddp"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    proc = torchrun_two("train", [*args, "--out", str(tmp_path / "ddp")])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("wrote ") == 1  # only rank 0 evaluates and writes
     assert cli_main(["train", *args, "--out", str(tmp_path / "one")]) == 0
@@ -281,14 +252,10 @@ def test_torchrun_trains_like_one_process(tmp_path):
             assert torch.allclose(a[part][key], b[part][key], atol=1e-5), (part, key)
 
 
-def test_torchrun_compare_holds_one_group_and_rank_0_reports(tmp_path):
+def test_torchrun_compare_holds_one_group_and_rank_0_reports(tmp_path, digits_features, torchrun_two):
     """`torchrun ... compare --distributed`: every run is DDP in one process group; one table, written once,
     equal to a single-process comparison with the same global batch (identity backbone: no BatchNorm)."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    data = tmp_path / "digits.npz"
-    np.savez(data, features=(digits.data / 16).astype(np.float32), labels=digits.target)
+    data = digits_features
     args = [
         "--losses",
         "contrastive,group_loss",
@@ -309,28 +276,7 @@ def test_torchrun_compare_holds_one_group_and_rank_0_reports(tmp_path):
         "--val-classes",
         "0",
     ]  # DDP reports the last epoch (no per-epoch validation)
-    env = {k: v for k, v in os.environ.items() if k not in pd.TORCHRUN_ENV}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            "-m",
-            "pml_plugins",
-            "compare",
-            "--distributed",
-            *args,
-            "--out",
-            str(tmp_path / "ddp"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    proc = torchrun_two("compare", [*args, "--out", str(tmp_path / "ddp")])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("comparing 2 losses") == 1 and proc.stdout.count("2 trained, 0 failed") == 1
     assert cli_main(["compare", *args, "--out", str(tmp_path / "one")]) == 0

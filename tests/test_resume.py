@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -256,13 +255,9 @@ def test_compare_with_validation_resumes_its_epoch_selection(tmp_path, capsys):
     assert _checkpoint(plain)["best"] is None
 
 
-def test_ddp_resume_two_gloo_processes(tmp_path):
+def test_ddp_resume_two_gloo_processes(tmp_path, digits_features, torchrun_two):
     """Rank 0 writes, every rank loads: killed and resumed under torchrun == uninterrupted under torchrun."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    data = tmp_path / "digits.npz"
-    np.savez(data, features=(digits.data / 16).astype(np.float32), labels=digits.target)
+    data = digits_features
     args = [
         "--loss",
         "group_loss",
@@ -278,23 +273,9 @@ def test_ddp_resume_two_gloo_processes(tmp_path):
         "cpu",
         "--no-progress",
     ]
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "pml_plugins",
-        "train",
-        "--distributed",
-    ]
 
     def launch(extra: list[str], signal_at: str | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [*torchrun, *extra], check=False, capture_output=True, text=True, timeout=300, env=_env(signal_at)
-        )
+        return torchrun_two("train", extra, env=_env(signal_at))
 
     whole = launch([*args, "--out", str(tmp_path / "whole")])
     assert whole.returncode == 0, whole.stderr[-3000:]

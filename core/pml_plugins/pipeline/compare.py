@@ -28,7 +28,7 @@ from .. import registry as reg
 from . import class_texts as class_texts_mod
 from . import stats
 from .config import TrainConfig
-from .outputs import metrics_record, write_json
+from .outputs import metrics_record, write_json, write_text_atomic
 from .protocol import FLOOR, LossSummary, Protocol, finished_run, metric_keys, run_protocol, val_keys  # noqa: F401
 
 #: PML's own losses every default comparison includes as references
@@ -411,9 +411,9 @@ def write_results(rows: Sequence[LossSummary], out: Path, base: TrainConfig, pro
                 _row_error(row) or "",
             ]
         )
-    _atomic_write(out / "results.csv", buf.getvalue())
-    _atomic_write(out / "runs.csv", runs_csv(rows, keys, vkeys))
-    _atomic_write(out / "results.md", format_markdown(rows, base.ks, base, protocol))
+    write_text_atomic(out / "results.csv", buf.getvalue())
+    write_text_atomic(out / "runs.csv", runs_csv(rows, keys, vkeys))
+    write_text_atomic(out / "results.md", format_markdown(rows, base.ks, base, protocol))
     runs = [
         {**metrics_record(r.result), "seed": r.seed, "fold": r.fold, "loss": row.loss, "error": r.result.error}
         for row in rows
@@ -494,12 +494,6 @@ def runs_csv(rows: Sequence[LossSummary], keys: Sequence[str], vkeys: Sequence[s
                 ]
             )
     return buf.getvalue()
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def plot_comparison(rows: Sequence[LossSummary], path: Path, ks: Iterable[int], protocol: Protocol) -> None:

@@ -35,11 +35,18 @@ class RunResult:
     extra: dict = field(default_factory=dict)
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Write atomically, so an interrupted run never leaves a half-written file."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` through a temporary file and ``os.replace``: a reader (or a run killed
+    mid-write) sees the old file or the new one, never half of one."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically, so an interrupted run never leaves a half-written file."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
 def _json_default(obj: Any) -> Any:

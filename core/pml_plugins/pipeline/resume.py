@@ -42,6 +42,7 @@ from .checkpoint import (
     save_checkpoint,
     seed_all,
 )
+from .outputs import write_text_atomic
 
 #: test hook: ``"EPOCH:ITERATION:SIGNAL"`` makes the run send itself SIGNAL (e.g. SIGKILL, SIGINT)
 #: just before step ITERATION (0-based) of epoch EPOCH, a real signal at a chosen point
@@ -362,9 +363,7 @@ def record_resume(out: Path, state: Mapping, forced: list) -> None:
             "forced_differences": list(forced),
         }
     )
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(history, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(history, indent=2) + "\n")
 
 
 def interrupted_message(out: Optional[str], epoch: int, iteration: int, resume_hint: Optional[str]) -> str:

@@ -4,10 +4,10 @@ validation metrics when the run validates), TensorBoard events, and ``test_embed
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from .outputs import write_text_atomic
 from .run_state import RunState
 
 
@@ -40,9 +40,7 @@ def truncate_epoch_log(path: Path, keep_through_epoch: int) -> None:
                     kept.append(line)
             except (ValueError, AttributeError):
                 continue  # a line cut by a kill mid-write
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(f"{line}\n" for line in kept))
 
 
 def epoch_log_hook(run: RunState, tb: Optional[Any]) -> Optional[Callable[[Any], None]]:

@@ -240,7 +240,7 @@ def _run(
                 keep=kept if cfg.out else None,
                 gallery=run.splits.gallery,
             )
-        result = _result(run, metrics, trainer, mem if train else None)
+        result = _result(run, metrics, trainer, mem)
         if cfg.out and run.lead:
             save_test_embeddings(run, kept, retrieval, tb, metrics, step=int(result.extra.get("epochs_run", 0)))
             write_outputs(Path(cfg.out), result, run.trunk, run.embedder, trainer, write_checkpoint)
@@ -354,7 +354,7 @@ def _pretrain(run: RunState) -> None:
     )
 
 
-def _result(run: RunState, metrics: dict, trainer: Optional[EmbeddingTrainer], mem: Optional[PeakMemory]) -> RunResult:
+def _result(run: RunState, metrics: dict, trainer: Optional[EmbeddingTrainer], mem: PeakMemory) -> RunResult:
     epoch_seconds = trainer.epoch_seconds if trainer is not None else []
     result = RunResult(
         name=run.name,
@@ -362,8 +362,8 @@ def _result(run: RunState, metrics: dict, trainer: Optional[EmbeddingTrainer], m
         out=run.cfg.out,
         seconds_per_epoch=(sum(epoch_seconds) / len(epoch_seconds)) if epoch_seconds else None,
         train_seconds=sum(epoch_seconds),
-        peak_memory_mb=mem.peak_mb if mem is not None else None,
-        memory_kind=mem.kind if mem is not None else PeakMemory(run.device).kind,
+        peak_memory_mb=mem.peak_mb,  # None when nothing was trained (the probe never ran)
+        memory_kind=mem.kind,
     )
     result.config = {**run.cfg.to_dict(), "resolved": run.resolved}
     if trainer is not None:
